@@ -1,0 +1,1 @@
+//! Shared helpers for Flotilla's benchmarks (references such as the raw disk limit).

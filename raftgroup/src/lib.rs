@@ -1,0 +1,3 @@
+//! Raft consensus for one group, as a pure deterministic state machine (sans-IO).
+//!
+//! Work in progress: see issue 3.
