@@ -1,0 +1,1 @@
+//! Test support shared by this crate's simulator and the engine's: a linearizability checker.
