@@ -1,4 +1,5 @@
-//! Test support shared by this crate's simulator and the engine's: a linearizability checker.
+//! Test support shared by this crate's simulator and the engine's: a linearizability checker, a
+//! seeded random generator and a simulated network.
 //!
 //! Record what clients asked and saw in a [`History`], then check it against a sequential
 //! [`Model`]. A request that failed or timed out is simply never completed: it counts as maybe
@@ -23,12 +24,16 @@
 
 mod lincheck;
 mod model;
+mod net;
+mod rng;
 
 pub use lincheck::{
     CheckOptions, Exhausted, History, OpId, Operation, Outcome, Verdict, Violation, check,
     check_kv, check_partitioned,
 };
 pub use model::{KvInput, KvModel, KvOutput, Model};
+pub use net::{Envelope, NetConfig, NetStats, Network};
+pub use rng::SimRng;
 
 #[cfg(test)]
 mod lincheck_tests;
