@@ -1,0 +1,326 @@
+//! Group commit: producers encode their batches straight into the open round (the only copy of
+//! each payload byte on the write path); one writer turns a whole round into one record, one write
+//! and one fdatasync, while the next round fills; every producer's future completes when its round
+//! is durable.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
+
+use parking_lot::Mutex;
+
+use crate::GroupId;
+use crate::error::WalError;
+use crate::index::Bounds;
+use crate::log::Shared;
+use crate::record::{HardState, Op, RECORD_HEADER_LEN, WriteBatch};
+
+/// Completion of one round, shared by every producer in it.
+#[derive(Debug, Default)]
+pub(crate) struct RoundDone {
+    result: OnceLock<Result<(), WalError>>,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl RoundDone {
+    pub(crate) fn complete(&self, result: Result<(), WalError>) {
+        assert!(self.result.set(result).is_ok(), "a round completes once");
+        for waker in std::mem::take(&mut *self.wakers.lock()) {
+            waker.wake();
+        }
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<Result<(), WalError>> {
+        if let Some(result) = self.result.get() {
+            return Poll::Ready(result.clone());
+        }
+        let mut wakers = self.wakers.lock();
+        // Checked again under the lock `complete` takes to drain wakers: no lost wake-up.
+        if let Some(result) = self.result.get() {
+            return Poll::Ready(result.clone());
+        }
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// An operation of a round, with payload positions kept aside so the index can be updated after
+/// the write without decoding the round again.
+#[derive(Debug)]
+pub(crate) enum PendingOp {
+    Entries { group: GroupId, first_index: u64, start: usize, count: usize },
+    HardState { group: GroupId, state: HardState },
+    Truncate { group: GroupId, from: u64 },
+    Compact { group: GroupId, index: u64, term: u64 },
+    Remove { group: GroupId },
+}
+
+/// The round being filled (and then written).
+#[derive(Debug)]
+#[expect(clippy::struct_excessive_bools, reason = "independent facts about one round")]
+pub(crate) struct Round {
+    /// A record-header placeholder followed by the body.
+    pub buf: Vec<u8>,
+    pub ops: Vec<PendingOp>,
+    /// `(term, offset within the body, length)` of each payload, in order.
+    pub payloads: Vec<(u64, u32, u32)>,
+    /// Some producer wants durability: fdatasync after the write.
+    pub sync: bool,
+    /// Write even with no operations (a flush or the closing seal).
+    pub forced: bool,
+    /// No new entries: may use the reserved segment when the disk is full.
+    pub maintenance: bool,
+    /// Holds truncations, compactions or removals: garbage collection may have work after it.
+    pub frees: bool,
+    pub done: Arc<RoundDone>,
+}
+
+impl Round {
+    pub(crate) fn new(mut buf: Vec<u8>) -> Round {
+        buf.clear();
+        buf.resize(RECORD_HEADER_LEN, 0);
+        Round {
+            buf,
+            ops: Vec::new(),
+            payloads: Vec::new(),
+            sync: false,
+            forced: false,
+            maintenance: true,
+            frees: false,
+            done: Arc::new(RoundDone::default()),
+        }
+    }
+
+    pub(crate) fn body_len(&self) -> usize {
+        self.buf.len() - RECORD_HEADER_LEN
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ops.is_empty() && !self.forced
+    }
+
+    /// Whether any operation of this round is about `group`.
+    pub(crate) fn touches(&self, group: GroupId) -> bool {
+        self.ops.iter().any(|op| match op {
+            PendingOp::Entries { group: g, .. }
+            | PendingOp::HardState { group: g, .. }
+            | PendingOp::Truncate { group: g, .. }
+            | PendingOp::Compact { group: g, .. }
+            | PendingOp::Remove { group: g } => *g == group,
+        })
+    }
+
+    fn push(&mut self, op: &Op) {
+        let payloads = &mut self.payloads;
+        let start = payloads.len();
+        op.encode(&mut self.buf, |term, at, len| {
+            let offset = (at - RECORD_HEADER_LEN) as u32;
+            payloads.push((term, offset, len as u32));
+        });
+        let pending = match op {
+            Op::Entries { group, first_index, entries } => {
+                self.maintenance = false;
+                PendingOp::Entries {
+                    group: *group,
+                    first_index: *first_index,
+                    start,
+                    count: entries.len(),
+                }
+            }
+            Op::HardState { group, state } => PendingOp::HardState { group: *group, state: *state },
+            Op::Truncate { group, from } => {
+                self.frees = true;
+                PendingOp::Truncate { group: *group, from: *from }
+            }
+            Op::Compact { group, index, term } => {
+                self.frees = true;
+                PendingOp::Compact { group: *group, index: *index, term: *term }
+            }
+            Op::RemoveGroup { group } => {
+                self.frees = true;
+                PendingOp::Remove { group: *group }
+            }
+        };
+        self.ops.push(pending);
+    }
+}
+
+/// What producers share: the open round and the bounds every accepted batch leaves each group.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    pub open: Round,
+    /// Bounds after every accepted batch (written or not): what new batches are checked against.
+    pub bounds: std::collections::HashMap<GroupId, Bounds>,
+    pub closed: bool,
+    /// Producers waiting for the open round to be taken (it was full).
+    pub space_waiters: Vec<Waker>,
+    /// Inline mode: some task is writing rounds.
+    pub writing: bool,
+    pub spare_bufs: Vec<Vec<u8>>,
+}
+
+impl Queue {
+    pub(crate) fn new(bounds: std::collections::HashMap<GroupId, Bounds>) -> Queue {
+        Queue {
+            open: Round::new(Vec::new()),
+            bounds,
+            closed: false,
+            space_waiters: Vec::new(),
+            writing: false,
+            spare_bufs: Vec::new(),
+        }
+    }
+
+    /// Takes the open round for writing, if it has anything, and lets waiting producers in.
+    pub(crate) fn take(&mut self) -> Option<Round> {
+        if self.open.is_empty() {
+            return None;
+        }
+        let buf = self.spare_bufs.pop().unwrap_or_default();
+        let round = std::mem::replace(&mut self.open, Round::new(buf));
+        for waker in self.space_waiters.drain(..) {
+            waker.wake();
+        }
+        Some(round)
+    }
+
+    /// Checks `batch` against the accepted bounds and, if it fits, adds it to the open round.
+    /// All or nothing: a batch that does not fit changes nothing.
+    pub(crate) fn accept(&mut self, batch: &WriteBatch, sync: bool) -> Result<(), WalError> {
+        let mut touched: Vec<(GroupId, Bounds)> = Vec::new();
+        for op in batch.ops() {
+            let group = op.group();
+            let position = match touched.iter().position(|(g, _)| *g == group) {
+                Some(position) => position,
+                None => {
+                    let current = self.bounds.get(&group).copied().unwrap_or_else(Bounds::new);
+                    touched.push((group, current));
+                    touched.len() - 1
+                }
+            };
+            let bounds = &mut touched[position].1;
+            let invalid = |reason| WalError::InvalidBatch { group, reason };
+            match op {
+                Op::Entries { first_index, entries, .. } => {
+                    bounds.check_entries(*first_index, true).map_err(invalid)?;
+                    bounds.apply_entries(*first_index, entries.len() as u64);
+                }
+                Op::Truncate { from, .. } => {
+                    bounds.check_truncate(*from).map_err(invalid)?;
+                    bounds.apply_truncate(*from);
+                }
+                Op::Compact { index, .. } => bounds.apply_compact(*index),
+                Op::RemoveGroup { .. } => *bounds = Bounds::new(),
+                Op::HardState { .. } => {}
+            }
+        }
+        for (group, bounds) in touched {
+            // Fresh bounds and no entry are the same thing: removed groups leave nothing behind.
+            if bounds == Bounds::new() {
+                self.bounds.remove(&group);
+            } else {
+                self.bounds.insert(group, bounds);
+            }
+        }
+        for op in batch.ops() {
+            self.open.push(op);
+        }
+        self.open.sync |= sync;
+        self.open.forced |= batch.is_empty();
+        Ok(())
+    }
+}
+
+/// The future of an append: resolves once the batch is durable (or, for `sync: false`, written).
+#[must_use = "an append is not durable until its future resolves"]
+pub struct AppendFuture {
+    shared: Arc<Shared>,
+    state: AppendState,
+}
+
+enum AppendState {
+    Queued { batch: WriteBatch, sync: bool },
+    Waiting(Arc<RoundDone>),
+    Failed(WalError),
+    Done,
+}
+
+impl AppendFuture {
+    pub(crate) fn new(shared: Arc<Shared>, batch: WriteBatch, sync: bool) -> AppendFuture {
+        let state = match shared.check_batch(&batch) {
+            Ok(()) => AppendState::Queued { batch, sync },
+            Err(error) => AppendState::Failed(error),
+        };
+        AppendFuture { shared, state }
+    }
+}
+
+impl std::fmt::Debug for AppendFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            AppendState::Queued { .. } => "queued",
+            AppendState::Waiting(_) => "waiting",
+            AppendState::Failed(_) => "failed",
+            AppendState::Done => "done",
+        };
+        f.debug_struct("AppendFuture").field("state", &state).finish_non_exhaustive()
+    }
+}
+
+impl Future for AppendFuture {
+    type Output = Result<(), WalError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        loop {
+            match std::mem::replace(&mut this.state, AppendState::Done) {
+                AppendState::Queued { batch, sync } => {
+                    match this.shared.enqueue(&batch, sync, cx) {
+                        Poll::Pending => {
+                            this.state = AppendState::Queued { batch, sync };
+                            this.shared.drive_inline();
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Ok(done)) => this.state = AppendState::Waiting(done),
+                        Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    }
+                }
+                AppendState::Waiting(done) => {
+                    this.shared.drive_inline();
+                    let poll = done.poll(cx);
+                    if poll.is_pending() {
+                        this.state = AppendState::Waiting(done);
+                    }
+                    return poll;
+                }
+                AppendState::Failed(error) => return Poll::Ready(Err(error)),
+                AppendState::Done => panic!("AppendFuture polled after completion"),
+            }
+        }
+    }
+}
+
+/// Runs a future to completion on the calling thread (for callers outside any async runtime).
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    struct ThreadWaker(std::thread::Thread);
+    impl std::task::Wake for ThreadWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
+    }
+}

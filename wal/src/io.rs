@@ -1,0 +1,402 @@
+//! Storage and IO backends.
+//!
+//! The log reaches the disk only through two small traits, [`Storage`] (a directory) and
+//! [`StorageFile`] (one file), so that every IO step can be simulated, crashed and failed in tests
+//! ([`crate::sim::SimStorage`]). The hot path — one write and one fdatasync per group-commit round —
+//! goes through a [`Backend`]: io_uring (tokio-uring) where the kernel allows it, or plain
+//! `pwrite` + `fdatasync` on the log's writer thread otherwise.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::segment::ReadView;
+
+/// One file of a [`Storage`].
+#[expect(clippy::len_without_is_empty, reason = "files here are never empty")]
+pub trait StorageFile: Send + Sync + 'static {
+    /// The file's length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+    /// A read-only view of the whole file to slice payloads from.
+    fn read_view(self: Arc<Self>) -> io::Result<ReadView>;
+    /// The real file, for backends that submit IO themselves (io_uring); `None` when simulated.
+    fn as_std(&self) -> Option<&File>;
+}
+
+/// A directory of files.
+pub trait Storage: Send + Sync + 'static {
+    /// Names of the files in the directory.
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// Opens an existing file for reading and writing.
+    fn open(&self, name: &str) -> io::Result<Arc<dyn StorageFile>>;
+    /// Creates a file of exactly `len` bytes whose every byte has been written (zeros) and synced,
+    /// so later writes into it never extend the file or allocate blocks. Fails if it exists.
+    fn create_prewritten(&self, name: &str, len: u64) -> io::Result<Arc<dyn StorageFile>>;
+    /// Atomically renames a file (durable after [`Storage::sync_dir`]).
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Removes a file (durable after [`Storage::sync_dir`]).
+    fn remove(&self, name: &str) -> io::Result<()>;
+    /// Makes creations, renames and removals durable.
+    fn sync_dir(&self) -> io::Result<()>;
+    /// Takes an exclusive lock on the directory for as long as this value lives, failing at once
+    /// with [`io::ErrorKind::WouldBlock`] if another process (or another open log) holds it.
+    fn lock(&self) -> io::Result<()>;
+    /// A short name for logs and stats (`"dir"`, `"sim"`).
+    fn kind(&self) -> &'static str;
+}
+
+/// A real directory on a local filesystem.
+#[derive(Debug)]
+pub struct DirStorage {
+    path: PathBuf,
+    lock: parking_lot::Mutex<Option<File>>,
+}
+
+impl DirStorage {
+    /// Uses (and creates if needed) the directory at `path`.
+    pub fn new(path: impl AsRef<Path>) -> io::Result<DirStorage> {
+        let path = path.as_ref().to_path_buf();
+        std::fs::create_dir_all(&path)?;
+        Ok(DirStorage { path, lock: parking_lot::Mutex::new(None) })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A real file.
+#[derive(Debug)]
+struct DirFile {
+    file: File,
+}
+
+impl StorageFile for DirFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn read_view(self: Arc<Self>) -> io::Result<ReadView> {
+        // SAFETY: the map is read-only and shared; the log never truncates a segment file (they
+        // have a fixed size for life), never writes through the map, and rewrites a file in place
+        // only once no slice of its map is alive (see `ReadView`), so the mapped bytes a reader
+        // holds never change under it. Other processes are kept out by the directory lock.
+        let map = unsafe { memmap2::MmapOptions::new().map(&self.file)? };
+        let token = Arc::new(());
+        let alive = Arc::downgrade(&token);
+        let bytes = Bytes::from_owner(MapOwner { map, _token: token });
+        Ok(ReadView::Mapped { bytes, alive })
+    }
+
+    fn as_std(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+}
+
+/// Owns a map for [`Bytes::from_owner`]; the token's liveness tells when every slice is gone.
+struct MapOwner {
+    map: memmap2::Mmap,
+    _token: Arc<()>,
+}
+
+impl AsRef<[u8]> for MapOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+impl Storage for DirStorage {
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.path)? {
+            let entry = entry?;
+            if let Ok(name) = entry.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    fn open(&self, name: &str) -> io::Result<Arc<dyn StorageFile>> {
+        let file = OpenOptions::new().read(true).write(true).open(self.path.join(name))?;
+        Ok(Arc::new(DirFile { file }))
+    }
+
+    fn create_prewritten(&self, name: &str, len: u64) -> io::Result<Arc<dyn StorageFile>> {
+        let path = self.path.join(name);
+        let file =
+            OpenOptions::new().read(true).write(true).create_new(true).mode(0o644).open(&path)?;
+        let result = prewrite(&file, len);
+        if let Err(error) = result {
+            drop(file);
+            // Best effort: a half-written spare is useless, and on ENOSPC its blocks are wanted.
+            let _ = std::fs::remove_file(&path);
+            return Err(error);
+        }
+        Ok(Arc::new(DirFile { file }))
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        std::fs::rename(self.path.join(from), self.path.join(to))
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        std::fs::remove_file(self.path.join(name))
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.path)?.sync_all()
+    }
+
+    fn lock(&self) -> io::Result<()> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.path.join("LOCK"))?;
+        match file.try_lock() {
+            Ok(()) => {
+                *self.lock.lock() = Some(file);
+                Ok(())
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is locked by another process or log", self.path.display()),
+            )),
+            Err(std::fs::TryLockError::Error(error)) => Err(error),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "dir"
+    }
+}
+
+/// Reserves and writes every byte of a new file, then syncs it: ext4 commits metadata on the first
+/// fdatasync after writing into unwritten extents, so `fallocate` alone does not make the hot path
+/// cheap — measured in BENCHMARKS.md; pre-written files give 1.3–1.8× per sync.
+fn prewrite(file: &File, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len_i64 = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: plain syscall on a file descriptor we own; no memory is passed.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_i64) };
+    if rc != 0 && rc != libc::EOPNOTSUPP && rc != libc::EINVAL {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+    let mut offset = 0u64;
+    while offset < len {
+        let chunk = (len - offset).min(ZERO_CHUNK_BYTES as u64) as usize;
+        file.write_all_at(&zeros[..chunk], offset)?;
+        offset += chunk as u64;
+    }
+    file.sync_all()
+}
+
+/// Which IO backend performs the log's writes and syncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Backend {
+    /// Probe io_uring at open and use it if it works, else fall back to [`Backend::Portable`].
+    Auto,
+    /// io_uring through tokio-uring; opening fails if io_uring is unavailable.
+    IoUring,
+    /// `pwrite` + `fdatasync` on the log's writer thread: works everywhere.
+    Portable,
+}
+
+/// The environment variable that overrides [`crate::Config::backend`]: `io_uring`, `portable` or
+/// `auto`.
+pub const BACKEND_ENV: &str = "FLOTILLA_WAL_BACKEND";
+
+impl Backend {
+    /// Parses `auto`, `io_uring` (or `uring`) and `portable`.
+    pub fn parse(text: &str) -> Option<Backend> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(Backend::Auto),
+            "io_uring" | "iouring" | "uring" => Some(Backend::IoUring),
+            "portable" | "blocking" => Some(Backend::Portable),
+            _ => None,
+        }
+    }
+
+    /// The configured choice, overridden by [`BACKEND_ENV`] when that is set to a valid value.
+    #[must_use]
+    pub fn from_env_or(self) -> Backend {
+        std::env::var(BACKEND_ENV).ok().and_then(|value| Backend::parse(&value)).unwrap_or(self)
+    }
+}
+
+/// The backend a log actually uses, as reported by [`crate::Wal::backend`] and its stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ActiveBackend {
+    /// io_uring through tokio-uring.
+    IoUring,
+    /// `pwrite` + `fdatasync`.
+    Portable,
+    /// The simulated disk (every operation through [`StorageFile`]).
+    Simulated,
+}
+
+impl ActiveBackend {
+    /// A short name for logs and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActiveBackend::IoUring => "io_uring",
+            ActiveBackend::Portable => "portable",
+            ActiveBackend::Simulated => "simulated",
+        }
+    }
+}
+
+/// Why io_uring cannot be used here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("io_uring unavailable: {reason}")]
+pub struct ProbeError {
+    /// What failed: ring creation (seccomp, `io_uring_disabled`, old kernel) or a missing opcode.
+    pub reason: String,
+}
+
+/// Checks, without panicking, that an io_uring instance can be created and supports the opcodes
+/// the log uses (write, fsync, fallocate). tokio-uring's own `start` panics when the kernel
+/// refuses io_uring, so this runs first.
+pub fn probe_io_uring() -> Result<(), ProbeError> {
+    use io_uring::opcode;
+    let ring = io_uring::IoUring::new(8)
+        .map_err(|error| ProbeError { reason: format!("cannot create a ring: {error}") })?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|error| ProbeError { reason: format!("cannot probe opcodes: {error}") })?;
+    for (code, name) in [
+        (opcode::Write::CODE, "write"),
+        (opcode::Fsync::CODE, "fsync"),
+        (opcode::Fallocate::CODE, "fallocate"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(ProbeError { reason: format!("opcode {name} not supported") });
+        }
+    }
+    Ok(())
+}
+
+/// Performs the hot-path IO of the writer thread: one write and (when asked) one fdatasync.
+pub(crate) enum Writer {
+    /// Through [`StorageFile`] (portable or simulated).
+    Blocking,
+    /// Through an io_uring runtime owned by the writer thread.
+    IoUring(Box<UringWriter>),
+}
+
+pub(crate) struct UringWriter {
+    runtime: tokio_uring::Runtime,
+    /// The uring file for the segment currently written, by sequence number.
+    file: Option<(u64, tokio_uring::fs::File)>,
+}
+
+impl Writer {
+    /// Creates the writer for `backend` on the calling thread (the writer thread).
+    pub(crate) fn new(backend: ActiveBackend) -> io::Result<Writer> {
+        match backend {
+            ActiveBackend::IoUring => {
+                let runtime = tokio_uring::Runtime::new(&tokio_uring::builder())?;
+                Ok(Writer::IoUring(Box::new(UringWriter { runtime, file: None })))
+            }
+            ActiveBackend::Portable | ActiveBackend::Simulated => Ok(Writer::Blocking),
+        }
+    }
+
+    /// Writes `buf` at `offset` of segment `seq`, then syncs it if `sync`; hands the buffer back.
+    /// An error names the step that failed (`write` or `fdatasync`).
+    pub(crate) fn write(
+        &mut self,
+        seq: u64,
+        file: &Arc<dyn StorageFile>,
+        buf: Vec<u8>,
+        offset: u64,
+        sync: bool,
+    ) -> (Result<(), (&'static str, io::Error)>, Vec<u8>) {
+        match self {
+            Writer::Blocking => {
+                let mut result = file.write_all_at(&buf, offset).map_err(|e| ("write", e));
+                if result.is_ok() && sync {
+                    result = file.sync_data().map_err(|e| ("fdatasync", e));
+                }
+                (result, buf)
+            }
+            Writer::IoUring(uring) => uring.write(seq, file, buf, offset, sync),
+        }
+    }
+}
+
+impl UringWriter {
+    fn write(
+        &mut self,
+        seq: u64,
+        file: &Arc<dyn StorageFile>,
+        buf: Vec<u8>,
+        offset: u64,
+        sync: bool,
+    ) -> (Result<(), (&'static str, io::Error)>, Vec<u8>) {
+        if self.file.as_ref().is_none_or(|(current, _)| *current != seq) {
+            let std_file = match file.as_std().map(File::try_clone) {
+                Some(Ok(std_file)) => std_file,
+                Some(Err(error)) => return (Err(("write", error)), buf),
+                None => {
+                    let error = io::Error::other("io_uring backend needs a real file");
+                    return (Err(("write", error)), buf);
+                }
+            };
+            self.file = Some((seq, tokio_uring::fs::File::from_std(std_file)));
+        }
+        let (_, uring_file) = self.file.as_ref().expect("set above");
+        self.runtime.block_on(async move {
+            let (result, buf) = uring_file.write_all_at(buf, offset).await;
+            if let Err(error) = result {
+                return (Err(("write", error)), buf);
+            }
+            if sync && let Err(error) = uring_file.sync_data().await {
+                return (Err(("fdatasync", error)), buf);
+            }
+            (Ok(()), buf)
+        })
+    }
+}
+
+/// Syncs `file` (used outside the hot path: rotation of a segment that holds unsynced writes).
+pub(crate) fn sync_file(file: &Arc<dyn StorageFile>) -> io::Result<()> {
+    file.sync_data()
+}
+
+/// Whether an IO error means the disk (or quota) is full.
+pub(crate) fn is_disk_full(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || error.kind() == io::ErrorKind::StorageFull
+}

@@ -1,0 +1,1100 @@
+//! The log: open and recover, append (group commit), read, compact, recycle, close.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::commit::{AppendFuture, PendingOp, Queue, Round, RoundDone, block_on};
+use crate::config::{Config, WriterMode};
+use crate::error::WalError;
+use crate::index::{Bounds, Index, IndexOp, resolve_seq};
+use crate::io::{self, ActiveBackend, Backend, DirStorage, Storage, StorageFile, Writer};
+use crate::record::{RECORD_HEADER_LEN, WriteBatch, encode_header, padded_record_len};
+use crate::recovery::{Recovery, recover};
+use crate::segment::{SEGMENT_HEADER_LEN, SPARE_SUFFIX, SegmentHeader, segment_file_name};
+use crate::{GroupId, GroupState, ReadView};
+
+/// An entry read back from the log. `payload` is a zero-copy slice of the segment's memory map
+/// on a real disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Its index.
+    pub index: u64,
+    /// Its term.
+    pub term: u64,
+    /// Its payload.
+    pub payload: Bytes,
+}
+
+/// Counters describing the log's work since it was opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// The IO backend in use.
+    pub backend: Option<ActiveBackend>,
+    /// Rounds (records) written.
+    pub rounds: u64,
+    /// Entries written.
+    pub entries: u64,
+    /// Record bytes written (headers and padding included).
+    pub bytes: u64,
+    /// fdatasyncs issued on the write path (one per synced round, plus one per rotation that
+    /// follows unsynced rounds).
+    pub fdatasyncs: u64,
+    /// Segment rotations.
+    pub rotations: u64,
+    /// Rotations that had to wait for a segment to be prepared.
+    pub rotation_stalls: u64,
+    /// Segment files created (pre-written).
+    pub segments_created: u64,
+    /// Segments recycled in place.
+    pub segments_recycled: u64,
+    /// Segments deleted (their map was still referenced, or their size was stale).
+    pub segments_deleted: u64,
+    /// Live segments.
+    pub segments_live: u64,
+    /// Live entries over all groups.
+    pub live_entries: u64,
+    /// Heap bytes of the in-memory index.
+    pub index_bytes: u64,
+    /// Groups whose few live entries were copied forward to free the oldest segment.
+    pub groups_rewritten: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    rounds: AtomicU64,
+    entries: AtomicU64,
+    bytes: AtomicU64,
+    fdatasyncs: AtomicU64,
+    rotations: AtomicU64,
+    rotation_stalls: AtomicU64,
+    segments_created: AtomicU64,
+    segments_recycled: AtomicU64,
+    segments_deleted: AtomicU64,
+    groups_rewritten: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// What readers see: the index and a view of every live segment.
+pub(crate) struct ReadState {
+    pub index: Index,
+    pub segments: BTreeMap<u64, ReadView>,
+}
+
+/// The segment being written.
+struct Active {
+    seq: u64,
+    file: Arc<dyn StorageFile>,
+    size: u64,
+    offset: u64,
+    /// Written since the last fdatasync.
+    unsynced: bool,
+}
+
+/// The writer's own state.
+struct WriterCore {
+    active: Active,
+    next_write_seq: u64,
+    /// Every round up to this one is durable.
+    durable_write_seq: u64,
+    /// A synced round should run garbage collection (an earlier unsynced one freed something).
+    gc_pending: bool,
+}
+
+struct Prepared {
+    seq: u64,
+    file: Arc<dyn StorageFile>,
+    size: u64,
+}
+
+/// Segments between the writer and the preparer.
+#[derive(Default)]
+struct Segs {
+    prepared: VecDeque<Prepared>,
+    next_prepare_seq: u64,
+    /// Files free for reuse: `(name, file, size)`.
+    recyclable: Vec<(String, Arc<dyn StorageFile>, u64)>,
+    /// Segments to recycle or delete, with their (detached) read views.
+    retire: VecDeque<(u64, ReadView)>,
+    /// Files of live segments.
+    files: BTreeMap<u64, Arc<dyn StorageFile>>,
+    disk_full: bool,
+    error: Option<WalError>,
+    preparing: bool,
+    closed: bool,
+}
+
+/// State shared by the log handle, its futures and its threads.
+pub(crate) struct Shared {
+    config: Config,
+    storage: Arc<dyn Storage>,
+    backend: ActiveBackend,
+    queue: Mutex<Queue>,
+    work: Condvar,
+    core: Mutex<WriterCore>,
+    segs: Mutex<Segs>,
+    segs_changed: Condvar,
+    read: RwLock<ReadState>,
+    poison: OnceLock<WalError>,
+    counters: Counters,
+    rewrite_requested: std::sync::atomic::AtomicBool,
+}
+
+/// A segmented, group-committed write-ahead log shared by many Raft groups.
+///
+/// ```
+/// use bytes::Bytes;
+/// use flotilla_wal::{Config, GroupId, HardState, Wal, WriteBatch, block_on};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let config = Config { segment_bytes: 1 << 20, batch_bytes_max: 64 << 10, ..Config::default() };
+/// let (wal, recovery) = Wal::open(dir.path(), config.clone()).unwrap();
+/// assert!(recovery.groups.is_empty());
+///
+/// let mut batch = WriteBatch::new();
+/// batch.add_entries(GroupId(1), 1, [(1, Bytes::from_static(b"hello"))]);
+/// batch.set_hard_state(GroupId(1), HardState { term: 1, vote: 1, commit: 1 });
+/// block_on(wal.append(batch)).unwrap(); // durable: written and fdatasync'd
+/// assert_eq!(wal.entries(GroupId(1), 1..2).unwrap()[0].payload, "hello");
+/// wal.close().unwrap();
+///
+/// let (_wal, recovery) = Wal::open(dir.path(), config).unwrap();
+/// assert_eq!(recovery.groups[&GroupId(1)].last_index, 1);
+/// ```
+pub struct Wal {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal").field("backend", &self.shared.backend).finish_non_exhaustive()
+    }
+}
+
+impl Wal {
+    /// Opens (creating if needed) the log in directory `dir` and recovers it.
+    pub fn open(dir: impl AsRef<Path>, config: Config) -> Result<(Wal, Recovery), WalError> {
+        let storage =
+            DirStorage::new(dir).map_err(|e| WalError::io("creating the directory", e))?;
+        Wal::open_with(Arc::new(storage), config)
+    }
+
+    /// Opens the log on any [`Storage`] (the simulated disk in tests).
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "the log keeps a clone; callers hand theirs over"
+    )]
+    pub fn open_with(
+        storage: Arc<dyn Storage>,
+        config: Config,
+    ) -> Result<(Wal, Recovery), WalError> {
+        config.validate()?;
+        storage.lock().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                WalError::Locked
+            } else {
+                WalError::io("locking the directory", e)
+            }
+        })?;
+        let backend = choose_backend(storage.as_ref(), &config)?;
+        let started = Instant::now();
+        let recovered = recover(storage.as_ref(), config.recovery)?;
+        let mut read = ReadState { index: recovered.index, segments: BTreeMap::new() };
+        let mut files = BTreeMap::new();
+        for segment in &recovered.segments {
+            let view = Arc::clone(&segment.file)
+                .read_view()
+                .map_err(|e| WalError::io("mapping a segment", e))?;
+            read.segments.insert(segment.seq, view);
+            files.insert(segment.seq, Arc::clone(&segment.file));
+        }
+        let groups: BTreeMap<GroupId, GroupState> =
+            read.index.groups.iter().map(|(g, index)| (*g, index.state())).collect();
+        let bounds: HashMap<GroupId, Bounds> =
+            read.index.groups.iter().map(|(g, index)| (*g, index.bounds)).collect();
+        let last = recovered.segments.last();
+        let next_prepare_seq = last.map_or(1, |s| s.seq + 1);
+        let mut spares = Vec::new();
+        for (name, file, size) in recovered.spares {
+            if size == config.segment_bytes {
+                spares.push((name, file, size));
+            } else {
+                storage.remove(&name).map_err(|e| WalError::io("removing a stale spare", e))?;
+            }
+        }
+        let placeholder =
+            Active { seq: 0, file: Arc::new(NoFile), size: 0, offset: 0, unsynced: false };
+        let shared = Arc::new(Shared {
+            storage: Arc::clone(&storage),
+            backend,
+            queue: Mutex::new(Queue::new(bounds)),
+            work: Condvar::new(),
+            core: Mutex::new(WriterCore {
+                active: placeholder,
+                next_write_seq: recovered.next_write_seq,
+                durable_write_seq: recovered.next_write_seq - 1,
+                gc_pending: false,
+            }),
+            segs: Mutex::new(Segs {
+                next_prepare_seq,
+                recyclable: spares,
+                files,
+                ..Segs::default()
+            }),
+            segs_changed: Condvar::new(),
+            read: RwLock::new(read),
+            poison: OnceLock::new(),
+            counters: Counters::default(),
+            rewrite_requested: std::sync::atomic::AtomicBool::new(false),
+            config,
+        });
+        // The newest segment is written next; an empty log starts with a fresh one.
+        let active = match last {
+            Some(segment) => Active {
+                seq: segment.seq,
+                file: Arc::clone(&segment.file),
+                size: segment.size,
+                offset: recovered.active_offset,
+                unsynced: false,
+            },
+            None => {
+                shared.prepare_one()?;
+                let prepared = shared.segs.lock().prepared.pop_front().expect("just prepared");
+                shared.install(&prepared)?;
+                Active {
+                    seq: prepared.seq,
+                    file: prepared.file,
+                    size: prepared.size,
+                    offset: SEGMENT_HEADER_LEN as u64,
+                    unsynced: false,
+                }
+            }
+        };
+        shared.core.lock().active = active;
+        // Segments to rotate into, and the reserve for a full disk, exist before the first append.
+        while shared.needs_preparation() {
+            shared.prepare_one()?;
+        }
+        tracing::info!(
+            backend = backend.name(),
+            storage = storage.kind(),
+            segments = recovered.segments.len(),
+            records = recovered.report.records,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "wal opened"
+        );
+        metrics::gauge!("flotilla_wal_backend", "backend" => backend.name()).set(1.0);
+        let wal = Wal { shared, threads: Mutex::new(Vec::new()) };
+        if wal.shared.config.writer == WriterMode::Threads {
+            wal.start_threads()?;
+        }
+        Ok((wal, Recovery { groups, report: recovered.report }))
+    }
+
+    fn start_threads(&self) -> Result<(), WalError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let shared = Arc::clone(&self.shared);
+        let writer = std::thread::Builder::new()
+            .name("flotilla-wal-writer".into())
+            .spawn(move || {
+                let writer = Writer::new(shared.backend);
+                match writer {
+                    Ok(writer) => {
+                        let _ = ready_tx.send(Ok(()));
+                        shared.writer_loop(writer);
+                    }
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                    }
+                }
+            })
+            .map_err(|e| WalError::io("starting the writer thread", e))?;
+        let started = ready_rx.recv().unwrap_or_else(|_| Err(std::io::Error::other("writer died")));
+        if let Err(error) = started {
+            let _ = writer.join();
+            return Err(WalError::io("starting the io_uring runtime", error));
+        }
+        let shared = Arc::clone(&self.shared);
+        let preparer = std::thread::Builder::new()
+            .name("flotilla-wal-prepare".into())
+            .spawn(move || shared.preparer_loop())
+            .map_err(|e| WalError::io("starting the preparer thread", e))?;
+        self.threads.lock().extend([writer, preparer]);
+        Ok(())
+    }
+
+    /// Appends `batch`; the future resolves once it is durable (written and fdatasync'd).
+    pub fn append(&self, batch: WriteBatch) -> AppendFuture {
+        self.append_with(batch, true)
+    }
+
+    /// Appends `batch`; with `sync: false` the future resolves once it is written (it becomes
+    /// durable with the next synced round) and the round forces no fdatasync of its own.
+    pub fn append_with(&self, batch: WriteBatch, sync: bool) -> AppendFuture {
+        AppendFuture::new(Arc::clone(&self.shared), batch, sync)
+    }
+
+    /// Appends and waits on the calling thread.
+    pub fn append_blocking(&self, batch: WriteBatch) -> Result<(), WalError> {
+        block_on(self.append(batch))
+    }
+
+    /// Resolves once everything appended before it is durable.
+    pub fn flush(&self) -> AppendFuture {
+        self.append(WriteBatch::new())
+    }
+
+    /// Removes `group`'s entries from `from` on (durably).
+    pub fn truncate_suffix(&self, group: GroupId, from: u64) -> AppendFuture {
+        let mut batch = WriteBatch::new();
+        batch.truncate_suffix(group, from);
+        self.append(batch)
+    }
+
+    /// Removes `group`'s entries through `index` (whose term is `term`) and records the compaction
+    /// point; segments nobody needs any more are recycled once this is durable.
+    pub fn compact(&self, group: GroupId, index: u64, term: u64) -> AppendFuture {
+        let mut batch = WriteBatch::new();
+        batch.compact(group, index, term);
+        self.append(batch)
+    }
+
+    /// The entries of `group` with indexes in `range` (zero-copy on a real disk).
+    pub fn entries(&self, group: GroupId, range: Range<u64>) -> Result<Vec<Entry>, WalError> {
+        let mut out = Vec::with_capacity(
+            usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(0).min(4096),
+        );
+        self.entries_into(group, range, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Wal::entries`], appending to a caller-owned vector (reuse it to avoid allocating).
+    pub fn entries_into(
+        &self,
+        group: GroupId,
+        range: Range<u64>,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), WalError> {
+        self.shared.check_poison()?;
+        let read = self.shared.read.read();
+        let index = read.index.groups.get(&group).ok_or(WalError::GroupNotFound(group))?;
+        if range.start < index.first_index {
+            return Err(WalError::Compacted { group, first_index: index.first_index });
+        }
+        if range.end > index.bounds.next_index {
+            return Err(WalError::Unavailable { group, last_index: index.bounds.next_index - 1 });
+        }
+        let base = read.segments.keys().next().copied().unwrap_or(0);
+        let mut run = index.terms.partition_point(|&(start, _)| start <= range.start);
+        for at in range {
+            while run < index.terms.len() && index.terms[run].0 <= at {
+                run += 1;
+            }
+            let term = index.terms[run - 1].1;
+            let loc = index.loc(at).expect("live index has a location");
+            let seq = resolve_seq(base, loc.seg);
+            let view = read.segments.get(&seq).expect("a live entry's segment is live");
+            let payload = view
+                .slice(loc.offset as usize, loc.len as usize)
+                .map_err(|e| WalError::io("reading an entry", e))?;
+            out.push(Entry { index: at, term, payload });
+        }
+        Ok(())
+    }
+
+    /// The term of `group`'s entry at `index` (also answers for the compaction point).
+    pub fn term(&self, group: GroupId, index: u64) -> Option<u64> {
+        self.shared.read.read().index.groups.get(&group)?.term(index)
+    }
+
+    /// What the log holds of `group` (written rounds only).
+    pub fn group_state(&self, group: GroupId) -> Option<GroupState> {
+        self.shared.read.read().index.groups.get(&group).map(crate::index::GroupIndex::state)
+    }
+
+    /// The groups the log holds anything of.
+    pub fn groups(&self) -> Vec<GroupId> {
+        let mut groups: Vec<GroupId> =
+            self.shared.read.read().index.groups.keys().copied().collect();
+        groups.sort_unstable();
+        groups
+    }
+
+    /// The groups that hold the oldest segment (by live entries, hard state or compaction point).
+    pub fn pinning_groups(&self) -> Vec<GroupId> {
+        let read = self.shared.read.read();
+        let Some(&oldest) = read.segments.keys().next() else { return Vec::new() };
+        let mut groups: Vec<GroupId> = read
+            .index
+            .groups
+            .iter()
+            .filter(|(_, index)| index.min_segment(oldest) == Some(oldest))
+            .map(|(group, _)| *group)
+            .collect();
+        groups.sort_unstable();
+        groups
+    }
+
+    /// Asks the writer to copy forward the state of the groups pinning the oldest segment that
+    /// have at most `rewrite_entries_max` live entries, so that segment can be recycled once the
+    /// copy is durable. Happens by itself after every rotation; the returned future resolves when
+    /// the request has been seen (the copy itself is written in the next round).
+    pub fn rewrite_pinning(&self) -> AppendFuture {
+        self.shared.rewrite_requested.store(true, Ordering::Relaxed);
+        self.flush()
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        let read = self.shared.read.read();
+        Stats {
+            backend: Some(self.shared.backend),
+            rounds: c.rounds.load(Ordering::Relaxed),
+            entries: c.entries.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            fdatasyncs: c.fdatasyncs.load(Ordering::Relaxed),
+            rotations: c.rotations.load(Ordering::Relaxed),
+            rotation_stalls: c.rotation_stalls.load(Ordering::Relaxed),
+            segments_created: c.segments_created.load(Ordering::Relaxed),
+            segments_recycled: c.segments_recycled.load(Ordering::Relaxed),
+            segments_deleted: c.segments_deleted.load(Ordering::Relaxed),
+            segments_live: read.segments.len() as u64,
+            live_entries: read.index.live_entries() as u64,
+            index_bytes: read.index.heap_bytes() as u64,
+            groups_rewritten: c.groups_rewritten.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The IO backend in use.
+    pub fn backend(&self) -> ActiveBackend {
+        self.shared.backend
+    }
+
+    /// Writes everything pending, seals the log with a final synced round (so recovery can tell
+    /// damage to the last data round from a torn tail), stops the threads and releases the
+    /// directory.
+    pub fn close(self) -> Result<(), WalError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&self) -> Result<(), WalError> {
+        let sealed = if self.shared.poison.get().is_none() && !self.shared.queue.lock().closed {
+            block_on(self.flush())
+        } else {
+            Ok(())
+        };
+        self.shared.queue.lock().closed = true;
+        self.shared.work.notify_all();
+        self.shared.segs.lock().closed = true;
+        self.shared.segs_changed.notify_all();
+        for thread in self.threads.lock().drain(..) {
+            let _ = thread.join();
+        }
+        self.shared.check_poison()?;
+        match sealed {
+            Err(WalError::Closed) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Picks the backend: the simulated disk always goes through [`StorageFile`]; otherwise the
+/// configured choice (or `FLOTILLA_WAL_BACKEND`), probing io_uring for `Auto`.
+fn choose_backend(storage: &dyn Storage, config: &Config) -> Result<ActiveBackend, WalError> {
+    if storage.kind() == "sim" {
+        return Ok(ActiveBackend::Simulated);
+    }
+    if config.writer == WriterMode::Inline {
+        return Ok(ActiveBackend::Portable);
+    }
+    match config.backend.from_env_or() {
+        Backend::Portable => Ok(ActiveBackend::Portable),
+        Backend::IoUring => {
+            io::probe_io_uring()?;
+            Ok(ActiveBackend::IoUring)
+        }
+        _ => match io::probe_io_uring() {
+            Ok(()) => Ok(ActiveBackend::IoUring),
+            Err(error) => {
+                tracing::warn!(%error, "io_uring unavailable; using the portable backend");
+                Ok(ActiveBackend::Portable)
+            }
+        },
+    }
+}
+
+/// A stand-in file for the moment between building the shared state and installing the first
+/// active segment; never written.
+struct NoFile;
+
+impl StorageFile for NoFile {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(0)
+    }
+    fn read_exact_at(&self, _: &mut [u8], _: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    fn write_all_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn read_view(self: Arc<Self>) -> std::io::Result<ReadView> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    fn as_std(&self) -> Option<&std::fs::File> {
+        None
+    }
+}
+
+impl Shared {
+    pub(crate) fn check_poison(&self) -> Result<(), WalError> {
+        match self.poison.get() {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn poison_with(&self, op: &'static str, error: std::io::Error) -> WalError {
+        let poisoned = WalError::Poisoned { op, cause: Arc::new(error) };
+        if self.poison.set(poisoned.clone()).is_ok() {
+            tracing::error!(%poisoned, "wal poisoned: refusing all further operations");
+            metrics::counter!("flotilla_wal_poisoned_total").increment(1);
+        }
+        self.poison.get().cloned().unwrap_or(poisoned)
+    }
+
+    /// Checks what can be checked before queueing.
+    pub(crate) fn check_batch(&self, batch: &WriteBatch) -> Result<(), WalError> {
+        self.check_poison()?;
+        if batch.encoded_len() > self.config.batch_bytes_max {
+            return Err(WalError::BatchTooLarge {
+                bytes: batch.encoded_len(),
+                max: self.config.batch_bytes_max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds `batch` to the open round, or registers to be woken when the round has room.
+    pub(crate) fn enqueue(
+        &self,
+        batch: &WriteBatch,
+        sync: bool,
+        cx: &Context<'_>,
+    ) -> Poll<Result<Arc<RoundDone>, WalError>> {
+        if let Err(error) = self.check_poison() {
+            return Poll::Ready(Err(error));
+        }
+        let mut queue = self.queue.lock();
+        if queue.closed {
+            return Poll::Ready(Err(WalError::Closed));
+        }
+        if !queue.open.is_empty()
+            && queue.open.body_len() + batch.encoded_len() > self.config.batch_bytes_max
+        {
+            queue.space_waiters.push(cx.waker().clone());
+            return Poll::Pending;
+        }
+        if let Err(error) = queue.accept(batch, sync) {
+            return Poll::Ready(Err(error));
+        }
+        let done = Arc::clone(&queue.open.done);
+        drop(queue);
+        self.work.notify_one();
+        Poll::Ready(Ok(done))
+    }
+
+    /// Inline mode: the caller writes rounds itself until none is left (unless another caller is
+    /// already doing so, in which case that one will write ours too).
+    pub(crate) fn drive_inline(&self) {
+        if self.config.writer != WriterMode::Inline {
+            return;
+        }
+        let mut writer = Writer::Blocking;
+        loop {
+            let round = {
+                let mut queue = self.queue.lock();
+                if queue.writing {
+                    return;
+                }
+                match queue.take() {
+                    Some(round) => {
+                        queue.writing = true;
+                        round
+                    }
+                    None => return,
+                }
+            };
+            self.write_round(&mut writer, round);
+            self.queue.lock().writing = false;
+        }
+    }
+
+    fn writer_loop(&self, mut writer: Writer) {
+        loop {
+            let round = {
+                let mut queue = self.queue.lock();
+                while queue.open.is_empty() && !queue.closed {
+                    self.work.wait(&mut queue);
+                }
+                if queue.open.is_empty() {
+                    return;
+                }
+                if self.config.batch_delay_us_max > 0 {
+                    let deadline = Instant::now()
+                        + std::time::Duration::from_micros(self.config.batch_delay_us_max);
+                    while queue.open.body_len() < self.config.batch_bytes_max / 2
+                        && !queue.closed
+                        && !self.work.wait_until(&mut queue, deadline).timed_out()
+                    {
+                    }
+                }
+                queue.take().expect("checked non-empty")
+            };
+            self.write_round(&mut writer, round);
+        }
+    }
+
+    /// Writes one round: place it, seal its header, one write, one fdatasync if any producer
+    /// asked for durability, update the index, complete the producers.
+    fn write_round(&self, writer: &mut Writer, mut round: Round) {
+        if let Err(error) = self.check_poison() {
+            round.done.complete(Err(error));
+            return;
+        }
+        let body_len = round.body_len();
+        let padded = padded_record_len(body_len);
+        let mut core = self.core.lock();
+        let mut rotated = false;
+        if core.active.offset + padded as u64 > core.active.size {
+            if let Err(error) = self.rotate(&mut core, round.maintenance) {
+                drop(core);
+                self.fail_pending(&round, error);
+                return;
+            }
+            rotated = true;
+        }
+        // 32 zero bytes after the record (when they fit) mark the end of the chain even in a
+        // recycled segment full of old bytes; the next round overwrites them.
+        let room = core.active.size - core.active.offset - padded as u64;
+        let marker = room.min(RECORD_HEADER_LEN as u64) as usize;
+        round.buf.resize(padded + marker, 0);
+        let seq = core.active.seq;
+        let offset = core.active.offset;
+        let write_seq = core.next_write_seq;
+        let (head, rest) = round.buf.split_at_mut(RECORD_HEADER_LEN);
+        encode_header(head, seq, write_seq, core.durable_write_seq, &rest[..body_len]);
+        let file = Arc::clone(&core.active.file);
+        let started = Instant::now();
+        let (result, buf) =
+            writer.write(seq, &file, std::mem::take(&mut round.buf), offset, round.sync);
+        round.buf = buf;
+        if let Err((op, error)) = result {
+            drop(core);
+            let error = self.poison_with(op, error);
+            round.done.complete(Err(error));
+            return;
+        }
+        let elapsed = started.elapsed();
+        core.active.offset += padded as u64;
+        core.next_write_seq += 1;
+        if round.sync {
+            core.durable_write_seq = write_seq;
+            core.active.unsynced = false;
+            bump(&self.counters.fdatasyncs, 1);
+            metrics::histogram!("flotilla_wal_fdatasync_seconds").record(elapsed.as_secs_f64());
+        } else {
+            core.active.unsynced = true;
+        }
+        core.gc_pending |= round.frees || rotated;
+        let run_gc = round.sync && core.gc_pending;
+        if run_gc {
+            core.gc_pending = false;
+        }
+        let active_seq = core.active.seq;
+        drop(core);
+
+        let body_offset = offset + RECORD_HEADER_LEN as u64;
+        let entries = self.apply_to_index(&round, seq, body_offset);
+        bump(&self.counters.rounds, 1);
+        bump(&self.counters.entries, entries);
+        bump(&self.counters.bytes, padded as u64);
+        metrics::counter!("flotilla_wal_rounds_total").increment(1);
+        metrics::counter!("flotilla_wal_entries_total").increment(entries);
+        metrics::counter!("flotilla_wal_bytes_total").increment(padded as u64);
+        metrics::histogram!("flotilla_wal_round_bytes").record(padded as f64);
+        round.done.complete(Ok(()));
+        let Round { buf, .. } = round;
+        self.queue.lock().spare_bufs.push(buf);
+        if run_gc {
+            self.collect_garbage(active_seq);
+        }
+        let requested = self.rewrite_requested.swap(false, Ordering::Relaxed);
+        if (rotated || requested) && self.config.rewrite_entries_max > 0 {
+            self.rewrite_pinning();
+        }
+    }
+
+    fn apply_to_index(&self, round: &Round, seq: u64, body_offset: u64) -> u64 {
+        let mut read = self.read.write();
+        let mut entries = 0u64;
+        for op in &round.ops {
+            let op = match *op {
+                PendingOp::Entries { group, first_index, start, count } => {
+                    entries += count as u64;
+                    IndexOp::Entries {
+                        group,
+                        first_index,
+                        entries: round.payloads[start..start + count]
+                            .iter()
+                            .map(|&(term, offset, len)| (term, offset as usize, len as usize)),
+                    }
+                }
+                PendingOp::HardState { group, state } => IndexOp::HardState { group, state },
+                PendingOp::Truncate { group, from } => IndexOp::Truncate { group, from },
+                PendingOp::Compact { group, index, term } => {
+                    IndexOp::Compact { group, index, term }
+                }
+                PendingOp::Remove { group } => IndexOp::Remove { group },
+            };
+            read.index
+                .apply(op, seq, body_offset, true)
+                .expect("rounds are checked against the same rules when accepted");
+        }
+        entries
+    }
+
+    /// A round could not be placed (disk full, or preparing a segment failed): it and every round
+    /// accepted after it fail, and the accepted bounds fall back to what was written.
+    fn fail_pending(&self, round: &Round, error: WalError) {
+        round.done.complete(Err(error.clone()));
+        let mut queue = self.queue.lock();
+        if let Some(open) = queue.take() {
+            open.done.complete(Err(error));
+        }
+        let read = self.read.read();
+        queue.bounds = read.index.groups.iter().map(|(g, index)| (*g, index.bounds)).collect();
+    }
+
+    fn rotate(&self, core: &mut WriterCore, maintenance: bool) -> Result<(), WalError> {
+        if core.active.unsynced {
+            // Rounds that rode along unsynced live in the old file: the next round's fdatasync
+            // covers only the new one.
+            if let Err(error) = io::sync_file(&core.active.file) {
+                return Err(self.poison_with("fdatasync", error));
+            }
+            bump(&self.counters.fdatasyncs, 1);
+            core.active.unsynced = false;
+            core.durable_write_seq = core.next_write_seq - 1;
+        }
+        let next = self.take_prepared(maintenance)?;
+        self.install(&next)?;
+        core.active = Active {
+            seq: next.seq,
+            file: next.file,
+            size: next.size,
+            offset: SEGMENT_HEADER_LEN as u64,
+            unsynced: false,
+        };
+        bump(&self.counters.rotations, 1);
+        Ok(())
+    }
+
+    /// Makes a prepared segment live: readable and known to garbage collection.
+    fn install(&self, prepared: &Prepared) -> Result<(), WalError> {
+        let view = Arc::clone(&prepared.file)
+            .read_view()
+            .map_err(|e| WalError::io("mapping a segment", e))?;
+        self.read.write().segments.insert(prepared.seq, view);
+        self.segs.lock().files.insert(prepared.seq, Arc::clone(&prepared.file));
+        Ok(())
+    }
+
+    fn take_prepared(&self, maintenance: bool) -> Result<Prepared, WalError> {
+        let mut segs = self.segs.lock();
+        let mut stalled = false;
+        loop {
+            let reserve = if maintenance { 0 } else { self.config.reserved_segments };
+            if segs.prepared.len() > reserve {
+                let prepared = segs.prepared.pop_front().expect("non-empty");
+                drop(segs);
+                self.segs_changed.notify_all();
+                return Ok(prepared);
+            }
+            if let Some(error) = segs.error.take() {
+                return Err(error);
+            }
+            if segs.disk_full && !segs.preparing {
+                return Err(WalError::DiskFull);
+            }
+            if !stalled {
+                stalled = true;
+                bump(&self.counters.rotation_stalls, 1);
+            }
+            match self.config.writer {
+                WriterMode::Inline => {
+                    drop(segs);
+                    self.prepare_one()?;
+                    segs = self.segs.lock();
+                }
+                WriterMode::Threads => {
+                    self.segs_changed.notify_all();
+                    self.segs_changed.wait(&mut segs);
+                }
+            }
+        }
+    }
+
+    fn needs_preparation(&self) -> bool {
+        let segs = self.segs.lock();
+        let target = self.config.prepared_segments + self.config.reserved_segments;
+        segs.prepared.len() < target && !(segs.disk_full && segs.recyclable.is_empty())
+    }
+
+    fn preparer_loop(&self) {
+        loop {
+            {
+                let mut segs = self.segs.lock();
+                loop {
+                    if segs.closed {
+                        return;
+                    }
+                    let target = self.config.prepared_segments + self.config.reserved_segments;
+                    let wants = segs.prepared.len() < target
+                        && !(segs.disk_full && segs.recyclable.is_empty())
+                        && segs.error.is_none();
+                    if !segs.retire.is_empty() || wants {
+                        break;
+                    }
+                    self.segs_changed.wait(&mut segs);
+                }
+            }
+            self.retire_pending();
+            if self.needs_preparation() && self.segs.lock().error.is_none() {
+                if let Err(error) = self.prepare_one()
+                    && !matches!(error, WalError::DiskFull)
+                {
+                    tracing::error!(%error, "preparing a segment failed");
+                    self.segs.lock().error = Some(error);
+                }
+                self.segs_changed.notify_all();
+            }
+        }
+    }
+
+    /// Readies the next segment: a recycled file if there is one, else a new pre-written file;
+    /// writes its header and a zeroed first record slot, syncs, and names it.
+    fn prepare_one(&self) -> Result<(), WalError> {
+        let (seq, source) = {
+            let mut segs = self.segs.lock();
+            segs.preparing = true;
+            (segs.next_prepare_seq, segs.recyclable.pop())
+        };
+        let result = self.prepare_io(seq, source);
+        let mut segs = self.segs.lock();
+        segs.preparing = false;
+        match result {
+            Ok(prepared) => {
+                segs.next_prepare_seq = seq + 1;
+                segs.prepared.push_back(prepared);
+                segs.disk_full = false;
+                drop(segs);
+                self.segs_changed.notify_all();
+                Ok(())
+            }
+            Err((error, source)) => {
+                if let Some(source) = source {
+                    segs.recyclable.push(source);
+                }
+                if matches!(error, WalError::DiskFull) {
+                    segs.disk_full = true;
+                }
+                drop(segs);
+                self.segs_changed.notify_all();
+                Err(error)
+            }
+        }
+    }
+
+    #[expect(clippy::type_complexity, reason = "the error hands the unused source back")]
+    fn prepare_io(
+        &self,
+        seq: u64,
+        source: Option<(String, Arc<dyn StorageFile>, u64)>,
+    ) -> Result<Prepared, (WalError, Option<(String, Arc<dyn StorageFile>, u64)>)> {
+        let size = self.config.segment_bytes;
+        let (name, file, recycled) = match source {
+            Some((name, file, _)) => (name, file, true),
+            None => {
+                let name = format!("{seq:020}{SPARE_SUFFIX}");
+                let file = self
+                    .storage
+                    .create_prewritten(&name, size)
+                    .map_err(|e| (WalError::io("creating a segment", e), None))?;
+                bump(&self.counters.segments_created, 1);
+                (name, file, false)
+            }
+        };
+        let give_back = |error: WalError, name: &str, file: &Arc<dyn StorageFile>| {
+            (error, Some((name.to_string(), Arc::clone(file), size)))
+        };
+        let mut head = vec![0u8; SEGMENT_HEADER_LEN + RECORD_HEADER_LEN];
+        head[..SEGMENT_HEADER_LEN].copy_from_slice(&SegmentHeader { seq, size }.encode());
+        file.write_all_at(&head, 0)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| give_back(WalError::io("writing a segment header", e), &name, &file))?;
+        self.storage
+            .rename(&name, &segment_file_name(seq))
+            .and_then(|()| self.storage.sync_dir())
+            .map_err(|e| {
+                give_back(WalError::io("naming a segment", e), &segment_file_name(seq), &file)
+            })?;
+        if recycled {
+            bump(&self.counters.segments_recycled, 1);
+        }
+        Ok(Prepared { seq, file, size })
+    }
+
+    /// Retires every live segment older than both the active one and the oldest one any group
+    /// still needs. Runs only right after a synced round, when what the index says is durable.
+    fn collect_garbage(&self, active_seq: u64) {
+        let retired: Vec<(u64, ReadView)> = {
+            let mut read = self.read.write();
+            let Some(&oldest) = read.segments.keys().next() else { return };
+            let needed = read
+                .index
+                .groups
+                .values()
+                .filter_map(|index| index.min_segment(oldest))
+                .min()
+                .unwrap_or(u64::MAX)
+                .min(active_seq);
+            let seqs: Vec<u64> = read.segments.range(..needed).map(|(seq, _)| *seq).collect();
+            seqs.into_iter()
+                .map(|seq| (seq, read.segments.remove(&seq).expect("listed above")))
+                .collect()
+        };
+        if retired.is_empty() {
+            return;
+        }
+        self.segs.lock().retire.extend(retired);
+        match self.config.writer {
+            WriterMode::Inline => self.retire_pending(),
+            WriterMode::Threads => {
+                self.segs_changed.notify_all();
+            }
+        }
+    }
+
+    /// Recycles retired segments whose map no reader still holds (rename aside, sync the
+    /// directory); deletes the others (their maps stay valid for the readers).
+    fn retire_pending(&self) {
+        loop {
+            let Some((seq, view)) = self.segs.lock().retire.pop_front() else { return };
+            let liveness = view.liveness();
+            drop(view);
+            let alive = liveness.is_some_and(|weak| weak.upgrade().is_some());
+            let Some(file) = self.segs.lock().files.remove(&seq) else { continue };
+            let size = file.len().unwrap_or(0);
+            let name = segment_file_name(seq);
+            let spare = format!("{seq:020}{SPARE_SUFFIX}");
+            let result = if !alive && size == self.config.segment_bytes {
+                self.storage.rename(&name, &spare).and_then(|()| self.storage.sync_dir()).map(
+                    |()| {
+                        let mut segs = self.segs.lock();
+                        segs.recyclable.push((spare, file, size));
+                        segs.disk_full = false;
+                    },
+                )
+            } else {
+                self.storage.remove(&name).and_then(|()| self.storage.sync_dir()).map(|()| {
+                    bump(&self.counters.segments_deleted, 1);
+                })
+            };
+            if let Err(error) = result {
+                tracing::warn!(seq, %error, "retiring a segment failed; it stays on disk");
+            }
+            self.segs_changed.notify_all();
+        }
+    }
+
+    /// Copies forward the state of small groups pinning the oldest segment. Runs only on the
+    /// writer, right after a round was applied: then the index plus the open round is exactly
+    /// what was accepted, so a group the open round does not touch has nothing in flight and its
+    /// copy is exact (copying a group with pending writes could resurrect overwritten entries).
+    fn rewrite_pinning(&self) {
+        let max = self.config.rewrite_entries_max;
+        let mut queue = self.queue.lock();
+        let read = self.read.read();
+        if read.segments.len() < 3 {
+            return;
+        }
+        let oldest = *read.segments.keys().next().expect("non-empty");
+        let room = self.config.batch_bytes_max.saturating_sub(queue.open.body_len());
+        let mut batch = WriteBatch::new();
+        let mut groups = 0u64;
+        for (group, index) in &read.index.groups {
+            if index.min_segment(oldest) != Some(oldest) || index.locs.len() > max {
+                continue;
+            }
+            if queue.open.touches(*group) {
+                continue;
+            }
+            let mut copy = WriteBatch::new();
+            if let Some((through, term)) = index.state().compacted {
+                copy.compact(*group, through, term);
+            }
+            let mut entries = Vec::with_capacity(index.locs.len());
+            for (i, loc) in index.locs.iter().enumerate() {
+                let at = index.first_index + i as u64;
+                let seq = resolve_seq(oldest, loc.seg);
+                let view = read.segments.get(&seq).expect("a live entry's segment is live");
+                let Ok(payload) = view.slice(loc.offset as usize, loc.len as usize) else {
+                    return;
+                };
+                entries.push((index.term(at).expect("live index has a term"), payload));
+            }
+            copy.add_entries(*group, index.first_index, entries);
+            if let Some(state) = index.hard_state {
+                copy.set_hard_state(*group, state);
+            }
+            if batch.encoded_len() + copy.encoded_len() > room {
+                break;
+            }
+            for op in copy.ops {
+                batch.push(op);
+            }
+            groups += 1;
+        }
+        drop(read);
+        if groups == 0 {
+            return;
+        }
+        queue.accept(&batch, true).expect("a copy of a group's own state is valid");
+        drop(queue);
+        bump(&self.counters.groups_rewritten, groups);
+        self.work.notify_one();
+    }
+}

@@ -1,0 +1,412 @@
+//! Recovery: find the live segments, verify every record, rebuild the index, and decide what a
+//! damaged record means.
+//!
+//! The rule (drawn in `wal/FORMAT.md`): records form one chain of rounds numbered 1, 2, 3, …; each
+//! round's header claims (`durable_seq`) that every round up to that number had been fdatasync'd
+//! before it was written. Scanning stops at the first slot that does not hold the next round. If
+//! any valid round found *after* that slot claims the missing round durable, the damage hit synced
+//! data: corruption, and `open` refuses (or, opted in, truncates and reports). Otherwise the slot
+//! is the unsynced tail a crash left behind — nothing there was ever acknowledged — and the log is
+//! cut there.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::config::RecoveryMode;
+use crate::error::WalError;
+use crate::index::{Bounds, Index, IndexOp};
+use crate::io::{Storage, StorageFile};
+use crate::record::{self, Item, RECORD_ALIGN, RECORD_HEADER_LEN, RECORD_TYPE_BATCH};
+use crate::segment::{SEGMENT_HEADER_LEN, SPARE_SUFFIX, SegmentHeader, parse_segment_file_name};
+use crate::{GroupId, GroupState};
+
+/// What recovery found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoveryReport {
+    /// Live segments scanned.
+    pub segments: usize,
+    /// Valid records (rounds) replayed.
+    pub records: u64,
+    /// Bytes of valid records replayed.
+    pub bytes: u64,
+    /// Where an unsynced tail left by a crash was cut: `(segment, offset)`.
+    pub torn_tail: Option<(u64, u64)>,
+    /// Where damage to synced data was cut under [`RecoveryMode::TruncateCorrupt`]:
+    /// `(segment, offset, reason)`. The groups written after it must be repaired from peers.
+    pub corruption_truncated: Option<(u64, u64, String)>,
+    /// Segments after the cut that were discarded (they held only unacknowledged rounds).
+    pub discarded_segments: usize,
+}
+
+/// What `Wal::open` returns besides the log: every group's state, and the report.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Recovery {
+    /// Per group: first and last index, hard state, compaction point.
+    pub groups: BTreeMap<GroupId, GroupState>,
+    /// What recovery found and did.
+    pub report: RecoveryReport,
+}
+
+/// One live segment after recovery.
+pub(crate) struct LiveSegment {
+    pub seq: u64,
+    pub file: Arc<dyn StorageFile>,
+    pub size: u64,
+}
+
+/// The state recovery hands to the log.
+pub(crate) struct Recovered {
+    pub index: Index,
+    pub segments: Vec<LiveSegment>,
+    /// Write offset in the newest segment.
+    pub active_offset: u64,
+    /// Sequence number of the next round.
+    pub next_write_seq: u64,
+    /// Files left over from preparation or recycling, free to reuse: `(name, file, size)`.
+    pub spares: Vec<(String, Arc<dyn StorageFile>, u64)>,
+    pub report: RecoveryReport,
+}
+
+/// Where scanning a segment stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The slot is all zeros: never written.
+    Zero,
+    /// The slot holds bytes that are not the next round.
+    Invalid,
+    /// The segment has no room for another record header.
+    End,
+}
+
+struct Scan<'a> {
+    storage: &'a dyn Storage,
+    mode: RecoveryMode,
+    segments: Vec<(u64, Arc<dyn StorageFile>, u64)>,
+    buffers: Vec<Option<Vec<u8>>>,
+}
+
+impl Scan<'_> {
+    fn contents(&mut self, i: usize) -> Result<&[u8], WalError> {
+        if self.buffers[i].is_none() {
+            let (_, file, size) = &self.segments[i];
+            let mut buf = vec![0u8; *size as usize];
+            file.read_exact_at(&mut buf, 0).map_err(|e| WalError::io("reading a segment", e))?;
+            self.buffers[i] = Some(buf);
+        }
+        Ok(self.buffers[i].as_deref().expect("filled above"))
+    }
+}
+
+/// A valid round that continues the chain at `expected` (any round when `expected` is `None`).
+fn round_at(
+    bytes: &[u8],
+    pos: usize,
+    seq: u64,
+    expected: Option<u64>,
+) -> Option<(record::RecordHeader, &[u8])> {
+    let slot = bytes.get(pos..)?;
+    let (header, body) = record::decode_record(slot, seq).ok()?;
+    expected.is_none_or(|e| header.write_seq == e).then_some((header, body))
+}
+
+/// Cheap test before a checksum: could an aligned slot hold a round numbered `>= min_seq`?
+fn plausible(bytes: &[u8], pos: usize, min_seq: u64) -> bool {
+    let Some(head) = bytes.get(pos..pos + RECORD_HEADER_LEN) else { return false };
+    let write_seq = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+    head[4] == RECORD_TYPE_BATCH
+        && head[5..8] == [0, 0, 0]
+        && write_seq >= min_seq
+        && write_seq < min_seq.saturating_add(1 << 32)
+}
+
+pub(crate) fn recover(storage: &dyn Storage, mode: RecoveryMode) -> Result<Recovered, WalError> {
+    let mut live: Vec<(u64, String)> = Vec::new();
+    let mut spares = Vec::new();
+    for name in storage.list().map_err(|e| WalError::io("listing the directory", e))? {
+        if let Some(seq) = parse_segment_file_name(&name) {
+            live.push((seq, name));
+        } else if name.ends_with(SPARE_SUFFIX) {
+            let file = storage.open(&name).map_err(|e| WalError::io("opening a spare", e))?;
+            let size = file.len().map_err(|e| WalError::io("sizing a spare", e))?;
+            spares.push((name, file, size));
+        }
+    }
+    live.sort_unstable();
+    for pair in live.windows(2) {
+        if pair[1].0 != pair[0].0 + 1 {
+            return Err(WalError::Corrupt {
+                segment: pair[0].0 + 1,
+                offset: 0,
+                reason: format!("segment missing between {} and {}", pair[0].0, pair[1].0),
+            });
+        }
+    }
+    let mut segments = Vec::with_capacity(live.len());
+    for (seq, name) in &live {
+        let file = storage.open(name).map_err(|e| WalError::io("opening a segment", e))?;
+        let len = file.len().map_err(|e| WalError::io("sizing a segment", e))?;
+        let corrupt = |reason: String| WalError::Corrupt { segment: *seq, offset: 0, reason };
+        if len < SEGMENT_HEADER_LEN as u64 {
+            return Err(corrupt(format!("file is {len} bytes, shorter than a header")));
+        }
+        let mut head = [0u8; SEGMENT_HEADER_LEN];
+        file.read_exact_at(&mut head, 0).map_err(|e| WalError::io("reading a header", e))?;
+        let header = SegmentHeader::decode(&head).map_err(|e| corrupt(e.to_string()))?;
+        if header.seq != *seq {
+            return Err(corrupt(format!("header says segment {}", header.seq)));
+        }
+        if header.size != len {
+            return Err(corrupt(format!("file is {len} bytes, header says {}", header.size)));
+        }
+        segments.push((*seq, file, len));
+    }
+    let count = segments.len();
+    let scan = Scan { storage, mode, segments, buffers: vec![None; count] };
+    scan.run(spares)
+}
+
+impl Scan<'_> {
+    fn run(
+        mut self,
+        mut spares: Vec<(String, Arc<dyn StorageFile>, u64)>,
+    ) -> Result<Recovered, WalError> {
+        let mut index = Index::default();
+        let mut report = RecoveryReport { segments: self.segments.len(), ..Default::default() };
+        let mut expected: Option<u64> = None;
+        let mut cut: Option<(usize, usize)> = None;
+
+        for i in 0..self.segments.len() {
+            let seq = self.segments[i].0;
+            let mut pos = SEGMENT_HEADER_LEN;
+            let stop = loop {
+                let bytes = self.contents(i)?;
+                if pos + RECORD_HEADER_LEN > bytes.len() {
+                    break Stop::End;
+                }
+                if record::is_zero_header(&bytes[pos..]) {
+                    break Stop::Zero;
+                }
+                let Some((header, body)) = round_at(bytes, pos, seq, expected) else {
+                    break Stop::Invalid;
+                };
+                let body_offset = (pos + RECORD_HEADER_LEN) as u64;
+                if let Err(reason) = replay(&mut index, body, seq, body_offset) {
+                    let reason = format!("round checksummed but does not replay: {reason}");
+                    if self.mode == RecoveryMode::Strict {
+                        return Err(WalError::Corrupt { segment: seq, offset: pos as u64, reason });
+                    }
+                    report.corruption_truncated = Some((seq, pos as u64, reason));
+                    break Stop::Invalid;
+                }
+                report.records += 1;
+                report.bytes += header.padded_len() as u64;
+                expected = Some(header.write_seq + 1);
+                pos += header.padded_len();
+            };
+            if report.corruption_truncated.is_some() {
+                cut = Some((i, pos));
+                break;
+            }
+            let continues = i + 1 < self.segments.len() && {
+                let next_seq = self.segments[i + 1].0;
+                let next = self.contents(i + 1)?;
+                round_at(next, SEGMENT_HEADER_LEN, next_seq, expected).is_some()
+            };
+            let after = self.rounds_after(i, pos, expected)?;
+            if continues && !after.in_segment {
+                continue;
+            }
+            let missing = expected.unwrap_or(1);
+            if after.claim.is_some_and(|claim| claim >= missing) {
+                let reason = format!(
+                    "round {missing} is damaged or missing but a later round claims it synced"
+                );
+                if self.mode == RecoveryMode::Strict {
+                    return Err(WalError::Corrupt { segment: seq, offset: pos as u64, reason });
+                }
+                report.corruption_truncated = Some((seq, pos as u64, reason));
+            } else if stop == Stop::Invalid || after.in_segment || after.later {
+                report.torn_tail = Some((seq, pos as u64));
+            }
+            cut = Some((i, pos));
+            break;
+        }
+
+        let (last, active_offset) = match cut {
+            Some((i, pos)) => {
+                self.cut_tail(i, pos, expected.unwrap_or(1))?;
+                (i, pos as u64)
+            }
+            None => (self.segments.len().saturating_sub(1), SEGMENT_HEADER_LEN as u64),
+        };
+        // Segments after the cut hold only rounds that were never acknowledged (or nothing).
+        if last + 1 < self.segments.len() {
+            for (seq, file, size) in self.segments.drain(last + 1..) {
+                let spare = format!("{seq:020}{SPARE_SUFFIX}");
+                let name = crate::segment::segment_file_name(seq);
+                self.storage.rename(&name, &spare).map_err(|e| WalError::io("discarding", e))?;
+                if report.torn_tail.is_some() || report.corruption_truncated.is_some() {
+                    report.discarded_segments += 1;
+                }
+                spares.push((spare, file, size));
+            }
+            self.storage.sync_dir().map_err(|e| WalError::io("syncing the directory", e))?;
+        }
+        let mut segments = Vec::with_capacity(self.segments.len());
+        for (seq, file, size) in self.segments.drain(..) {
+            // What was recovered may sit only in the page cache (the process died, the machine
+            // did not): make it durable before any later round claims it.
+            file.sync_data().map_err(|e| WalError::io("syncing a recovered segment", e))?;
+            segments.push(LiveSegment { seq, file, size });
+        }
+        Ok(Recovered {
+            index,
+            segments,
+            active_offset,
+            next_write_seq: expected.unwrap_or(1),
+            spares,
+            report,
+        })
+    }
+
+    /// Looks for valid rounds after a stop at `pos` of segment `i` numbered at least `expected`:
+    /// in the rest of this segment (aligned slots) and from the start of every later segment,
+    /// following each chain found.
+    fn rounds_after(
+        &mut self,
+        i: usize,
+        pos: usize,
+        expected: Option<u64>,
+    ) -> Result<RoundsAfter, WalError> {
+        let min_seq = expected.unwrap_or(1);
+        let mut after = RoundsAfter::default();
+        let seq = self.segments[i].0;
+        let bytes = self.contents(i)?;
+        let mut at = pos + RECORD_ALIGN;
+        while at + RECORD_HEADER_LEN <= bytes.len() {
+            if plausible(bytes, at, min_seq)
+                && let Some((header, _)) = round_at(bytes, at, seq, None)
+            {
+                after.in_segment = true;
+                after.claim = after.claim.max(Some(header.durable_seq));
+                at += header.padded_len();
+                continue;
+            }
+            at += RECORD_ALIGN;
+        }
+        for j in i + 1..self.segments.len() {
+            let seq = self.segments[j].0;
+            let bytes = self.contents(j)?;
+            let mut at = SEGMENT_HEADER_LEN;
+            while let Some((header, _)) = round_at(bytes, at, seq, None) {
+                if header.write_seq >= min_seq {
+                    after.later = true;
+                    after.claim = after.claim.max(Some(header.durable_seq));
+                }
+                at += header.padded_len();
+            }
+        }
+        Ok(after)
+    }
+
+    /// Zeroes segment `i` from `pos` through the last valid round numbered at least `min_seq`
+    /// found after it — so a later open cannot take those unacknowledged rounds for a
+    /// continuation of rounds written after this one — and syncs it.
+    fn cut_tail(&mut self, i: usize, pos: usize, min_seq: u64) -> Result<(), WalError> {
+        let seq = self.segments[i].0;
+        let bytes = self.contents(i)?;
+        if pos + RECORD_HEADER_LEN > bytes.len() || record::is_zero_header(&bytes[pos..]) {
+            // Nothing written at the cut: if nothing valid follows either, there is nothing to do.
+            let any = (pos + RECORD_ALIGN..bytes.len().saturating_sub(RECORD_HEADER_LEN - 1))
+                .step_by(RECORD_ALIGN)
+                .any(|at| {
+                    plausible(bytes, at, min_seq) && round_at(bytes, at, seq, None).is_some()
+                });
+            if !any {
+                return Ok(());
+            }
+        }
+        let mut end = (pos + RECORD_HEADER_LEN).min(bytes.len());
+        let mut at = pos + RECORD_ALIGN;
+        while at + RECORD_HEADER_LEN <= bytes.len() {
+            if plausible(bytes, at, min_seq)
+                && let Some((header, _)) = round_at(bytes, at, seq, None)
+            {
+                end = end.max(at + header.padded_len());
+                at += header.padded_len();
+                continue;
+            }
+            at += RECORD_ALIGN;
+        }
+        let zeros = vec![0u8; end - pos];
+        let file = &self.segments[i].1;
+        file.write_all_at(&zeros, pos as u64).map_err(|e| WalError::io("cutting a tail", e))?;
+        file.sync_data().map_err(|e| WalError::io("cutting a tail", e))?;
+        Ok(())
+    }
+}
+
+/// Valid rounds found after the point where the chain stopped.
+#[derive(Debug, Default)]
+struct RoundsAfter {
+    /// The highest `durable_seq` among them.
+    claim: Option<u64>,
+    /// Some lie in the same segment, after the stop.
+    in_segment: bool,
+    /// Some lie in later segments.
+    later: bool,
+}
+
+/// Replays one round's items into the index, all or nothing: the round is checked against copies
+/// of the touched groups' bounds first, so a failure leaves the index as it was.
+fn replay(index: &mut Index, body: &[u8], seq: u64, body_offset: u64) -> Result<(), String> {
+    record::validate_body(body).map_err(|e| format!("malformed body: {e}"))?;
+    let mut bounds: HashMap<GroupId, Bounds> = HashMap::new();
+    for item in record::items(body) {
+        let item = item.map_err(|e| e.to_string())?;
+        let group = item_group(&item);
+        let current = bounds
+            .entry(group)
+            .or_insert_with(|| index.groups.get(&group).map_or_else(Bounds::new, |g| g.bounds));
+        match item {
+            Item::Entries { first_index, entries, .. } => {
+                current.check_entries(first_index, false).map_err(|e| e.to_string())?;
+                current.apply_entries(first_index, entries.len() as u64);
+            }
+            Item::Truncate { from, .. } => {
+                current.check_truncate(from).map_err(|e| e.to_string())?;
+                current.apply_truncate(from);
+            }
+            Item::Compact { index, .. } => current.apply_compact(index),
+            Item::RemoveGroup { .. } => *current = Bounds::new(),
+            Item::HardState { .. } => {}
+        }
+    }
+    for item in record::items(body) {
+        let op = match item.map_err(|e| e.to_string())? {
+            Item::Entries { group, first_index, entries } => IndexOp::Entries {
+                group,
+                first_index,
+                entries: entries.map(|(term, offset, payload)| (term, offset, payload.len())),
+            },
+            Item::HardState { group, state } => IndexOp::HardState { group, state },
+            Item::Truncate { group, from } => IndexOp::Truncate { group, from },
+            Item::Compact { group, index, term } => IndexOp::Compact { group, index, term },
+            Item::RemoveGroup { group } => IndexOp::Remove { group },
+        };
+        index.apply(op, seq, body_offset, false).expect("checked against the same bounds above");
+    }
+    Ok(())
+}
+
+fn item_group(item: &Item<'_>) -> GroupId {
+    match item {
+        Item::Entries { group, .. }
+        | Item::HardState { group, .. }
+        | Item::Truncate { group, .. }
+        | Item::Compact { group, .. }
+        | Item::RemoveGroup { group } => *group,
+    }
+}
