@@ -85,10 +85,11 @@ impl Bounds {
         Ok(())
     }
 
+    /// After a gap (replay only) the log simply starts at `first_index`: the group's earlier
+    /// records were recycled, and garbage collection keeps its latest compaction record live, so
+    /// the real compaction point arrives in the replay. It must not be guessed here — a guessed
+    /// floor would reject a later, valid overwrite below it.
     pub(crate) fn apply_entries(&mut self, first_index: u64, count: u64) {
-        if first_index > self.next_index {
-            self.compacted = self.compacted.max(first_index - 1);
-        }
         self.next_index = first_index + count;
     }
 
@@ -397,5 +398,17 @@ mod tests {
             .unwrap();
         let state = index.groups[&GroupId(2)].state();
         assert_eq!((state.first_index, state.last_index), (50, 50));
+        // A later overwrite below that first entry was valid when written: it replays.
+        let items = vec![(8u64, 0usize, 4usize)];
+        index
+            .apply(
+                IndexOp::Entries { group: GroupId(2), first_index: 40, entries: items.into_iter() },
+                3,
+                64,
+                false,
+            )
+            .unwrap();
+        let state = index.groups[&GroupId(2)].state();
+        assert_eq!((state.first_index, state.last_index), (40, 40));
     }
 }

@@ -51,6 +51,8 @@ pub trait Storage: Send + Sync + 'static {
     /// Takes an exclusive lock on the directory for as long as this value lives, failing at once
     /// with [`io::ErrorKind::WouldBlock`] if another process (or another open log) holds it.
     fn lock(&self) -> io::Result<()>;
+    /// Releases the lock taken by [`Storage::lock`].
+    fn unlock(&self);
     /// A short name for logs and stats (`"dir"`, `"sim"`).
     fn kind(&self) -> &'static str;
 }
@@ -191,6 +193,10 @@ impl Storage for DirStorage {
             )),
             Err(std::fs::TryLockError::Error(error)) => Err(error),
         }
+    }
+
+    fn unlock(&self) {
+        self.lock.lock().take();
     }
 
     fn kind(&self) -> &'static str {

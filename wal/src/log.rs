@@ -126,6 +126,8 @@ struct Segs {
     next_prepare_seq: u64,
     /// Files free for reuse: `(name, file, size)`.
     recyclable: Vec<(String, Arc<dyn StorageFile>, u64)>,
+    /// Retired files renamed aside but not yet made durable by a directory sync.
+    unsynced_spares: Vec<(String, Arc<dyn StorageFile>, u64)>,
     /// Segments to recycle or delete, with their (detached) read views.
     retire: VecDeque<(u64, ReadView)>,
     /// Files of live segments.
@@ -261,33 +263,7 @@ impl Wal {
             rewrite_requested: std::sync::atomic::AtomicBool::new(false),
             config,
         });
-        // The newest segment is written next; an empty log starts with a fresh one.
-        let active = match last {
-            Some(segment) => Active {
-                seq: segment.seq,
-                file: Arc::clone(&segment.file),
-                size: segment.size,
-                offset: recovered.active_offset,
-                unsynced: false,
-            },
-            None => {
-                shared.prepare_one()?;
-                let prepared = shared.segs.lock().prepared.pop_front().expect("just prepared");
-                shared.install(&prepared)?;
-                Active {
-                    seq: prepared.seq,
-                    file: prepared.file,
-                    size: prepared.size,
-                    offset: SEGMENT_HEADER_LEN as u64,
-                    unsynced: false,
-                }
-            }
-        };
-        shared.core.lock().active = active;
-        // Segments to rotate into, and the reserve for a full disk, exist before the first append.
-        while shared.needs_preparation() {
-            shared.prepare_one()?;
-        }
+        shared.start_writing(last, recovered.active_offset)?;
         tracing::info!(
             backend = backend.name(),
             storage = storage.kind(),
@@ -504,6 +480,7 @@ impl Wal {
         for thread in self.threads.lock().drain(..) {
             let _ = thread.join();
         }
+        self.shared.storage.unlock();
         self.shared.check_poison()?;
         match sealed {
             Err(WalError::Closed) => Ok(()),
@@ -569,6 +546,51 @@ impl StorageFile for NoFile {
 }
 
 impl Shared {
+    /// Installs the segment written next (the newest one, or a fresh one for an empty log) and
+    /// readies the segments to rotate into and the reserve for a full disk.
+    fn start_writing(
+        &self,
+        last: Option<&crate::recovery::LiveSegment>,
+        active_offset: u64,
+    ) -> Result<(), WalError> {
+        // The newest segment is written next; an empty log starts with a fresh one.
+        let active = match last {
+            Some(segment) => Active {
+                seq: segment.seq,
+                file: Arc::clone(&segment.file),
+                size: segment.size,
+                offset: active_offset,
+                unsynced: false,
+            },
+            None => {
+                self.prepare_one()?;
+                let prepared = self.segs.lock().prepared.pop_front().expect("just prepared");
+                self.install(&prepared)?;
+                Active {
+                    seq: prepared.seq,
+                    file: prepared.file,
+                    size: prepared.size,
+                    offset: SEGMENT_HEADER_LEN as u64,
+                    unsynced: false,
+                }
+            }
+        };
+        self.core.lock().active = active;
+        // Segments to rotate into, and the reserve for a full disk, exist before the first append.
+        while self.needs_preparation() {
+            match self.prepare_one() {
+                // A full disk does not stop the log from opening: appends get `DiskFull` until
+                // compaction frees segments, and what there is can be read.
+                Err(WalError::DiskFull) => {
+                    tracing::warn!("disk full at open: no segment prepared ahead");
+                    break;
+                }
+                result => result?,
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn check_poison(&self) -> Result<(), WalError> {
         match self.poison.get() {
             Some(error) => Err(error.clone()),
@@ -1008,36 +1030,72 @@ impl Shared {
         }
     }
 
-    /// Recycles retired segments whose map no reader still holds (rename aside, sync the
-    /// directory); deletes the others (their maps stay valid for the readers).
+    /// Recycles retired segments whose map no reader still holds (renamed aside) and deletes
+    /// the others (their maps stay valid for the readers), oldest first. A failure stops the
+    /// pass with the rest still queued, so the live segments never get a hole; a rename counts
+    /// only once a directory sync made it durable (a recycled file is rewritten in place, which
+    /// must never happen while a crash could bring back its old name).
     fn retire_pending(&self) {
+        let mut renamed: Vec<(String, Arc<dyn StorageFile>, u64)> = Vec::new();
+        let mut changed = false;
         loop {
-            let Some((seq, view)) = self.segs.lock().retire.pop_front() else { return };
+            let Some((seq, view)) = self.segs.lock().retire.pop_front() else { break };
             let liveness = view.liveness();
-            drop(view);
-            let alive = liveness.is_some_and(|weak| weak.upgrade().is_some());
-            let Some(file) = self.segs.lock().files.remove(&seq) else { continue };
+            let Some(file) = self.segs.lock().files.get(&seq).cloned() else { continue };
+            // Drop our view first: if no reader holds a slice, the map goes with it.
+            let view_alive = {
+                drop(view);
+                liveness.is_some_and(|weak| weak.upgrade().is_some())
+            };
             let size = file.len().unwrap_or(0);
             let name = segment_file_name(seq);
             let spare = format!("{seq:020}{SPARE_SUFFIX}");
-            let result = if !alive && size == self.config.segment_bytes {
-                self.storage.rename(&name, &spare).and_then(|()| self.storage.sync_dir()).map(
-                    |()| {
-                        let mut segs = self.segs.lock();
-                        segs.recyclable.push((spare, file, size));
-                        segs.disk_full = false;
-                    },
-                )
+            let recycle = !view_alive && size == self.config.segment_bytes;
+            let result = if recycle {
+                self.storage.rename(&name, &spare)
             } else {
-                self.storage.remove(&name).and_then(|()| self.storage.sync_dir()).map(|()| {
-                    bump(&self.counters.segments_deleted, 1);
-                })
+                self.storage.remove(&name)
             };
-            if let Err(error) = result {
-                tracing::warn!(seq, %error, "retiring a segment failed; it stays on disk");
+            match result {
+                Ok(()) => {
+                    changed = true;
+                    self.segs.lock().files.remove(&seq);
+                    if recycle {
+                        renamed.push((spare, file, size));
+                    } else {
+                        bump(&self.counters.segments_deleted, 1);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(seq, %error, "retiring a segment failed; will retry");
+                    let view = Arc::clone(&file).read_view();
+                    match view {
+                        Ok(view) => self.segs.lock().retire.push_front((seq, view)),
+                        Err(error) => tracing::warn!(seq, %error, "cannot map a segment again"),
+                    }
+                    break;
+                }
             }
-            self.segs_changed.notify_all();
         }
+        let mut segs = self.segs.lock();
+        segs.unsynced_spares.extend(renamed);
+        if changed || !segs.unsynced_spares.is_empty() {
+            drop(segs);
+            let synced = self.storage.sync_dir();
+            segs = self.segs.lock();
+            match synced {
+                Ok(()) => {
+                    let spares = std::mem::take(&mut segs.unsynced_spares);
+                    if !spares.is_empty() {
+                        segs.disk_full = false;
+                    }
+                    segs.recyclable.extend(spares);
+                }
+                Err(error) => tracing::warn!(%error, "directory sync failed; spares wait"),
+            }
+        }
+        drop(segs);
+        self.segs_changed.notify_all();
     }
 
     /// Copies forward the state of small groups pinning the oldest segment. Runs only on the

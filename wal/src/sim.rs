@@ -97,6 +97,8 @@ struct SimState {
     fail_at: BTreeMap<u64, SimError>,
     /// Fail every operation of this kind from now on.
     fail_kind: BTreeMap<SimOp, SimError>,
+    /// Fail every operation after this many (the disk died).
+    fail_after: Option<u64>,
     ops: u64,
     op_counts: BTreeMap<SimOp, u64>,
     locked: bool,
@@ -117,6 +119,9 @@ impl SimState {
         }
         if let Some(error) = self.fail_kind.get(&op) {
             return Err(error.to_io());
+        }
+        if self.fail_after.is_some_and(|after| self.ops > after) {
+            return Err(SimError::Io.to_io());
         }
         Ok(())
     }
@@ -153,6 +158,13 @@ impl SimStorage {
     /// Fails every operation of `op`'s kind from now on.
     pub fn fail_all(&self, op: SimOp, error: SimError) {
         self.state.lock().fail_kind.insert(op, error);
+    }
+
+    /// Fails every operation after the `n`-th from now with EIO: the disk dies there (then
+    /// [`SimStorage::crash`] gives the image a restart would see).
+    pub fn fail_all_after(&self, n: u64) {
+        let mut state = self.state.lock();
+        state.fail_after = Some(state.ops + n);
     }
 
     /// Stops failing operations of `op`'s kind.
@@ -411,6 +423,10 @@ impl Storage for SimStorage {
         }
         state.locked = true;
         Ok(())
+    }
+
+    fn unlock(&self) {
+        self.state.lock().locked = false;
     }
 
     fn kind(&self) -> &'static str {
