@@ -1,6 +1,102 @@
 //! Raft consensus for one group, as a pure deterministic state machine (sans-IO).
 //!
-//! Work in progress: see issue 3.
+//! A [`Replica`] never touches a clock, a thread, a file or a socket: time arrives as
+//! [`Replica::tick`], messages as [`Replica::step`], client requests as [`Replica::propose`] and
+//! [`Replica::read_index`], and everything it wants done comes out of [`Replica::ready`] as data.
+//! Randomness (election timeouts) comes from a PRNG seeded by [`Config::seed`]. The same inputs
+//! always give the same outputs, which is what lets a simulator replay any failure from a seed.
+//! `clippy.toml` in this crate forbids clocks, threads, IO and global RNGs (checked once by
+//! adding `std::time::Instant::now()` to `tick`: clippy failed with `disallowed_methods`).
+//!
+//! # The Ready loop
+//!
+//! ```
+//! use bytes::Bytes;
+//! use flotilla_raftgroup::{Config, MemStorage, NodeId, RecoveredState, Replica, Role};
+//!
+//! // A one-voter group, so the example needs no network.
+//! let config = Config::new(NodeId(1), vec![NodeId(1)]);
+//! let mut storage = MemStorage::new();
+//! let mut replica = Replica::new(config, RecoveredState::default()).unwrap();
+//! let mut applied = Vec::new();
+//!
+//! for _ in 0..100 {
+//!     replica.tick(); // the driver's timer, e.g. every 10 ms
+//!     if replica.role() == Role::Leader && applied.is_empty() {
+//!         replica.propose(Bytes::from_static(b"x = 1")).unwrap();
+//!     }
+//!     while replica.has_ready() {
+//!         let ready = replica.ready();
+//!         // 1. `messages` may go out at once (a leader replicates while it writes its disk).
+//!         for _message in &ready.messages { /* transport.send(message) */ }
+//!         // 2. Persist snapshot, entries and hard state; wait until durable.
+//!         let persisted = storage.persist(&ready);
+//!         // 3. Only now: messages that promise something about our disk (votes, acks).
+//!         for _message in ready.persisted_messages.peek() { /* transport.send(message) */ }
+//!         // 4. Apply committed entries; serve read states once applied; answer fetches.
+//!         for entry in &ready.committed_entries {
+//!             applied.push(entry.clone());
+//!             replica.on_applied(entry.index);
+//!         }
+//!         for fetch in &ready.fetches {
+//!             replica.on_fetched(*fetch, storage.fetch(fetch)).unwrap();
+//!         }
+//!         replica.advance(ready);
+//!         // 5. Report durability: the leader counts its own copy only now.
+//!         if let Some((term, index)) = persisted {
+//!             replica.on_persisted(term, index);
+//!         }
+//!     }
+//! }
+//! assert!(applied.iter().any(|entry| entry.payload == Bytes::from_static(b"x = 1")));
+//! ```
+//!
+//! **The persistence rule.** [`Ready::persisted_messages`] (type [`SendAfterPersist`]) may be
+//! sent only after that Ready's hard state, snapshot and entries — and those of every earlier
+//! Ready — are durable: they are votes and append acknowledgements, and sending them early lets a
+//! crash lose a vote (two leaders in one term) or an acknowledged entry. [`Ready::messages`]
+//! carry no such promise and go out immediately. Storage must apply Readies in order.
+//!
+//! # Map
+//! - `replica.rs`: inputs, [`Ready`], introspection; `raft.rs`: the protocol rules;
+//! - `log.rs`: terms of every index (as runs) plus an in-memory suffix of entries; older entries
+//!   are read through [`Ready::fetches`] and [`Replica::on_fetched`];
+//! - `progress.rs`: per-follower replication (probe / replicate / snapshot, inflight window);
+//! - `quorum.rs`: pure quorum arithmetic; `membership.rs`: joint consensus and learners;
+//! - `read_index.rs`: ReadIndex and lease reads; `codec.rs`: the wire format;
+//! - `storage.rs`: [`MemStorage`] for tests and simulators.
+
+mod config;
+mod error;
+mod log;
+mod membership;
+mod message;
+mod progress;
+mod raft;
+mod read_index;
+mod ready;
+mod replica;
+mod storage;
+mod types;
+
+pub mod codec;
+pub mod quorum;
+
+pub use config::Config;
+pub use error::{
+    CompactError, ConfigError, Error, InvariantError, ProposeError, ReadError, TransferError,
+};
+pub use membership::MembershipChange;
+pub use message::{Message, MessageBody};
+pub use progress::ProgressState;
+pub use read_index::ReadState;
+pub use ready::{Fetch, FetchPurpose, Ready, SendAfterPersist};
+pub use replica::{RecoveredState, Replica, Role, Status};
+pub use storage::MemStorage;
+pub use types::{
+    ENTRY_OVERHEAD_BYTES, Entry, EntryKind, HardState, LogIndex, Membership, NodeId, Snapshot,
+    SnapshotMeta, Term,
+};
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

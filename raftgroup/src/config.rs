@@ -1,0 +1,106 @@
+//! Per-replica configuration.
+
+use crate::error::ConfigError;
+use crate::types::NodeId;
+
+/// How one replica behaves. Build one with [`Config::new`] and adjust fields; [`Config::validate`]
+/// runs when the [`crate::Replica`] is created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// This replica's id; never zero.
+    pub id: NodeId,
+    /// Voters of the initial membership, used only when the recovered state has no membership
+    /// (a brand-new group). Must include `id` unless `id` is a learner.
+    pub voters: Vec<NodeId>,
+    /// Learners of the initial membership (same rule as `voters`).
+    pub learners: Vec<NodeId>,
+    /// A follower campaigns after a random timeout in `[election_ticks, 2 * election_ticks)`
+    /// without hearing from a leader.
+    pub election_ticks: u32,
+    /// A leader sends heartbeats every `heartbeat_ticks`; must be less than `election_ticks`.
+    pub heartbeat_ticks: u32,
+    /// Run a pre-vote round before a real campaign, so a rejoining partitioned node does not
+    /// disrupt the leader by bumping the term.
+    pub pre_vote: bool,
+    /// A leader steps down if it has not heard from a quorum for `election_ticks`; followers that
+    /// heard from a leader within `election_ticks` refuse to vote for others.
+    pub check_quorum: bool,
+    /// Append messages in flight per follower before the leader waits for acknowledgements.
+    pub max_inflight_messages: u32,
+    /// Upper bound of entry bytes (see [`crate::Entry::size_bytes`]) per Append message; one
+    /// larger entry is still sent alone.
+    pub max_batch_bytes: u64,
+    /// Proposals fail with [`crate::ProposeError::Busy`] while the leader holds this many bytes of
+    /// uncommitted entries.
+    pub max_uncommitted_bytes: u64,
+    /// Bytes of already-persisted entries kept in memory to feed followers and the apply loop
+    /// without fetching them from storage.
+    pub log_cache_bytes: u64,
+    /// Serve reads from a leader lease when it is valid; requires `check_quorum`.
+    pub lease_reads: bool,
+    /// Safety margin subtracted from the lease for clock drift between nodes, in ticks.
+    pub clock_drift_ticks: u32,
+    /// Seed of the replica's private random generator (election timeouts).
+    pub seed: u64,
+}
+
+impl Config {
+    /// A configuration with conventional values: elections after 10–20 ticks, heartbeats every
+    /// tick, pre-vote and check-quorum on, lease reads off.
+    pub fn new(id: NodeId, voters: Vec<NodeId>) -> Self {
+        Self {
+            id,
+            voters,
+            learners: Vec::new(),
+            election_ticks: 10,
+            heartbeat_ticks: 1,
+            pre_vote: true,
+            check_quorum: true,
+            max_inflight_messages: 64,
+            max_batch_bytes: 1 << 20,
+            max_uncommitted_bytes: 64 << 20,
+            log_cache_bytes: 4 << 20,
+            lease_reads: false,
+            clock_drift_ticks: 2,
+            seed: id.0,
+        }
+    }
+
+    /// Checks the fields against each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == NodeId::ZERO {
+            return Err(ConfigError::ZeroId);
+        }
+        if self.voters.contains(&NodeId::ZERO) || self.learners.contains(&NodeId::ZERO) {
+            return Err(ConfigError::ZeroId);
+        }
+        if self.learners.iter().any(|learner| self.voters.contains(learner)) {
+            return Err(ConfigError::LearnerIsVoter);
+        }
+        if self.heartbeat_ticks == 0 {
+            return Err(ConfigError::ZeroHeartbeat);
+        }
+        if self.election_ticks <= self.heartbeat_ticks {
+            return Err(ConfigError::ElectionNotAboveHeartbeat {
+                election_ticks: self.election_ticks,
+                heartbeat_ticks: self.heartbeat_ticks,
+            });
+        }
+        if self.max_inflight_messages == 0 {
+            return Err(ConfigError::ZeroInflight);
+        }
+        if self.max_batch_bytes == 0 || self.max_uncommitted_bytes == 0 {
+            return Err(ConfigError::ZeroByteLimit);
+        }
+        if self.lease_reads && !self.check_quorum {
+            return Err(ConfigError::LeaseWithoutCheckQuorum);
+        }
+        if self.lease_reads && self.clock_drift_ticks >= self.election_ticks {
+            return Err(ConfigError::DriftTooLarge {
+                clock_drift_ticks: self.clock_drift_ticks,
+                election_ticks: self.election_ticks,
+            });
+        }
+        Ok(())
+    }
+}
