@@ -1,0 +1,608 @@
+//! Data-driven scenario tests: `testdata/*.txt` hold commands and the output they must produce.
+//!
+//! Format: a command line, `----`, the expected output lines, then a blank line. `#` lines are
+//! comments. Run with `REWRITE=1` to regenerate the expected output (then review the diff).
+//!
+//! Commands (ids are node numbers; `all` means every node):
+//! - `cluster voters=1,2,3 [learners=4] [prevote=false] [checkquorum=false] [lease=true]
+//!   [election=10] [heartbeat=1] [inflight=N] [batch=BYTES] [uncommitted=BYTES] [cache=BYTES]`
+//! - `tick <ids|all> [N] [nodeliver]`: N rounds (default 1) of one tick per node, then delivery
+//!   of every message (unless `nodeliver`: they stay queued)
+//! - `campaign <id>`, `propose <id> <text>`, `read <id> <context>`, `transfer <id> <to>`,
+//!   `conf <id> voters=.. [learners=..]`, `compact <id> <index>`
+//! - `deliver [from->to] [N]`: delivers queued messages (matching, up to N) once, printing them
+//! - `drop [from->to]`: discards queued messages, printing them
+//! - `stabilize [quiet]`: delivers until no message is left, printing them unless quiet
+//! - `partition 1 2 | 3`: only nodes on the same side talk; `heal`
+//! - `restart <id>`: a new replica from the node's storage (lost: in-memory state)
+//! - `set-log <id> term=T entries=t1,t2,..`: rewrites the node's storage, then restarts it
+//! - `add-node <id>`: a new empty node (joins through a membership change)
+//! - `status`, `log <id>` (terms of the entries), `applied <id>`
+//!
+//! After every command but the last three, role and term changes print as `id: before -> after`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use bytes::Bytes;
+use flotilla_raftgroup::{
+    Config, Entry, EntryKind, HardState, LogIndex, MemStorage, MembershipChange, Message,
+    MessageBody, NodeId, RecoveredState, Replica, Snapshot, Term,
+};
+
+struct Node {
+    replica: Replica,
+    storage: MemStorage,
+    config: Config,
+    /// Applied payloads (text) by index; the state machine of these tests.
+    applied: Vec<(LogIndex, String)>,
+}
+
+struct Cluster {
+    nodes: BTreeMap<u64, Node>,
+    queue: VecDeque<Message>,
+    /// Sides of a partition: node -> side. Empty: no partition.
+    sides: BTreeMap<u64, usize>,
+    template: Config,
+}
+
+fn ids(list: &str) -> Vec<NodeId> {
+    list.split(',').filter(|s| !s.is_empty()).map(|s| NodeId(s.parse().expect("node id"))).collect()
+}
+
+fn describe(message: &Message) -> String {
+    let body = match &message.body {
+        MessageBody::PreVote { last_index, last_term } => {
+            format!("PreVote last={}@{}", last_index.0, last_term.0)
+        }
+        MessageBody::Vote { last_index, last_term, transfer } => format!(
+            "Vote last={}@{}{}",
+            last_index.0,
+            last_term.0,
+            if *transfer { " transfer" } else { "" }
+        ),
+        MessageBody::PreVoteResponse { reject } | MessageBody::VoteResponse { reject } => {
+            format!("{} {}", message.body.name(), if *reject { "reject" } else { "grant" })
+        }
+        MessageBody::Append { prev_index, prev_term, entries, commit } => {
+            let entries: Vec<String> =
+                entries.iter().map(|e| format!("{}@{}", e.index.0, e.term.0)).collect();
+            format!(
+                "Append prev={}@{} commit={} [{}]",
+                prev_index.0,
+                prev_term.0,
+                commit.0,
+                entries.join(" ")
+            )
+        }
+        MessageBody::AppendResponse { reject: false, index, .. } => {
+            format!("AppendResponse ok index={}", index.0)
+        }
+        MessageBody::AppendResponse { reject: true, index, hint_index, hint_term } => {
+            format!("AppendResponse reject index={} hint={}@{}", index.0, hint_index.0, hint_term.0)
+        }
+        MessageBody::Heartbeat { commit, seq, .. } => {
+            format!("Heartbeat commit={} seq={seq}", commit.0)
+        }
+        MessageBody::HeartbeatResponse { seq, .. } => format!("HeartbeatResponse seq={seq}"),
+        MessageBody::Snapshot { snapshot } => format!(
+            "Snapshot index={} term={} voters={:?}",
+            snapshot.meta.index.0,
+            snapshot.meta.term.0,
+            snapshot.meta.membership.voters.iter().map(|id| id.0).collect::<Vec<_>>()
+        ),
+        MessageBody::ReadIndex { context } => format!("ReadIndex ctx={context}"),
+        MessageBody::ReadIndexResponse { context, index } => {
+            format!("ReadIndexResponse ctx={context} index={:?}", index.map(|i| i.0))
+        }
+        other => other.name().to_owned(),
+    };
+    format!("{}->{} t{} {}", message.from.0, message.to.0, message.term.0, body)
+}
+
+impl Cluster {
+    fn new(args: &[&str]) -> Self {
+        let mut template = Config::new(NodeId(0), Vec::new());
+        template.log_cache_bytes = 1 << 20;
+        for arg in args {
+            let (key, value) = arg.split_once('=').expect("key=value");
+            match key {
+                "voters" => template.voters = ids(value),
+                "learners" => template.learners = ids(value),
+                "prevote" => template.pre_vote = value == "true",
+                "checkquorum" => template.check_quorum = value == "true",
+                "lease" => template.lease_reads = value == "true",
+                "election" => template.election_ticks = value.parse().expect("number"),
+                "heartbeat" => template.heartbeat_ticks = value.parse().expect("number"),
+                "inflight" => template.max_inflight_messages = value.parse().expect("number"),
+                "batch" => template.max_batch_bytes = value.parse().expect("number"),
+                "uncommitted" => template.max_uncommitted_bytes = value.parse().expect("number"),
+                "cache" => template.log_cache_bytes = value.parse().expect("number"),
+                "drift" => template.clock_drift_ticks = value.parse().expect("number"),
+                other => panic!("unknown cluster option {other}"),
+            }
+        }
+        let mut cluster = Self {
+            nodes: BTreeMap::new(),
+            queue: VecDeque::new(),
+            sides: BTreeMap::new(),
+            template,
+        };
+        let members: Vec<NodeId> =
+            cluster.template.voters.iter().chain(&cluster.template.learners).copied().collect();
+        for id in members {
+            let config = Config { id, seed: id.0, ..cluster.template.clone() };
+            cluster.add(config);
+        }
+        cluster
+    }
+
+    fn add(&mut self, config: Config) {
+        let replica = Replica::new(config.clone(), RecoveredState::default()).expect("valid");
+        let node = Node { replica, storage: MemStorage::new(), config, applied: Vec::new() };
+        self.nodes.insert(node.config.id.0, node);
+    }
+
+    fn node(&mut self, id: &str) -> &mut Node {
+        let id: u64 = id.parse().expect("node id");
+        self.nodes.get_mut(&id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    fn select(&self, which: &str) -> Vec<u64> {
+        if which == "all" {
+            self.nodes.keys().copied().collect()
+        } else {
+            ids(which).into_iter().map(|id| id.0).collect()
+        }
+    }
+
+    /// Handles every pending Ready of every node, as a synchronous driver would.
+    fn process(&mut self, out: &mut String) {
+        for node in self.nodes.values_mut() {
+            while node.replica.has_ready() {
+                let ready = node.replica.ready();
+                self.queue.extend(ready.messages.iter().cloned());
+                if let Some(snapshot) = &ready.snapshot {
+                    node.applied = restore_applied(snapshot);
+                    writeln!(
+                        out,
+                        "{}: installed snapshot {}",
+                        node.config.id.0, snapshot.meta.index.0
+                    )
+                    .unwrap();
+                }
+                let persisted = node.storage.persist(&ready);
+                // Durable now: the after-persist messages may go.
+                self.queue.extend(ready.persisted_messages.peek().iter().cloned());
+                for entry in &ready.committed_entries {
+                    let text = match entry.kind {
+                        EntryKind::Normal => String::from_utf8_lossy(&entry.payload).into_owned(),
+                        EntryKind::Membership => "<membership>".to_owned(),
+                        EntryKind::Empty => "<noop>".to_owned(),
+                    };
+                    node.applied.push((entry.index, text));
+                    node.replica.on_applied(entry.index);
+                }
+                for read in &ready.read_states {
+                    writeln!(
+                        out,
+                        "{}: read ctx={} index={}",
+                        node.config.id.0, read.context, read.index.0
+                    )
+                    .unwrap();
+                }
+                let fetches = ready.fetches.clone();
+                node.replica.advance(ready);
+                for fetch in fetches {
+                    let entries = node.storage.fetch(&fetch);
+                    node.replica.on_fetched(fetch, entries).expect("valid fetch");
+                }
+                if let Some((term, index)) = persisted {
+                    node.replica.on_persisted(term, index);
+                }
+                node.replica.check_invariants().expect("invariants hold");
+            }
+        }
+    }
+
+    fn connected(&self, from: u64, to: u64) -> bool {
+        self.sides.is_empty() || self.sides.get(&from) == self.sides.get(&to)
+    }
+
+    fn matches(message: &Message, filter: Option<(u64, u64)>) -> bool {
+        filter.is_none_or(|(from, to)| message.from.0 == from && message.to.0 == to)
+    }
+
+    /// One pass over the queued messages: delivers (or loses to a partition) those matching.
+    fn deliver(
+        &mut self,
+        filter: Option<(u64, u64)>,
+        limit: usize,
+        quiet: bool,
+        out: &mut String,
+    ) -> usize {
+        let mut delivered = 0;
+        let pending: Vec<Message> = self.queue.drain(..).collect();
+        for message in pending {
+            if delivered >= limit || !Self::matches(&message, filter) {
+                self.queue.push_back(message);
+                continue;
+            }
+            delivered += 1;
+            let (from, to) = (message.from.0, message.to.0);
+            if !self.connected(from, to) || !self.nodes.contains_key(&to) {
+                if !quiet {
+                    writeln!(out, "{} (lost)", describe(&message)).unwrap();
+                }
+                continue;
+            }
+            if !quiet {
+                writeln!(out, "{}", describe(&message)).unwrap();
+            }
+            let node = self.nodes.get_mut(&to).expect("checked");
+            node.replica.step(message).expect("step");
+            node.replica.check_invariants().expect("invariants hold");
+        }
+        self.process(out);
+        delivered
+    }
+
+    /// Delivers until no message is left, printing only reads and snapshots.
+    fn settle(&mut self, out: &mut String) {
+        self.process(out);
+        let mut rounds = 0;
+        while !self.queue.is_empty() {
+            rounds += 1;
+            assert!(rounds < 1000, "no quiescence after 1000 rounds");
+            self.deliver(None, usize::MAX, true, out);
+        }
+    }
+
+    fn status(&self, out: &mut String) {
+        for (id, node) in &self.nodes {
+            let status = node.replica.status();
+            let membership = node.replica.membership();
+            let list = |ids: &[NodeId]| {
+                ids.iter().map(|id| id.0.to_string()).collect::<Vec<_>>().join(",")
+            };
+            write!(
+                out,
+                "{id}: {:?} t{} lead={} commit={} last={} applied={} voters={}",
+                status.role,
+                status.term.0,
+                status.leader.map_or(0, |l| l.0),
+                status.commit.0,
+                status.last_index.0,
+                status.applied.0,
+                list(&membership.voters),
+            )
+            .unwrap();
+            if membership.is_joint() {
+                write!(out, " outgoing={}", list(&membership.outgoing)).unwrap();
+            }
+            if !membership.learners.is_empty() {
+                write!(out, " learners={}", list(&membership.learners)).unwrap();
+            }
+            if status.snapshot_index > LogIndex::ZERO {
+                write!(out, " snapshot={}", status.snapshot_index.0).unwrap();
+            }
+            out.push('\n');
+        }
+    }
+
+    fn restart(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).expect("node");
+        let applied_index = node.storage.snapshot().map_or(LogIndex::ZERO, |s| s.meta.index);
+        node.applied = node.storage.snapshot().map(restore_applied).unwrap_or_default();
+        let recovered = node.storage.recover(applied_index, None);
+        node.replica = Replica::new(node.config.clone(), recovered).expect("recover");
+    }
+
+    #[expect(clippy::too_many_lines, reason = "one match arm per command of the scenario language")]
+    fn run(&mut self, line: &str) -> String {
+        let mut out = String::new();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let roles_before: Vec<(u64, String)> =
+            self.nodes.iter().map(|(id, n)| (*id, role_line(&n.replica))).collect();
+        match words[0] {
+            "tick" => {
+                let count = words.get(2).map_or(1, |n| n.parse().expect("count"));
+                let deliver = words.get(3) != Some(&"nodeliver");
+                let selected = self.select(words[1]);
+                for _ in 0..count {
+                    for id in &selected {
+                        self.nodes.get_mut(id).expect("node").replica.tick();
+                    }
+                    self.process(&mut out);
+                    if deliver {
+                        self.settle(&mut out);
+                    }
+                }
+            }
+            "campaign" => {
+                self.node(words[1]).replica.campaign_now();
+                self.process(&mut out);
+            }
+            "propose" => {
+                let text = words[2..].join(" ");
+                let result = self.node(words[1]).replica.propose(Bytes::from(text));
+                match result {
+                    Ok(index) => writeln!(out, "ok index={}", index.0).unwrap(),
+                    Err(error) => writeln!(out, "error: {error}").unwrap(),
+                }
+                self.process(&mut out);
+            }
+            "read" => {
+                let context = words[2].parse().expect("context");
+                if let Err(error) = self.node(words[1]).replica.read_index(context) {
+                    writeln!(out, "error: {error}").unwrap();
+                }
+                self.process(&mut out);
+            }
+            "transfer" => {
+                let to = NodeId(words[2].parse().expect("id"));
+                if let Err(error) = self.node(words[1]).replica.transfer_leadership(to) {
+                    writeln!(out, "error: {error}").unwrap();
+                }
+                self.process(&mut out);
+            }
+            "conf" => {
+                let mut change = MembershipChange::default();
+                for arg in &words[2..] {
+                    let (key, value) = arg.split_once('=').expect("key=value");
+                    match key {
+                        "voters" => change.voters = ids(value),
+                        "learners" => change.learners = ids(value),
+                        other => panic!("unknown conf option {other}"),
+                    }
+                }
+                match self.node(words[1]).replica.propose_membership(&change) {
+                    Ok(index) => writeln!(out, "ok index={}", index.0).unwrap(),
+                    Err(error) => writeln!(out, "error: {error}").unwrap(),
+                }
+                self.process(&mut out);
+            }
+            "compact" => {
+                let index = LogIndex(words[2].parse().expect("index"));
+                let node = self.node(words[1]);
+                let data = snapshot_data(&node.applied, index);
+                match node.replica.compact(index, data.clone()) {
+                    Ok(meta) => {
+                        node.storage.compact(Snapshot { meta, data });
+                        writeln!(out, "ok").unwrap();
+                    }
+                    Err(error) => writeln!(out, "error: {error}").unwrap(),
+                }
+            }
+            "deliver" | "drop" => {
+                let mut filter = None;
+                let mut limit = usize::MAX;
+                for arg in &words[1..] {
+                    if let Some((from, to)) = arg.split_once("->") {
+                        filter = Some((from.parse().expect("id"), to.parse().expect("id")));
+                    } else {
+                        limit = arg.parse().expect("count");
+                    }
+                }
+                if words[0] == "deliver" {
+                    self.deliver(filter, limit, false, &mut out);
+                } else {
+                    self.queue.retain(|message| {
+                        let drop = Self::matches(message, filter);
+                        if drop {
+                            writeln!(out, "{} (dropped)", describe(message)).unwrap();
+                        }
+                        !drop
+                    });
+                }
+            }
+            "stabilize" => {
+                if words.get(1) == Some(&"quiet") {
+                    self.settle(&mut out);
+                } else {
+                    self.process(&mut out);
+                    let mut rounds = 0;
+                    while !self.queue.is_empty() {
+                        rounds += 1;
+                        assert!(rounds < 1000, "no quiescence after 1000 rounds");
+                        self.deliver(None, usize::MAX, false, &mut out);
+                    }
+                }
+            }
+            "partition" => {
+                self.sides.clear();
+                for (side, group) in line["partition".len()..].split('|').enumerate() {
+                    for id in group.split_whitespace() {
+                        self.sides.insert(id.parse().expect("id"), side);
+                    }
+                }
+            }
+            "heal" => self.sides.clear(),
+            "restart" => {
+                let id = words[1].parse().expect("id");
+                self.restart(id);
+            }
+            "set-log" => {
+                let id: u64 = words[1].parse().expect("id");
+                let mut hard_state = HardState::default();
+                let mut entries = Vec::new();
+                for arg in &words[2..] {
+                    let (key, value) = arg.split_once('=').expect("key=value");
+                    match key {
+                        "term" => hard_state.term = Term(value.parse().expect("term")),
+                        "entries" => {
+                            for (i, term) in value.split(',').enumerate() {
+                                entries.push(Entry {
+                                    index: LogIndex(i as u64 + 1),
+                                    term: Term(term.parse().expect("term")),
+                                    kind: EntryKind::Normal,
+                                    payload: Bytes::from(format!("e{}", i + 1)),
+                                });
+                            }
+                        }
+                        other => panic!("unknown set-log option {other}"),
+                    }
+                }
+                let node = self.nodes.get_mut(&id).expect("node");
+                let mut storage = MemStorage::new();
+                let ready = flotilla_raftgroup::Ready {
+                    hard_state: Some(hard_state),
+                    entries,
+                    ..Default::default()
+                };
+                storage.persist(&ready);
+                node.storage = storage;
+                self.restart(id);
+            }
+            "add-node" => {
+                let id = NodeId(words[1].parse().expect("id"));
+                let config = Config {
+                    id,
+                    seed: id.0,
+                    voters: Vec::new(),
+                    learners: Vec::new(),
+                    ..self.template.clone()
+                };
+                self.add(config);
+            }
+            "status" => self.status(&mut out),
+            "log" => {
+                let node = self.node(words[1]);
+                let last = node.replica.last_index();
+                let terms: Vec<String> = (1..=last.0)
+                    .map(|i| {
+                        node.replica
+                            .term_at(LogIndex(i))
+                            .map_or("-".to_owned(), |t| t.0.to_string())
+                    })
+                    .collect();
+                writeln!(out, "terms: {}", terms.join(" ")).unwrap();
+            }
+            "applied" => {
+                let node = self.node(words[1]);
+                let applied: Vec<String> = node
+                    .applied
+                    .iter()
+                    .map(|(index, text)| format!("{}:{text}", index.0))
+                    .collect();
+                writeln!(out, "{}", applied.join(" ")).unwrap();
+            }
+            other => panic!("unknown command {other}"),
+        }
+        if !matches!(words[0], "status" | "log" | "applied") {
+            for (id, before) in roles_before {
+                let Some(node) = self.nodes.get(&id) else { continue };
+                let after = role_line(&node.replica);
+                if after != before {
+                    writeln!(out, "{id}: {before} -> {after}").unwrap();
+                }
+            }
+        }
+        out
+    }
+}
+
+fn role_line(replica: &Replica) -> String {
+    format!("{:?} t{}", replica.role(), replica.term().0)
+}
+
+/// The tests' state machine image: applied payloads as `index:text` lines.
+fn snapshot_data(applied: &[(LogIndex, String)], through: LogIndex) -> Bytes {
+    let mut data = String::new();
+    for (index, text) in applied.iter().filter(|(index, _)| *index <= through) {
+        writeln!(data, "{}:{text}", index.0).unwrap();
+    }
+    Bytes::from(data)
+}
+
+fn restore_applied(snapshot: &Snapshot) -> Vec<(LogIndex, String)> {
+    std::str::from_utf8(&snapshot.data)
+        .expect("utf8")
+        .lines()
+        .map(|line| {
+            let (index, text) = line.split_once(':').expect("index:text");
+            (LogIndex(index.parse().expect("index")), text.to_owned())
+        })
+        .collect()
+}
+
+/// Runs one file; returns its rewritten text.
+fn run_file(path: &Path) -> (String, Vec<String>) {
+    let text = std::fs::read_to_string(path).expect("read testdata");
+    let mut cluster: Option<Cluster> = None;
+    let mut rewritten = String::new();
+    let mut failures = Vec::new();
+    let mut lines = text.lines().enumerate().peekable();
+    while let Some((number, line)) = lines.next() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            rewritten.push_str(line);
+            rewritten.push('\n');
+            continue;
+        }
+        assert_eq!(
+            lines.next().map(|(_, l)| l),
+            Some("----"),
+            "line {}: expected ----",
+            number + 1
+        );
+        let mut expected = String::new();
+        while let Some((_, out)) = lines.peek() {
+            if out.is_empty() {
+                break;
+            }
+            expected.push_str(out);
+            expected.push('\n');
+            lines.next();
+        }
+        let actual = if line.starts_with("cluster") {
+            let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+            cluster = Some(Cluster::new(&words));
+            "ok\n".to_owned()
+        } else {
+            let mut actual = cluster.as_mut().expect("cluster first").run(line);
+            if actual.is_empty() {
+                "ok\n".clone_into(&mut actual);
+            }
+            actual
+        };
+        if actual != expected {
+            failures.push(format!(
+                "{}:{}: {line}\n--- expected\n{expected}--- actual\n{actual}",
+                path.display(),
+                number + 1
+            ));
+        }
+        rewritten.push_str(line);
+        rewritten.push_str("\n----\n");
+        rewritten.push_str(&actual);
+    }
+    (rewritten, failures)
+}
+
+#[test]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the test runner rewrites testdata files (REWRITE=1)"
+)]
+fn scenarios() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+    let rewrite = std::env::var_os("REWRITE").is_some();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("testdata dir")
+        .map(|entry| entry.expect("dir entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "txt"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no scenario files");
+    let mut failures = Vec::new();
+    for path in files {
+        let (rewritten, file_failures) = run_file(&path);
+        if rewrite {
+            std::fs::write(&path, rewritten).expect("rewrite");
+        } else {
+            failures.extend(file_failures);
+        }
+    }
+    assert!(failures.is_empty(), "{} scenario failures:\n{}", failures.len(), failures.join("\n"));
+}
