@@ -114,7 +114,11 @@ impl RaftLog {
     /// leader should probe after a rejection (fast backtracking). Never below the snapshot.
     pub(crate) fn find_conflict_by_term(&self, index: LogIndex, term: Term) -> (LogIndex, Term) {
         let mut index = index.min(self.last);
-        if index <= self.snapshot_index {
+        if index < self.snapshot_index {
+            // Compacted: the term is unknown, and the leader will send a snapshot from here.
+            return (index, Term::ZERO);
+        }
+        if index == self.snapshot_index {
             return (self.snapshot_index, self.snapshot_term);
         }
         for &(start, run_term) in self.terms.iter().rev() {

@@ -715,7 +715,12 @@ impl Replica {
             }
         }
         if !membership.is_joint() && !membership.is_voter(self.id) {
-            // Removed: let the remaining voters elect a leader among themselves.
+            // Removed: tell the others the final commit index, then let the remaining voters
+            // elect a leader among themselves.
+            let ids: Vec<NodeId> = self.progress.iter().map(|p| p.id).collect();
+            for id in ids {
+                self.send_append(id, true);
+            }
             self.become_follower(self.term, None);
         }
     }

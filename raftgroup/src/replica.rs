@@ -16,7 +16,8 @@ use crate::progress::{Progress, ProgressState};
 use crate::read_index::{MAX_PENDING_READS, ReadQueue, ReadState};
 use crate::ready::{Fetch, FetchPurpose, Ready, SendAfterPersist};
 use crate::types::{
-    Entry, EntryKind, HardState, LogIndex, Membership, NodeId, Snapshot, SnapshotMeta, Term,
+    ENTRY_OVERHEAD_BYTES, Entry, EntryKind, HardState, LogIndex, Membership, NodeId, Snapshot,
+    SnapshotMeta, Term,
 };
 
 /// What a replica is doing in its current term.
@@ -269,7 +270,7 @@ impl Replica {
     /// watch [`Ready::committed_entries`] for an entry at that index *with the returned term*
     /// ([`Replica::term`] right after this call).
     pub fn propose(&mut self, payload: Bytes) -> Result<LogIndex, ProposeError> {
-        self.check_can_propose(payload.len() as u64)?;
+        self.check_can_propose(payload.len() as u64 + ENTRY_OVERHEAD_BYTES)?;
         Ok(self.append_entry(EntryKind::Normal, payload))
     }
 
@@ -279,7 +280,7 @@ impl Replica {
         &mut self,
         change: &MembershipChange,
     ) -> Result<LogIndex, ProposeError> {
-        self.check_can_propose(0)?;
+        self.check_can_propose(ENTRY_OVERHEAD_BYTES)?;
         if self.pending_membership_index > self.applying {
             return Err(ProposeError::MembershipChangePending);
         }
