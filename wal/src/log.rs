@@ -211,6 +211,18 @@ impl Wal {
                 WalError::io("locking the directory", e)
             }
         })?;
+        let opened = Wal::open_locked(&storage, config);
+        if opened.is_err() {
+            // A log that failed to open must not keep the directory from the next attempt.
+            storage.unlock();
+        }
+        opened
+    }
+
+    fn open_locked(
+        storage: &Arc<dyn Storage>,
+        config: Config,
+    ) -> Result<(Wal, Recovery), WalError> {
         let backend = choose_backend(storage.as_ref(), &config)?;
         let started = Instant::now();
         let recovered = recover(storage.as_ref(), config.recovery)?;
@@ -240,7 +252,7 @@ impl Wal {
         let placeholder =
             Active { seq: 0, file: Arc::new(NoFile), size: 0, offset: 0, unsynced: false };
         let shared = Arc::new(Shared {
-            storage: Arc::clone(&storage),
+            storage: Arc::clone(storage),
             backend,
             queue: Mutex::new(Queue::new(bounds)),
             work: Condvar::new(),

@@ -271,9 +271,9 @@ impl Scan<'_> {
         })
     }
 
-    /// Looks for valid rounds after a stop at `pos` of segment `i` numbered at least `expected`:
-    /// in the rest of this segment (aligned slots) and from the start of every later segment,
-    /// following each chain found.
+    /// Looks for valid rounds numbered at least `expected` after a stop at `pos` of segment `i`:
+    /// at every aligned slot of the rest of this segment and of every later segment (a damaged
+    /// first round must not hide the valid ones behind it, nor their durability claims).
     fn rounds_after(
         &mut self,
         i: usize,
@@ -283,30 +283,15 @@ impl Scan<'_> {
         let min_seq = expected.unwrap_or(1);
         let mut after = RoundsAfter::default();
         let seq = self.segments[i].0;
-        let bytes = self.contents(i)?;
-        let mut at = pos + RECORD_ALIGN;
-        while at + RECORD_HEADER_LEN <= bytes.len() {
-            if plausible(bytes, at, min_seq)
-                && let Some((header, _)) = round_at(bytes, at, seq, None)
-            {
-                after.in_segment = true;
-                after.claim = after.claim.max(Some(header.durable_seq));
-                at += header.padded_len();
-                continue;
-            }
-            at += RECORD_ALIGN;
-        }
+        let (claim, found) = scan_for_rounds(self.contents(i)?, seq, pos + RECORD_ALIGN, min_seq);
+        after.claim = claim;
+        after.in_segment = found;
         for j in i + 1..self.segments.len() {
             let seq = self.segments[j].0;
-            let bytes = self.contents(j)?;
-            let mut at = SEGMENT_HEADER_LEN;
-            while let Some((header, _)) = round_at(bytes, at, seq, None) {
-                if header.write_seq >= min_seq {
-                    after.later = true;
-                    after.claim = after.claim.max(Some(header.durable_seq));
-                }
-                at += header.padded_len();
-            }
+            let (claim, found) =
+                scan_for_rounds(self.contents(j)?, seq, SEGMENT_HEADER_LEN, min_seq);
+            after.claim = after.claim.max(claim);
+            after.later |= found;
         }
         Ok(after)
     }
@@ -346,6 +331,26 @@ impl Scan<'_> {
         file.sync_data().map_err(|e| WalError::io("cutting a tail", e))?;
         Ok(())
     }
+}
+
+/// Scans every aligned slot of `bytes` from `from` for valid rounds numbered at least `min_seq`,
+/// skipping over each one found; returns the highest durability claim and whether any was found.
+fn scan_for_rounds(bytes: &[u8], seq: u64, from: usize, min_seq: u64) -> (Option<u64>, bool) {
+    let mut claim = None;
+    let mut found = false;
+    let mut at = from;
+    while at + RECORD_HEADER_LEN <= bytes.len() {
+        if plausible(bytes, at, min_seq)
+            && let Some((header, _)) = round_at(bytes, at, seq, None)
+        {
+            found = true;
+            claim = claim.max(Some(header.durable_seq));
+            at += header.padded_len();
+            continue;
+        }
+        at += RECORD_ALIGN;
+    }
+    (claim, found)
 }
 
 /// Valid rounds found after the point where the chain stopped.

@@ -215,6 +215,24 @@ impl SimStorage {
         file.unsynced.clear();
     }
 
+    /// An independent copy of the disk as a reader sees it now, unsynced writes included (as
+    /// durable), unlocked: for tests that damage or open one starting point many times.
+    #[must_use]
+    pub fn fork(&self) -> SimStorage {
+        let state = self.state.lock();
+        let mut copy = SimState { next_inode: state.next_inode, ..SimState::default() };
+        for (name, inode) in &state.names {
+            let current = state.files[inode].current.clone();
+            copy.files.insert(
+                *inode,
+                SimFileState { durable: current.clone(), current, unsynced: Vec::new() },
+            );
+            copy.names.insert(name.clone(), *inode);
+            copy.durable_names.insert(name.clone(), *inode);
+        }
+        SimStorage { state: Arc::new(Mutex::new(copy)) }
+    }
+
     /// Crashes the disk: returns the image a restart would find, and makes this handle (and every
     /// file opened through it) fail all later operations.
     #[must_use = "the returned image is the disk a restart finds"]
