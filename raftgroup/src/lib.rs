@@ -79,6 +79,9 @@ mod replica;
 mod storage;
 mod types;
 
+#[cfg(test)]
+mod tests;
+
 pub mod codec;
 pub mod quorum;
 

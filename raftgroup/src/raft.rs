@@ -394,8 +394,8 @@ impl Replica {
         self.base_membership = meta.membership.clone();
         self.membership_changes = Vec::new();
         let index = meta.index;
-        self.snapshot = Some(snapshot.clone());
-        self.outbox.snapshot = Some(snapshot);
+        self.snapshot = Some(Box::new(snapshot.clone()));
+        self.outbox.snapshot = Some(Box::new(snapshot));
         self.send_after_persist(from, term, append_ack(index));
     }
 
@@ -489,7 +489,7 @@ impl Replica {
     }
 
     fn send_snapshot(&mut self, to: NodeId) -> bool {
-        let Some(snapshot) = self.snapshot.clone() else {
+        let Some(snapshot) = self.snapshot.as_deref().cloned() else {
             // Only a compacted log lacks entries; compaction always records a snapshot.
             unreachable!("log compacted without a snapshot");
         };

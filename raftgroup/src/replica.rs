@@ -86,7 +86,8 @@ pub(crate) struct Outbox {
     pub(crate) read_states: Vec<ReadState>,
     pub(crate) committed_entries: Vec<Entry>,
     pub(crate) fetches: Vec<Fetch>,
-    pub(crate) snapshot: Option<Snapshot>,
+    /// Boxed: rare, and an idle replica should stay small.
+    pub(crate) snapshot: Option<Box<Snapshot>>,
 }
 
 /// One replica of one Raft group: a deterministic state machine. See the crate documentation.
@@ -105,8 +106,9 @@ pub struct Replica {
     pub(crate) membership_changes: Vec<(LogIndex, Membership)>,
     /// Leader: index of the last membership entry it appended (no new change until applied).
     pub(crate) pending_membership_index: LogIndex,
-    /// The latest snapshot, served to followers that are too far behind.
-    pub(crate) snapshot: Option<Snapshot>,
+    /// The latest snapshot, served to followers that are too far behind (boxed: most replicas
+    /// rarely need it, and an idle replica should stay small).
+    pub(crate) snapshot: Option<Box<Snapshot>>,
     /// Entries through this index were handed out for applying.
     pub(crate) applying: LogIndex,
     /// Entries through this index are applied.
@@ -206,7 +208,7 @@ impl Replica {
             base_membership,
             membership_changes,
             pending_membership_index: LogIndex::ZERO,
-            snapshot: recovered.snapshot,
+            snapshot: recovered.snapshot.map(Box::new),
             applying: applied,
             applied,
             apply_fetching: false,
@@ -331,13 +333,22 @@ impl Replica {
     /// Returns the entries storage read for `fetch` (consecutive from `fetch.low`, possibly
     /// fewer than asked; empty if storage compacted them away).
     pub fn on_fetched(&mut self, fetch: Fetch, entries: Vec<Entry>) -> Result<(), Error> {
-        for (offset, entry) in entries.iter().enumerate() {
-            if entry.index.0 != fetch.low.0 + offset as u64 || entry.index > fetch.high {
-                return Err(Error::BadFetch);
+        let valid = entries.iter().enumerate().all(|(offset, entry)| {
+            entry.index.0 == fetch.low.0 + offset as u64
+                && entry.index <= fetch.high
+                && self.log.term(entry.index).is_none_or(|term| term == entry.term)
+        });
+        if !valid {
+            // Forget the request so that it is issued again rather than waited for forever.
+            match fetch.purpose {
+                FetchPurpose::Apply => self.apply_fetching = false,
+                FetchPurpose::Replicate { to } => {
+                    if let Some(progress) = self.progress_mut(to) {
+                        progress.fetching = false;
+                    }
+                }
             }
-            if self.log.term(entry.index).is_some_and(|term| term != entry.term) {
-                return Err(Error::BadFetch);
-            }
+            return Err(Error::BadFetch);
         }
         match fetch.purpose {
             FetchPurpose::Apply => {
@@ -407,7 +418,7 @@ impl Replica {
         }
         let meta = SnapshotMeta { index, term, membership: self.base_membership.clone() };
         self.log.compact(index);
-        self.snapshot = Some(Snapshot { meta: meta.clone(), data });
+        self.snapshot = Some(Box::new(Snapshot { meta: meta.clone(), data }));
         Ok(meta)
     }
 
@@ -440,7 +451,7 @@ impl Replica {
         self.log.take_unstable(&mut entries);
         Ready {
             hard_state,
-            snapshot: self.outbox.snapshot.take(),
+            snapshot: self.outbox.snapshot.take().map(|snapshot| *snapshot),
             entries,
             messages: mem::take(&mut self.outbox.messages),
             persisted_messages: SendAfterPersist(mem::take(&mut self.outbox.persisted_messages)),

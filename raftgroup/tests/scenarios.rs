@@ -27,8 +27,8 @@ use std::path::Path;
 
 use bytes::Bytes;
 use flotilla_raftgroup::{
-    Config, Entry, EntryKind, HardState, LogIndex, MemStorage, MembershipChange, Message,
-    MessageBody, NodeId, RecoveredState, Replica, Snapshot, Term,
+    Config, Entry, EntryKind, FetchPurpose, HardState, LogIndex, MemStorage, MembershipChange,
+    Message, MessageBody, NodeId, RecoveredState, Replica, Snapshot, Term,
 };
 
 struct Node {
@@ -195,6 +195,16 @@ impl Cluster {
                 let fetches = ready.fetches.clone();
                 node.replica.advance(ready);
                 for fetch in fetches {
+                    let purpose = match fetch.purpose {
+                        FetchPurpose::Apply => "apply".to_owned(),
+                        FetchPurpose::Replicate { to } => format!("replicate to {}", to.0),
+                    };
+                    writeln!(
+                        out,
+                        "{}: fetch {purpose} {}..={}",
+                        node.config.id.0, fetch.low.0, fetch.high.0
+                    )
+                    .unwrap();
                     let entries = node.storage.fetch(&fetch);
                     node.replica.on_fetched(fetch, entries).expect("valid fetch");
                 }

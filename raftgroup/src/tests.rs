@@ -1,0 +1,268 @@
+//! Unit tests of the replica as a whole: the persistence rule, idle cost, fetches.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use bytes::Bytes;
+
+use crate::{
+    Config, Entry, EntryKind, LogIndex, MemStorage, Message, MessageBody, NodeId, Ready,
+    RecoveredState, Replica, Role, Term,
+};
+
+/// Counts this thread's allocations, so tests can assert that a path allocates nothing.
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    /// Bytes allocated minus bytes freed, wrapping (differences of it are what count).
+    static LIVE_BYTES: Cell<usize> = const { Cell::new(0) };
+}
+
+fn record(count: u64, allocated: usize, freed: usize) {
+    // `try_with`: the allocator may run while thread-locals are being torn down.
+    let _ = ALLOCATIONS.try_with(|cell| cell.set(cell.get() + count));
+    let _ = LIVE_BYTES
+        .try_with(|cell| cell.set(cell.get().wrapping_add(allocated).wrapping_sub(freed)));
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged; the counters
+// are plain thread-local cells that never allocate.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        record(1, layout.size(), 0);
+        // SAFETY: forwarded unchanged; the caller upholds `GlobalAlloc::alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        record(0, 0, layout.size());
+        // SAFETY: `ptr` was allocated by `System` with `layout`, as the caller guarantees.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        record(1, new_size, layout.size());
+        // SAFETY: forwarded unchanged; the caller upholds `GlobalAlloc::realloc`'s contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+fn live_bytes() -> usize {
+    LIVE_BYTES.with(Cell::get)
+}
+
+fn three_voters(id: u64) -> Replica {
+    let mut config = Config::new(NodeId(id), vec![NodeId(1), NodeId(2), NodeId(3)]);
+    config.pre_vote = false;
+    Replica::new(config, RecoveredState::default()).expect("valid config")
+}
+
+fn message(from: u64, to: u64, term: u64, body: MessageBody) -> Message {
+    Message { from: NodeId(from), to: NodeId(to), term: Term(term), body }
+}
+
+fn ack(from: u64, index: u64) -> Message {
+    let body = MessageBody::AppendResponse {
+        reject: false,
+        index: LogIndex(index),
+        hint_index: LogIndex::ZERO,
+        hint_term: Term::ZERO,
+    };
+    message(from, 1, 1, body)
+}
+
+/// Node 1 as leader of term 1, its no-op (index 1) handed to storage but not yet durable.
+fn leader_with_unpersisted_noop() -> (Replica, Ready) {
+    let mut leader = three_voters(1);
+    leader.campaign_now();
+    let ready = leader.ready();
+    assert!(
+        ready.messages.iter().all(|m| !matches!(m.body, MessageBody::Vote { .. })),
+        "vote requests must wait for the candidate's own vote to be durable"
+    );
+    assert_eq!(ready.persisted_messages.peek().len(), 2);
+    assert_eq!(ready.hard_state.map(|h| h.vote), Some(Some(NodeId(1))));
+    leader.advance(ready);
+    let grant = message(2, 1, 1, MessageBody::VoteResponse { reject: false });
+    leader.step(grant).expect("valid");
+    assert_eq!(leader.role(), Role::Leader);
+    let ready = leader.ready();
+    assert_eq!(ready.entries.len(), 1, "the no-op");
+    assert_eq!(ready.messages.len(), 2, "replication starts before the local write ends");
+    (leader, ready)
+}
+
+#[test]
+fn leader_counts_its_own_entry_only_after_persisting_it() {
+    let (mut leader, ready) = leader_with_unpersisted_noop();
+    leader.advance(ready);
+    leader.step(ack(2, 1)).expect("valid");
+    assert_eq!(leader.commit_index(), LogIndex(0), "one follower plus an unpersisted leader");
+    leader.on_persisted(Term(1), LogIndex(1));
+    assert_eq!(leader.commit_index(), LogIndex(1));
+    leader.check_invariants().expect("invariants");
+}
+
+#[test]
+fn two_followers_commit_without_the_leaders_disk() {
+    let (mut leader, ready) = leader_with_unpersisted_noop();
+    leader.advance(ready);
+    leader.step(ack(2, 1)).expect("valid");
+    leader.step(ack(3, 1)).expect("valid");
+    assert_eq!(leader.commit_index(), LogIndex(1), "a quorum of followers is enough");
+}
+
+#[test]
+fn stale_persistence_acks_are_ignored() {
+    let (mut leader, ready) = leader_with_unpersisted_noop();
+    leader.advance(ready);
+    leader.on_persisted(Term(7), LogIndex(1));
+    leader.on_persisted(Term(1), LogIndex(9));
+    assert_eq!(leader.status().persisted, LogIndex(0));
+}
+
+#[test]
+fn follower_votes_and_acks_only_after_persisting() {
+    let mut follower = three_voters(2);
+    let vote = MessageBody::Vote { last_index: LogIndex(0), last_term: Term(0), transfer: false };
+    follower.step(message(1, 2, 1, vote)).expect("valid");
+    let ready = follower.ready();
+    assert!(ready.messages.is_empty(), "a vote may leave only after it is durable");
+    assert_eq!(ready.hard_state.map(|h| (h.term, h.vote)), Some((Term(1), Some(NodeId(1)))));
+    let answer = ready.persisted_messages.peek();
+    assert!(matches!(answer, [Message { body: MessageBody::VoteResponse { reject: false }, .. }]));
+    follower.advance(ready);
+
+    let entry = Entry {
+        index: LogIndex(1),
+        term: Term(1),
+        kind: EntryKind::Normal,
+        payload: Bytes::from_static(b"x"),
+    };
+    let append = MessageBody::Append {
+        prev_index: LogIndex(0),
+        prev_term: Term(0),
+        entries: vec![entry],
+        commit: LogIndex(0),
+    };
+    follower.step(message(1, 2, 1, append)).expect("valid");
+    let ready = follower.ready();
+    assert_eq!(ready.entries.len(), 1);
+    assert!(ready.messages.is_empty(), "an ack may leave only after the entries are durable");
+    let answer = ready.persisted_messages.peek();
+    assert!(matches!(
+        answer,
+        [Message {
+            body: MessageBody::AppendResponse { reject: false, index: LogIndex(1), .. },
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_second_vote_in_the_same_term_is_refused() {
+    let mut follower = three_voters(2);
+    let vote = MessageBody::Vote { last_index: LogIndex(0), last_term: Term(0), transfer: false };
+    follower.step(message(1, 2, 1, vote.clone())).expect("valid");
+    follower.step(message(3, 2, 1, vote)).expect("valid");
+    let ready = follower.ready();
+    let answers: Vec<bool> = ready
+        .persisted_messages
+        .peek()
+        .iter()
+        .map(|m| matches!(m.body, MessageBody::VoteResponse { reject: false }))
+        .collect();
+    assert_eq!(answers, [true, false]);
+    follower.check_invariants().expect("invariants");
+}
+
+#[test]
+fn malformed_appends_are_typed_errors_and_change_nothing() {
+    let mut follower = three_voters(2);
+    let entry = |index, term| Entry {
+        index: LogIndex(index),
+        term: Term(term),
+        kind: EntryKind::Normal,
+        payload: Bytes::new(),
+    };
+    let gap = MessageBody::Append {
+        prev_index: LogIndex(0),
+        prev_term: Term(0),
+        entries: vec![entry(1, 1), entry(3, 1)],
+        commit: LogIndex(0),
+    };
+    assert!(follower.step(message(1, 2, 1, gap)).is_err());
+    let future = MessageBody::Append {
+        prev_index: LogIndex(0),
+        prev_term: Term(0),
+        entries: vec![entry(1, 5)],
+        commit: LogIndex(0),
+    };
+    assert!(follower.step(message(1, 2, 1, future)).is_err());
+    assert_eq!(follower.last_index(), LogIndex(0));
+    assert_eq!(follower.term(), Term(0), "a refused message changes no state");
+    let misaddressed = message(1, 3, 1, MessageBody::TimeoutNow);
+    assert!(follower.step(misaddressed).is_err());
+}
+
+/// Runs a follower through an election and some replication, then measures it idle.
+#[test]
+fn an_idle_follower_ticks_without_allocating_and_stays_under_1_kib() {
+    let before = live_bytes();
+    let mut follower = three_voters(2);
+    let mut storage = MemStorage::new();
+    let drive = |follower: &mut Replica, storage: &mut MemStorage| {
+        while follower.has_ready() {
+            let ready = follower.ready();
+            let persisted = storage.persist(&ready);
+            for entry in &ready.committed_entries {
+                follower.on_applied(entry.index);
+            }
+            follower.advance(ready);
+            if let Some((term, index)) = persisted {
+                follower.on_persisted(term, index);
+            }
+        }
+    };
+    for index in 1..=3 {
+        let entry = Entry {
+            index: LogIndex(index),
+            term: Term(1),
+            kind: EntryKind::Normal,
+            payload: Bytes::from_static(b"payload"),
+        };
+        let append = MessageBody::Append {
+            prev_index: LogIndex(index - 1),
+            prev_term: Term(u64::from(index > 1)),
+            entries: vec![entry],
+            commit: LogIndex(index - 1),
+        };
+        follower.step(message(1, 2, 1, append)).expect("valid");
+        drive(&mut follower, &mut storage);
+    }
+    let heartbeat = MessageBody::Heartbeat { commit: LogIndex(3), seq: 1, sent_tick: 1 };
+    follower.step(message(1, 2, 1, heartbeat)).expect("valid");
+    drive(&mut follower, &mut storage);
+    assert_eq!(follower.commit_index(), LogIndex(3));
+    drop(storage);
+    // Everything else this test allocated is gone: what is left is the replica's heap.
+    let retained = live_bytes().wrapping_sub(before);
+    let total = std::mem::size_of::<Replica>() + retained;
+    eprintln!("idle follower: {total} bytes ({retained} on the heap)");
+    assert!(total <= 1024, "idle follower holds {total} bytes");
+
+    let allocations_before = allocations();
+    for _ in 0..5 {
+        follower.tick();
+    }
+    assert_eq!(allocations() - allocations_before, 0, "an idle tick allocates nothing");
+    assert_eq!(follower.role(), Role::Follower);
+}
