@@ -28,7 +28,7 @@ use std::path::Path;
 use bytes::Bytes;
 use flotilla_raftgroup::{
     Config, Entry, EntryKind, FetchPurpose, HardState, LogIndex, MemStorage, MembershipChange,
-    Message, MessageBody, NodeId, RecoveredState, Replica, Snapshot, Term,
+    Message, MessageBody, NodeId, RecoveredState, Replica, Role, Snapshot, Term,
 };
 
 struct Node {
@@ -45,6 +45,8 @@ struct Cluster {
     /// Sides of a partition: node -> side. Empty: no partition.
     sides: BTreeMap<u64, usize>,
     template: Config,
+    /// Every read state any node produced: (context, index).
+    reads: Vec<(u64, LogIndex)>,
 }
 
 fn ids(list: &str) -> Vec<NodeId> {
@@ -128,6 +130,7 @@ impl Cluster {
             queue: VecDeque::new(),
             sides: BTreeMap::new(),
             template,
+            reads: Vec::new(),
         };
         let members: Vec<NodeId> =
             cluster.template.voters.iter().chain(&cluster.template.learners).copied().collect();
@@ -159,10 +162,11 @@ impl Cluster {
 
     /// Handles every pending Ready of every node, as a synchronous driver would.
     fn process(&mut self, out: &mut String) {
-        for node in self.nodes.values_mut() {
+        let Self { nodes, queue, reads, .. } = self;
+        for node in nodes.values_mut() {
             while node.replica.has_ready() {
                 let ready = node.replica.ready();
-                self.queue.extend(ready.messages.iter().cloned());
+                queue.extend(ready.messages.iter().cloned());
                 if let Some(snapshot) = &ready.snapshot {
                     node.applied = restore_applied(snapshot);
                     writeln!(
@@ -174,7 +178,7 @@ impl Cluster {
                 }
                 let persisted = node.storage.persist(&ready);
                 // Durable now: the after-persist messages may go.
-                self.queue.extend(ready.persisted_messages.peek().iter().cloned());
+                queue.extend(ready.persisted_messages.peek().iter().cloned());
                 for entry in &ready.committed_entries {
                     let text = match entry.kind {
                         EntryKind::Normal => String::from_utf8_lossy(&entry.payload).into_owned(),
@@ -185,6 +189,7 @@ impl Cluster {
                     node.replica.on_applied(entry.index);
                 }
                 for read in &ready.read_states {
+                    reads.push((read.context, read.index));
                     writeln!(
                         out,
                         "{}: read ctx={} index={}",
@@ -615,4 +620,216 @@ fn scenarios() {
         }
     }
     assert!(failures.is_empty(), "{} scenario failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// splitmix64, for the randomized test below.
+struct TestRng(u64);
+
+impl TestRng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+impl Cluster {
+    /// Delivers the queue once in a random order, losing `drop_percent` of the messages.
+    fn deliver_randomly(&mut self, rng: &mut TestRng, drop_percent: u64, out: &mut String) {
+        let mut pending: Vec<Message> = self.queue.drain(..).collect();
+        for i in (1..pending.len()).rev() {
+            pending.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        for message in pending {
+            let (from, to) = (message.from.0, message.to.0);
+            if rng.chance(drop_percent) || !self.connected(from, to) {
+                continue;
+            }
+            let Some(node) = self.nodes.get_mut(&to) else { continue };
+            node.replica.step(message).expect("step");
+            node.replica.check_invariants().expect("invariants hold");
+        }
+        self.process(out);
+    }
+
+    /// Safety checks across nodes: one leader per term, and every node applied the same entry
+    /// at every index (state machine safety).
+    fn check_safety(
+        &self,
+        leaders: &mut BTreeMap<u64, u64>,
+        applied: &mut BTreeMap<u64, String>,
+    ) -> Result<(), String> {
+        for (id, node) in &self.nodes {
+            if node.replica.role() == Role::Leader {
+                let term = node.replica.term().0;
+                let leader = *leaders.entry(term).or_insert(*id);
+                if leader != *id {
+                    return Err(format!("two leaders in term {term}: {leader} and {id}"));
+                }
+            }
+            for pair in node.applied.windows(2) {
+                if pair[1].0.0 != pair[0].0.0 + 1 {
+                    return Err(format!("node {id} applied {} after {}", pair[1].0.0, pair[0].0.0));
+                }
+            }
+            for (index, text) in &node.applied {
+                let first = applied.entry(index.0).or_insert_with(|| text.clone());
+                if first != text {
+                    return Err(format!(
+                        "node {id} applied {text:?} at {}, another {first:?}",
+                        index.0
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The randomized test's view of one run: what it checks across steps.
+#[derive(Default)]
+struct Checks {
+    leaders: BTreeMap<u64, u64>,
+    applied: BTreeMap<u64, String>,
+    /// For each read context, the highest index applied anywhere when the read began.
+    read_floor: BTreeMap<u64, LogIndex>,
+    proposals: u64,
+}
+
+impl Cluster {
+    fn tick_all(&mut self) {
+        for node in self.nodes.values_mut() {
+            node.replica.tick();
+        }
+    }
+
+    fn any_node(&self, rng: &mut TestRng) -> u64 {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        ids[rng.below(ids.len() as u64) as usize]
+    }
+
+    /// One random action.
+    fn random_step(&mut self, rng: &mut TestRng, step: u64, checks: &mut Checks, out: &mut String) {
+        let id = self.any_node(rng);
+        match rng.below(100) {
+            0..=54 => {
+                self.tick_all();
+                self.process(out);
+                let drop_percent = if self.sides.is_empty() { 5 } else { 20 };
+                self.deliver_randomly(rng, drop_percent, out);
+            }
+            55..=74 => {
+                checks.proposals += 1;
+                let payload = Bytes::from(format!("p{}", checks.proposals));
+                let _ = self.nodes.get_mut(&id).expect("node").replica.propose(payload);
+                self.process(out);
+            }
+            75..=79 => {
+                for id in self.nodes.keys() {
+                    self.sides.insert(*id, rng.below(2) as usize);
+                }
+            }
+            80..=83 => self.sides.clear(),
+            84..=86 => {
+                self.queue.retain(|m| m.to.0 != id && m.from.0 != id);
+                self.restart(id);
+            }
+            87..=89 => {
+                let node = self.nodes.get_mut(&id).expect("node");
+                let index = node.replica.status().applied;
+                let data = snapshot_data(&node.applied, index);
+                if let Ok(meta) = node.replica.compact(index, data.clone()) {
+                    node.storage.compact(Snapshot { meta, data });
+                }
+            }
+            90..=91 => {
+                let to = NodeId(self.any_node(rng));
+                let _ = self.nodes.get_mut(&id).expect("node").replica.transfer_leadership(to);
+                self.process(out);
+            }
+            _ => {
+                // A read must see every write acknowledged before it began: anything applied
+                // anywhere was committed and may have been acknowledged.
+                let floor = self.nodes.values().map(|n| n.replica.status().applied).max();
+                for (id, node) in &mut self.nodes {
+                    let context = step * 10 + id;
+                    checks.read_floor.insert(context, floor.expect("nodes"));
+                    let _ = node.replica.read_index(context);
+                }
+                self.process(out);
+            }
+        }
+    }
+
+    /// Heals, then gives a leader a bounded time to commit a new entry on every node.
+    fn recovers(&mut self, out: &mut String) -> bool {
+        self.sides.clear();
+        for _ in 0..200 {
+            self.tick_all();
+            self.settle(out);
+            let leader = self.nodes.values_mut().find(|n| n.replica.role() == Role::Leader);
+            let Some(Ok(index)) =
+                leader.map(|leader| leader.replica.propose(Bytes::from_static(b"final")))
+            else {
+                continue;
+            };
+            for _ in 0..20 {
+                self.tick_all();
+                self.settle(out);
+            }
+            let applied_everywhere = self
+                .nodes
+                .values()
+                .all(|n| n.applied.iter().any(|(i, text)| *i == index && text == "final"));
+            if applied_everywhere {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Random partitions, message loss and reordering, restarts, compactions, transfers and reads
+/// against clusters of 3 and 5: after every step, one leader per term, the same entry applied
+/// at each index everywhere, no stale read; after heal, a new entry commits everywhere.
+#[test]
+fn randomized_clusters_stay_safe_and_recover() {
+    for seed in 0..200 {
+        let mut rng = TestRng(seed);
+        let voters = if seed % 2 == 0 { "voters=1,2,3" } else { "voters=1,2,3,4,5" };
+        let pre_vote = if rng.chance(70) { "prevote=true" } else { "prevote=false" };
+        let check_quorum = rng.chance(70);
+        let lease = if check_quorum && rng.chance(50) { "lease=true" } else { "lease=false" };
+        let check_quorum = if check_quorum { "checkquorum=true" } else { "checkquorum=false" };
+        let cache = if rng.chance(50) { "cache=0" } else { "cache=100000" };
+        let args = [voters, pre_vote, check_quorum, lease, cache, "batch=100", "inflight=3"];
+        let mut cluster = Cluster::new(&args);
+        let mut out = String::new();
+        let mut checks = Checks::default();
+        for step in 0..600 {
+            cluster.random_step(&mut rng, step, &mut checks, &mut out);
+            for (context, index) in cluster.reads.drain(..) {
+                let floor = checks.read_floor[&context];
+                assert!(index >= floor, "seed {seed}: stale read {context}: {index} < {floor}");
+            }
+            if let Err(violation) = cluster.check_safety(&mut checks.leaders, &mut checks.applied) {
+                panic!("seed {seed} step {step}: {violation}");
+            }
+        }
+        assert!(cluster.recovers(&mut out), "seed {seed}: no progress after heal");
+        if let Err(violation) = cluster.check_safety(&mut checks.leaders, &mut checks.applied) {
+            panic!("seed {seed} after heal: {violation}");
+        }
+        assert!(checks.leaders.len() > 1 || seed % 2 == 1, "seed {seed}: no leader change");
+    }
 }
