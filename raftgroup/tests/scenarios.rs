@@ -704,6 +704,7 @@ struct Checks {
     /// For each read context, the highest index applied anywhere when the read began.
     read_floor: BTreeMap<u64, LogIndex>,
     proposals: u64,
+    membership_changes: u64,
 }
 
 impl Cluster {
@@ -752,7 +753,21 @@ impl Cluster {
                     node.storage.compact(Snapshot { meta, data });
                 }
             }
-            90..=91 => {
+            90 => {
+                // Everyone stays a member: a random majority-sized set votes, the rest learn.
+                let ids: Vec<NodeId> = self.nodes.keys().map(|id| NodeId(*id)).collect();
+                let (voters, learners): (Vec<NodeId>, Vec<NodeId>) =
+                    ids.iter().partition(|_| rng.chance(70));
+                if voters.len() >= 2 {
+                    let change = MembershipChange { voters, learners };
+                    let replica = &mut self.nodes.get_mut(&id).expect("node").replica;
+                    if replica.propose_membership(&change).is_ok() {
+                        checks.membership_changes += 1;
+                    }
+                    self.process(out);
+                }
+            }
+            91 => {
                 let to = NodeId(self.any_node(rng));
                 let _ = self.nodes.get_mut(&id).expect("node").replica.transfer_leadership(to);
                 self.process(out);
@@ -804,6 +819,7 @@ impl Cluster {
 /// at each index everywhere, no stale read; after heal, a new entry commits everywhere.
 #[test]
 fn randomized_clusters_stay_safe_and_recover() {
+    let mut total_membership_changes = 0;
     for seed in 0..200 {
         let mut rng = TestRng(seed);
         let voters = if seed % 2 == 0 { "voters=1,2,3" } else { "voters=1,2,3,4,5" };
@@ -831,5 +847,7 @@ fn randomized_clusters_stay_safe_and_recover() {
             panic!("seed {seed} after heal: {violation}");
         }
         assert!(checks.leaders.len() > 1 || seed % 2 == 1, "seed {seed}: no leader change");
+        total_membership_changes += checks.membership_changes;
     }
+    assert!(total_membership_changes > 50, "only {total_membership_changes} membership changes");
 }
