@@ -236,6 +236,13 @@ impl Index {
         I: Iterator<Item = (u64, usize, usize)>,
     {
         let seg = seq as u32;
+        let op_group = match &op {
+            IndexOp::Entries { group, .. }
+            | IndexOp::HardState { group, .. }
+            | IndexOp::Truncate { group, .. }
+            | IndexOp::Compact { group, .. } => Some(*group),
+            IndexOp::Remove { .. } => None,
+        };
         match op {
             IndexOp::Entries { group, first_index, entries } => {
                 let index = self.groups.entry(group).or_default();
@@ -289,8 +296,24 @@ impl Index {
             }
             IndexOp::Remove { group } => {
                 self.groups.remove(&group);
+                return Ok(());
             }
         }
+        let group = match &op_group {
+            Some(group) => *group,
+            None => unreachable!("every other operation names its group"),
+        };
+        let index = self.groups.get_mut(&group).expect("touched above");
+        // An emptied log starts where the next entry goes (after a cut below the first live
+        // entry, possible when replay began after recycled history).
+        if index.locs.is_empty() {
+            index.first_index = index.bounds.next_index;
+        }
+        assert_eq!(
+            index.first_index + index.locs.len() as u64,
+            index.bounds.next_index,
+            "group {group}: positions and bounds disagree"
+        );
         Ok(())
     }
 
@@ -410,5 +433,16 @@ mod tests {
             .unwrap();
         let state = index.groups[&GroupId(2)].state();
         assert_eq!((state.first_index, state.last_index), (40, 40));
+        // A truncation below everything replay has seen empties the log from there.
+        index
+            .apply::<std::iter::Empty<_>>(
+                IndexOp::Truncate { group: GroupId(2), from: 30 },
+                3,
+                64,
+                false,
+            )
+            .unwrap();
+        let state = index.groups[&GroupId(2)].state();
+        assert_eq!((state.first_index, state.last_index), (30, 29));
     }
 }
