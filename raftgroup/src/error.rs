@@ -169,6 +169,14 @@ pub enum CompactError {
         /// The applied index.
         applied: LogIndex,
     },
+    /// Only locally durable entries can be compacted.
+    #[error("cannot compact through {index}: only persisted through {persisted}")]
+    NotPersisted {
+        /// The requested index.
+        index: LogIndex,
+        /// The persisted index.
+        persisted: LogIndex,
+    },
     /// Already compacted at or beyond `index`.
     #[error("already compacted through {snapshot_index}")]
     AlreadyCompacted {

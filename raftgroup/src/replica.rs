@@ -398,12 +398,17 @@ impl Replica {
         Ok(())
     }
 
-    /// The application snapshotted its state machine through `index` (at most the applied
-    /// index) as `data`: the log before it is forgotten, and the snapshot is what lagging
+    /// The application snapshotted its state machine through `index` (at most the applied and
+    /// the persisted index) as `data`: the log before it is forgotten, and the snapshot is what lagging
     /// followers get. The driver compacts its storage too.
     pub fn compact(&mut self, index: LogIndex, data: Bytes) -> Result<SnapshotMeta, CompactError> {
         if index > self.applied {
             return Err(CompactError::NotApplied { index, applied: self.applied });
+        }
+        if index > self.log.stable {
+            // Committed entries may be applied before they are durable here; storage cannot drop
+            // entries it has not written yet.
+            return Err(CompactError::NotPersisted { index, persisted: self.log.stable });
         }
         if index <= self.log.snapshot_index() {
             return Err(CompactError::AlreadyCompacted {

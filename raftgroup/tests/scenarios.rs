@@ -23,12 +23,13 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
+use std::mem;
 use std::path::Path;
 
 use bytes::Bytes;
 use flotilla_raftgroup::{
     Config, Entry, EntryKind, FetchPurpose, HardState, LogIndex, MemStorage, MembershipChange,
-    Message, MessageBody, NodeId, RecoveredState, Replica, Role, Snapshot, Term,
+    Message, MessageBody, NodeId, Ready, RecoveredState, Replica, Role, Snapshot, Term,
 };
 
 struct Node {
@@ -37,6 +38,23 @@ struct Node {
     config: Config,
     /// Applied payloads (text) by index; the state machine of these tests.
     applied: Vec<(LogIndex, String)>,
+    /// With an asynchronous disk: writes (snapshot, entries, hard state, and the messages
+    /// waiting for them) not yet synced, oldest first. A crash loses them.
+    unsynced: Vec<Ready>,
+}
+
+impl Node {
+    /// Writes every unsynced Ready to storage, in order; queues the messages that waited for
+    /// them. Returns the last entry written.
+    fn sync(&mut self, queue: &mut VecDeque<Message>) -> Option<(Term, LogIndex)> {
+        let mut last = None;
+        for write in self.unsynced.drain(..) {
+            last = self.storage.persist(&write).or(last);
+            // Durable now: the after-persist messages may go.
+            queue.extend(write.persisted_messages.into_messages_after_persist());
+        }
+        last
+    }
 }
 
 struct Cluster {
@@ -47,6 +65,10 @@ struct Cluster {
     template: Config,
     /// Every read state any node produced: (context, index).
     reads: Vec<(u64, LogIndex)>,
+    /// Writes become durable only at `sync`, not at once.
+    async_disk: bool,
+    /// Granted votes seen on the wire: (voter, term) -> candidate.
+    votes: BTreeMap<(u64, u64), u64>,
 }
 
 fn ids(list: &str) -> Vec<NodeId> {
@@ -131,6 +153,8 @@ impl Cluster {
             sides: BTreeMap::new(),
             template,
             reads: Vec::new(),
+            async_disk: false,
+            votes: BTreeMap::new(),
         };
         let members: Vec<NodeId> =
             cluster.template.voters.iter().chain(&cluster.template.learners).copied().collect();
@@ -143,7 +167,13 @@ impl Cluster {
 
     fn add(&mut self, config: Config) {
         let replica = Replica::new(config.clone(), RecoveredState::default()).expect("valid");
-        let node = Node { replica, storage: MemStorage::new(), config, applied: Vec::new() };
+        let node = Node {
+            replica,
+            storage: MemStorage::new(),
+            config,
+            applied: Vec::new(),
+            unsynced: Vec::new(),
+        };
         self.nodes.insert(node.config.id.0, node);
     }
 
@@ -162,10 +192,10 @@ impl Cluster {
 
     /// Handles every pending Ready of every node, as a synchronous driver would.
     fn process(&mut self, out: &mut String) {
-        let Self { nodes, queue, reads, .. } = self;
+        let Self { nodes, queue, reads, async_disk, .. } = self;
         for node in nodes.values_mut() {
             while node.replica.has_ready() {
-                let ready = node.replica.ready();
+                let mut ready = node.replica.ready();
                 queue.extend(ready.messages.iter().cloned());
                 if let Some(snapshot) = &ready.snapshot {
                     node.applied = restore_applied(snapshot);
@@ -176,9 +206,15 @@ impl Cluster {
                     )
                     .unwrap();
                 }
-                let persisted = node.storage.persist(&ready);
-                // Durable now: the after-persist messages may go.
-                queue.extend(ready.persisted_messages.peek().iter().cloned());
+                let write = Ready {
+                    hard_state: ready.hard_state,
+                    snapshot: ready.snapshot.take(),
+                    entries: mem::take(&mut ready.entries),
+                    persisted_messages: mem::take(&mut ready.persisted_messages),
+                    ..Ready::default()
+                };
+                node.unsynced.push(write);
+                let persisted = if *async_disk { None } else { node.sync(queue) };
                 for entry in &ready.committed_entries {
                     let text = match entry.kind {
                         EntryKind::Normal => String::from_utf8_lossy(&entry.payload).into_owned(),
@@ -219,6 +255,16 @@ impl Cluster {
                 node.replica.check_invariants().expect("invariants hold");
             }
         }
+    }
+
+    /// Makes node `id`'s writes durable, releases the messages that waited for them and reports
+    /// persistence.
+    fn sync(&mut self, id: u64, out: &mut String) {
+        let node = self.nodes.get_mut(&id).expect("node");
+        if let Some((term, index)) = node.sync(&mut self.queue) {
+            node.replica.on_persisted(term, index);
+        }
+        self.process(out);
     }
 
     fn connected(&self, from: u64, to: u64) -> bool {
@@ -306,8 +352,10 @@ impl Cluster {
         }
     }
 
+    /// A crash and restart: in-memory state and unsynced writes are lost.
     fn restart(&mut self, id: u64) {
         let node = self.nodes.get_mut(&id).expect("node");
+        node.unsynced.clear();
         let applied_index = node.storage.snapshot().map_or(LogIndex::ZERO, |s| s.meta.index);
         node.applied = node.storage.snapshot().map(restore_applied).unwrap_or_default();
         let recovered = node.storage.recover(applied_index, None);
@@ -461,11 +509,7 @@ impl Cluster {
                 }
                 let node = self.nodes.get_mut(&id).expect("node");
                 let mut storage = MemStorage::new();
-                let ready = flotilla_raftgroup::Ready {
-                    hard_state: Some(hard_state),
-                    entries,
-                    ..Default::default()
-                };
+                let ready = Ready { hard_state: Some(hard_state), entries, ..Default::default() };
                 storage.persist(&ready);
                 node.storage = storage;
                 self.restart(id);
@@ -652,6 +696,15 @@ impl Cluster {
         }
         for message in pending {
             let (from, to) = (message.from.0, message.to.0);
+            if let MessageBody::VoteResponse { reject: false } = message.body {
+                // One vote per term, even across crashes: a granted vote, once sent, stands.
+                let candidate = *self.votes.entry((from, message.term.0)).or_insert(to);
+                assert_eq!(
+                    candidate, to,
+                    "{from} voted for {candidate} and {to} in {}",
+                    message.term
+                );
+            }
             if rng.chance(drop_percent) || !self.connected(from, to) {
                 continue;
             }
@@ -724,6 +777,12 @@ impl Cluster {
         let id = self.any_node(rng);
         match rng.below(100) {
             0..=54 => {
+                let ids: Vec<u64> = self.nodes.keys().copied().collect();
+                for id in ids {
+                    if rng.chance(60) {
+                        self.sync(id, out);
+                    }
+                }
                 self.tick_all();
                 self.process(out);
                 let drop_percent = if self.sides.is_empty() { 5 } else { 20 };
@@ -742,7 +801,8 @@ impl Cluster {
             }
             80..=83 => self.sides.clear(),
             84..=86 => {
-                self.queue.retain(|m| m.to.0 != id && m.from.0 != id);
+                // Messages already sent survive their sender; those sent to it are lost.
+                self.queue.retain(|m| m.to.0 != id);
                 self.restart(id);
             }
             87..=89 => {
@@ -789,6 +849,11 @@ impl Cluster {
     /// Heals, then gives a leader a bounded time to commit a new entry on every node.
     fn recovers(&mut self, out: &mut String) -> bool {
         self.sides.clear();
+        self.async_disk = false;
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.sync(id, out);
+        }
         for _ in 0..200 {
             self.tick_all();
             self.settle(out);
@@ -830,6 +895,7 @@ fn randomized_clusters_stay_safe_and_recover() {
         let cache = if rng.chance(50) { "cache=0" } else { "cache=100000" };
         let args = [voters, pre_vote, check_quorum, lease, cache, "batch=100", "inflight=3"];
         let mut cluster = Cluster::new(&args);
+        cluster.async_disk = rng.chance(50);
         let mut out = String::new();
         let mut checks = Checks::default();
         for step in 0..600 {
