@@ -216,6 +216,8 @@ impl Scan<'_> {
             };
             let after = self.rounds_after(i, pos, expected)?;
             if continues && !after.in_segment {
+                // Done with this segment: recovery holds at most the segments it still reads.
+                self.buffers[i] = None;
                 continue;
             }
             let missing = expected.unwrap_or(1);
