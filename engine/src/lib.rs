@@ -1,7 +1,12 @@
-//! Flotilla: the multi-raft engine. Work in progress: see issue 4.
+//! Flotilla: the multi-raft engine. Work in progress (issue 4): the pure building blocks land
+//! first — the transport's frame codec and the built-in KV state machine — then the shard loop,
+//! the runtime and the API.
 //!
-//! The engine will join [`flotilla_wal`] (one log per shard) and [`flotilla_raftgroup`] (one
-//! replica per group member) into a node that hosts thousands of groups.
+//! The engine joins [`flotilla_wal`] (one log per shard) and [`flotilla_raftgroup`] (one replica
+//! per group member) into a node that hosts thousands of groups.
+
+pub mod kv;
+pub mod transport;
 
 pub use flotilla_raftgroup as raftgroup;
 pub use flotilla_wal as wal;

@@ -1,0 +1,1 @@
+//! The built-in ordered key-value state machine (work in progress).

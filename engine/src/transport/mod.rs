@@ -1,0 +1,1 @@
+//! Node-to-node transport: frames, handshake (work in progress).
