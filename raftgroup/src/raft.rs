@@ -35,6 +35,7 @@ impl Replica {
         self.uncommitted_bytes = 0;
         self.reads.clear();
         self.heartbeat_seq = 0;
+        self.flushed_heartbeat_seq = 0;
         self.heartbeat_elapsed = 0;
     }
 
@@ -402,8 +403,9 @@ impl Replica {
     // ----- leader side of replication -----
 
     pub(crate) fn broadcast_append(&mut self) {
-        let ids: Vec<NodeId> = self.progress.iter().map(|p| p.id).collect();
-        for id in ids {
+        // By position: sending never adds or removes progress entries, and this allocates nothing.
+        for position in 0..self.progress.len() {
+            let id = self.progress[position].id;
             self.send_append(id, false);
         }
     }
@@ -574,8 +576,8 @@ impl Replica {
         if first_in_term {
             self.release_reads_before_commit();
         }
-        let ids: Vec<NodeId> = self.progress.iter().map(|p| p.id).collect();
-        for id in ids {
+        for position in 0..self.progress.len() {
+            let id = self.progress[position].id;
             // Replicate: pipeline new entries; in any case carry the new commit index.
             if !self.send_append(id, false) {
                 self.send_append(id, true);
@@ -637,7 +639,11 @@ impl Replica {
             self.release_read(PendingRead { context, from, index, seq: 0 });
             return;
         }
-        self.broadcast_heartbeat();
+        // Heartbeats still in the outbox leave after this read arrived, so their round can
+        // confirm it: reads between two Readies share one round.
+        if self.heartbeat_seq <= self.flushed_heartbeat_seq {
+            self.broadcast_heartbeat();
+        }
         let seq = self.heartbeat_seq;
         self.reads.pending.push_back(PendingRead { context, from, index, seq });
     }
@@ -717,8 +723,8 @@ impl Replica {
         if !membership.is_joint() && !membership.is_voter(self.id) {
             // Removed: tell the others the final commit index, then let the remaining voters
             // elect a leader among themselves.
-            let ids: Vec<NodeId> = self.progress.iter().map(|p| p.id).collect();
-            for id in ids {
+            for position in 0..self.progress.len() {
+                let id = self.progress[position].id;
                 self.send_append(id, true);
             }
             self.become_follower(self.term, None);

@@ -129,6 +129,8 @@ pub struct Replica {
     pub(crate) uncommitted_bytes: u64,
     pub(crate) reads: ReadQueue,
     pub(crate) heartbeat_seq: u64,
+    /// The last heartbeat round already handed out in a Ready (sent, as far as we know).
+    pub(crate) flushed_heartbeat_seq: u64,
     pub(crate) outbox: Outbox,
     /// The hard state last handed out in a Ready.
     pub(crate) last_hard_state: HardState,
@@ -225,6 +227,7 @@ impl Replica {
             uncommitted_bytes: 0,
             reads: ReadQueue::default(),
             heartbeat_seq: 0,
+            flushed_heartbeat_seq: 0,
             outbox: Outbox::default(),
             last_hard_state: HardState { term: hard_state.term, vote: hard_state.vote, commit },
             spare_entries: Vec::new(),
@@ -454,6 +457,7 @@ impl Replica {
         });
         let mut entries = mem::take(&mut self.spare_entries);
         self.log.take_unstable(&mut entries);
+        self.flushed_heartbeat_seq = self.heartbeat_seq;
         Ready {
             hard_state,
             snapshot: self.outbox.snapshot.take().map(|snapshot| *snapshot),

@@ -5,11 +5,12 @@
 //!
 //! Commands (ids are node numbers; `all` means every node):
 //! - `cluster voters=1,2,3 [learners=4] [prevote=false] [checkquorum=false] [lease=true]
-//!   [election=10] [heartbeat=1] [inflight=N] [batch=BYTES] [uncommitted=BYTES] [cache=BYTES]`
+//!   [election=10] [heartbeat=1] [inflight=N] [batch=BYTES] [uncommitted=BYTES] [cache=BYTES]
+//!   [drift=TICKS]`
 //! - `tick <ids|all> [N] [nodeliver]`: N rounds (default 1) of one tick per node, then delivery
 //!   of every message (unless `nodeliver`: they stay queued)
-//! - `campaign <id>`, `propose <id> <text>`, `read <id> <context>`, `transfer <id> <to>`,
-//!   `conf <id> voters=.. [learners=..]`, `compact <id> <index>`
+//! - `campaign <id>`, `propose <id> <text>`, `read <id> <context>[,<context>..]`,
+//!   `transfer <id> <to>`, `conf <id> voters=.. [learners=..]`, `compact <id> <index>`
 //! - `deliver [from->to] [N]`: delivers queued messages (matching, up to N) once, printing them
 //! - `drop [from->to]`: discards queued messages, printing them
 //! - `stabilize [quiet]`: delivers until no message is left, printing them unless quiet
@@ -397,9 +398,11 @@ impl Cluster {
                 self.process(&mut out);
             }
             "read" => {
-                let context = words[2].parse().expect("context");
-                if let Err(error) = self.node(words[1]).replica.read_index(context) {
-                    writeln!(out, "error: {error}").unwrap();
+                for context in words[2].split(',') {
+                    let context = context.parse().expect("context");
+                    if let Err(error) = self.node(words[1]).replica.read_index(context) {
+                        writeln!(out, "error: {error}").unwrap();
+                    }
                 }
                 self.process(&mut out);
             }
@@ -884,8 +887,11 @@ impl Cluster {
 /// at each index everywhere, no stale read; after heal, a new entry commits everywhere.
 #[test]
 fn randomized_clusters_stay_safe_and_recover() {
+    // RAFT_SEEDS=n runs more seeds (a soak); CI runs 200.
+    let seeds: u64 = std::env::var_os("RAFT_SEEDS")
+        .map_or(200, |n| n.to_str().and_then(|n| n.parse().ok()).expect("RAFT_SEEDS=<number>"));
     let mut total_membership_changes = 0;
-    for seed in 0..200 {
+    for seed in 0..seeds {
         let mut rng = TestRng(seed);
         let voters = if seed % 2 == 0 { "voters=1,2,3" } else { "voters=1,2,3,4,5" };
         let pre_vote = if rng.chance(70) { "prevote=true" } else { "prevote=false" };
