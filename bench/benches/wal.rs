@@ -82,25 +82,27 @@ fn main() {
     }
 }
 
-/// `(payload, producers, groups)` of the synced matrix.
-fn synced_matrix(settings: &Settings) -> Vec<(usize, usize, usize)> {
+/// `(payload, producers, groups, tasks)` of the synced matrix.
+fn synced_matrix(settings: &Settings) -> Vec<(usize, usize, usize, bool)> {
     let mut out = Vec::new();
-    if settings.full {
-        for payload in [16, 128, 1024, 4096] {
-            for producers in [1, 16, 256] {
-                for groups in [1, 1024] {
-                    out.push((payload, producers, groups));
-                }
-            }
-        }
-    } else {
-        for payload in [128, 1024, 4096] {
-            for producers in [1, 16, 256] {
-                out.push((payload, producers, 1024));
+    let payloads: &[usize] =
+        if settings.full { &[16, 128, 1024, 4096] } else { &[128, 1024, 4096] };
+    for &payload in payloads {
+        for producers in [1, 16, 256] {
+            out.push((payload, producers, 1024, false));
+            if settings.full {
+                out.push((payload, producers, 1, false));
             }
         }
         for producers in [16, 256] {
-            out.push((1024, producers, 1));
+            if settings.full || (producers == 256 && payload <= 1024) {
+                out.push((payload, producers, 1024, true));
+            }
+        }
+    }
+    if !settings.full {
+        for producers in [16, 256] {
+            out.push((1024, producers, 1, false));
         }
     }
     out
@@ -119,14 +121,22 @@ fn synced(
             .sampling_mode(SamplingMode::Flat)
             .measurement_time(settings.measurement)
             .warm_up_time(settings.warm_up);
-        for (payload, producers, groups) in synced_matrix(settings) {
-            let full_id = format!("wal_synced/{backend_name}/{payload}B/p{producers}/g{groups}");
+        for (payload, producers, groups, tasks) in synced_matrix(settings) {
+            let kind = if tasks { "tasks" } else { "p" };
+            let full_id =
+                format!("wal_synced/{backend_name}/{payload}B/{kind}{producers}/g{groups}");
             if !selected(&full_id) {
                 continue;
             }
             let dir = disk::bench_dir("wal");
-            let shape =
-                Shape { payload_bytes: payload, producers, groups, entries_each: 1, sync: true };
+            let shape = Shape {
+                payload_bytes: payload,
+                producers,
+                groups,
+                entries_each: 1,
+                sync: true,
+                tasks,
+            };
             let load = WalLoad::open(dir.path(), settings.config(backend), shape);
             // Each producer's share of one iteration: long enough that starting and draining the
             // pool is a small part of it.
@@ -136,48 +146,57 @@ fn synced(
             let appended_before = load.appended();
             let mut elapsed = Duration::ZERO;
             group.throughput(Throughput::Elements(per_iteration));
-            let id = BenchmarkId::new(format!("{payload}B/p{producers}"), format!("g{groups}"));
-            // The reference runs right after each sample, for as long as the sample took, at the
-            // bytes per fdatasync that sample achieved: the disk's mood drifts by the second here.
-            let mut pairs: Vec<(f64, f64)> = Vec::new();
+            let id =
+                BenchmarkId::new(format!("{payload}B/{kind}{producers}"), format!("g{groups}"));
+            // The reference runs right after each iteration (N appends by P producers), for as
+            // long as it took, at the bytes per fdatasync it achieved: the disk's mood drifts
+            // within a second here, so only contemporaneous figures compare.
+            let mut ratios: Vec<f64> = Vec::new();
             let (mut raw_bytes, mut raw_syncs, mut raw_time) = (0u64, 0u64, Duration::ZERO);
+            // What the raw loop would need for the log's own fdatasyncs at its own sizes.
+            let mut raw_equivalent = Duration::ZERO;
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
-                    let sample_before = load.wal.stats();
-                    let took = load.run(iters * appends_each);
-                    let sample_after = load.wal.stats();
-                    elapsed += took;
-                    let syncs = sample_after.fdatasyncs - sample_before.fdatasyncs;
-                    let bytes = sample_after.bytes - sample_before.bytes;
-                    if let Some(per_sync) = bytes.checked_div(syncs) {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let sample_before = load.wal.stats();
+                        let took = load.run(appends_each);
+                        let sample_after = load.wal.stats();
+                        total += took;
+                        let syncs = sample_after.fdatasyncs - sample_before.fdatasyncs;
+                        let bytes = sample_after.bytes - sample_before.bytes;
+                        let Some(per_sync) = bytes.checked_div(syncs) else { continue };
                         let per_sync = per_sync as usize;
                         let reference =
                             raw.write_sync_rate(per_sync, took.min(settings.raw_duration));
                         raw_bytes += reference.syncs * per_sync as u64;
                         raw_syncs += reference.syncs;
                         raw_time += reference.elapsed;
-                        pairs.push((
-                            flotilla_bench::rate(bytes as f64, took),
-                            reference.bytes_per_second(),
-                        ));
+                        let per_raw_sync = reference.elapsed / reference.syncs as u32;
+                        raw_equivalent += per_raw_sync * syncs as u32;
+                        ratios.push(
+                            flotilla_bench::rate(bytes as f64, took) / reference.bytes_per_second(),
+                        );
                     }
-                    took
+                    elapsed += total;
+                    total
                 });
             });
             let after = load.wal.stats();
             let measured =
                 Measured::between(&before, &after, load.appended() - appended_before, elapsed);
-            let ratios: Vec<f64> = pairs.iter().map(|(wal, raw)| wal / raw).collect();
-            let ratio = median(&ratios);
+            let ratio = raw_equivalent.as_secs_f64() / elapsed.as_secs_f64();
             let (low, high) = ratios
                 .iter()
                 .fold((f64::MAX, 0.0f64), |(low, high), r| (low.min(*r), high.max(*r)));
             let line = format!(
-                "RESULT wal_synced backend={backend_name} payload={payload}B producers={producers} \
+                "RESULT wal_synced backend={backend_name} payload={payload}B producers={producers}{} \
                  groups={groups}: {}entries/s, {} (records), {}fdatasyncs/s, {:.1} entries/fdatasync, \
                  {}/fdatasync, fdatasyncs/round={:.3}, rotations={} stalls={} created={} rewritten={} \
-                 | raw pwrite+fdatasync interleaved, same bytes/sync: {}, {}syncs/s | ratio median \
-                 {ratio:.2} over {} samples (min {low:.2}, max {high:.2})",
+                 | raw pwrite+fdatasync interleaved, same bytes/sync: {}, {}syncs/s | ratio {ratio:.2} \
+                 (raw time for the same syncs / log time; per-iteration median {:.2}, min {low:.2}, \
+                 max {high:.2}, n={}) | entries copied by the log {}",
+                if tasks { " (tasks on 1 thread)" } else { " (threads)" },
                 count(measured.entries_per_second()),
                 mb(measured.bytes_per_second()),
                 count(measured.fdatasyncs_per_second()),
@@ -190,7 +209,9 @@ fn synced(
                 measured.groups_rewritten,
                 mb(flotilla_bench::rate(raw_bytes as f64, raw_time)),
                 count(flotilla_bench::rate(raw_syncs as f64, raw_time)),
+                median(&ratios),
                 ratios.len(),
+                (after.entries - before.entries).saturating_sub(measured.entries),
             );
             println!("{line}");
             results.push(line);
@@ -324,6 +345,7 @@ fn unsynced(criterion: &mut Criterion, settings: &Settings, results: &mut Vec<St
                     groups: 64,
                     entries_each: ENTRIES_EACH,
                     sync: false,
+                    tasks: false,
                 };
                 let load = WalLoad::open(dir.path(), settings.config(backend), shape);
                 let appends_each = 16u64;

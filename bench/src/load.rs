@@ -125,6 +125,9 @@ pub struct Shape {
     pub entries_each: usize,
     /// Whether each append waits for durability (fdatasync) or only for the write.
     pub sync: bool,
+    /// Producers are tasks on one executor thread (as in a shard's event loop) rather than one
+    /// OS thread each blocking in `block_on`.
+    pub tasks: bool,
 }
 
 /// A log under load from a [`ProducerPool`]: producers own disjoint sets of groups when there
@@ -167,9 +170,9 @@ impl Producers {
         producer + turn as usize * producers
     }
 
-    fn append(&self, producer: usize) {
+    /// Takes the next index of the producer's next group and builds its append.
+    fn start(&self, producer: usize) -> (AppendFuture, MutexGuard<'_, u64>) {
         let group = self.group_for(producer);
-        let shared = self.shape.groups < self.shape.producers;
         let mut next = self.next[group].lock().expect("group lock");
         let first = *next;
         let count = self.shape.entries_each as u64;
@@ -183,7 +186,13 @@ impl Producers {
         if last > KEEP_ENTRIES && (last / KEEP_ENTRIES) != ((first - 1) / KEEP_ENTRIES) {
             batch.compact(id, last - KEEP_ENTRIES, 1);
         }
-        let future = self.wal.append_with(batch, self.shape.sync);
+        (self.wal.append_with(batch, self.shape.sync), next)
+    }
+
+    fn append(&self, producer: usize) {
+        let shared = self.shape.groups < self.shape.producers;
+        let (future, next) = self.start(producer);
+        let count = self.shape.entries_each as u64;
         let result = if shared {
             enqueue_then_wait(future, next)
         } else {
@@ -192,6 +201,83 @@ impl Producers {
         };
         result.expect("append");
         self.appended.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Runs every producer as a task on the calling thread, `appends` appends each.
+    fn run_tasks(&self, appends: u64) {
+        let producers = self.shape.producers;
+        let count = self.shape.entries_each as u64;
+        let ready = Arc::new(ReadyQueue {
+            ids: Mutex::new((0..producers).collect()),
+            thread: std::thread::current(),
+        });
+        let wakers: Vec<Waker> = (0..producers)
+            .map(|id| Waker::from(Arc::new(TaskWaker { id, ready: Arc::clone(&ready) })))
+            .collect();
+        let mut futures: Vec<Option<AppendFuture>> = (0..producers).map(|_| None).collect();
+        let mut left = vec![appends; producers];
+        let mut running = producers;
+        let mut batch = Vec::new();
+        while running > 0 {
+            std::mem::swap(&mut batch, &mut *ready.ids.lock().expect("ready queue"));
+            if batch.is_empty() {
+                std::thread::park();
+                continue;
+            }
+            for id in batch.drain(..) {
+                let mut cx = Context::from_waker(&wakers[id]);
+                loop {
+                    if futures[id].is_none() {
+                        if left[id] == 0 {
+                            running -= 1;
+                            break;
+                        }
+                        // Single-threaded: taking the index and the first poll (which joins the
+                        // batch to the open round) happen with no other task in between.
+                        let (future, guard) = self.start(id);
+                        drop(guard);
+                        futures[id] = Some(future);
+                        left[id] -= 1;
+                    }
+                    let future = futures[id].as_mut().expect("set above");
+                    match Pin::new(future).poll(&mut cx) {
+                        Poll::Ready(result) => {
+                            result.expect("append");
+                            self.appended.fetch_add(count, Ordering::Relaxed);
+                            futures[id] = None;
+                        }
+                        Poll::Pending => {
+                            let state = format!("{:?}", futures[id].as_ref().expect("set"));
+                            assert!(
+                                !state.contains("queued") || self.shape.groups >= producers,
+                                "a full round would let tasks sharing a group reorder"
+                            );
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct ReadyQueue {
+    ids: Mutex<Vec<usize>>,
+    thread: std::thread::Thread,
+}
+
+struct TaskWaker {
+    id: usize,
+    ready: Arc<ReadyQueue>,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.ids.lock().expect("ready queue").push(self.id);
+        self.ready.thread.unpark();
     }
 }
 
@@ -252,12 +338,17 @@ impl WalLoad {
             appended: Arc::clone(&appended),
             cursor: (0..shape.producers).map(|_| AtomicU64::new(0)).collect(),
         });
-        let work: Arc<Work> = Arc::new(move |producer, appends| {
-            for _ in 0..appends {
-                producers.append(producer);
-            }
-        });
-        WalLoad { wal, shape, pool: ProducerPool::new(shape.producers, &work), appended }
+        let work: Arc<Work> = if shape.tasks {
+            Arc::new(move |_, appends| producers.run_tasks(appends))
+        } else {
+            Arc::new(move |producer, appends| {
+                for _ in 0..appends {
+                    producers.append(producer);
+                }
+            })
+        };
+        let threads = if shape.tasks { 1 } else { shape.producers };
+        WalLoad { wal, shape, pool: ProducerPool::new(threads, &work), appended }
     }
 
     /// The workload's shape.
