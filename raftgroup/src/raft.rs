@@ -462,16 +462,10 @@ impl Replica {
         self.send(to, MessageBody::Append { prev_index, prev_term, entries, commit });
     }
 
+    /// Entries fetched for `to`, answering the current request (the caller checked).
     pub(crate) fn on_replicate_fetched(&mut self, fetch: Fetch, to: NodeId, entries: Vec<Entry>) {
-        if self.role != Role::Leader || fetch.term != self.term {
-            return;
-        }
-        let Some(progress) = self.progress_mut(to) else { return };
-        if !progress.fetching {
-            return;
-        }
-        progress.fetching = false;
-        if progress.next_index != fetch.low {
+        let next_index = self.progress_of(to).expect("caller checked").next_index;
+        if next_index != fetch.low {
             // The follower moved on meanwhile; start over from where it is now.
             self.send_append(to, true);
             return;

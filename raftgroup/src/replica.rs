@@ -336,31 +336,40 @@ impl Replica {
     /// Returns the entries storage read for `fetch` (consecutive from `fetch.low`, possibly
     /// fewer than asked; empty if storage compacted them away).
     pub fn on_fetched(&mut self, fetch: Fetch, entries: Vec<Entry>) -> Result<(), Error> {
+        // A stale answer (leadership changed, or a snapshot moved the apply point) is dropped
+        // quietly: the log may have changed since the request, so its entries prove nothing.
+        let current = match fetch.purpose {
+            FetchPurpose::Apply => self.apply_fetching && fetch.low == self.applying.next(),
+            FetchPurpose::Replicate { to } => {
+                self.role == Role::Leader
+                    && fetch.term == self.term
+                    && self.progress_of(to).is_some_and(|progress| progress.fetching)
+            }
+        };
+        if !current {
+            return Ok(());
+        }
+        // The request is answered: a bad answer is reported, and the request issued again.
+        match fetch.purpose {
+            FetchPurpose::Apply => self.apply_fetching = false,
+            FetchPurpose::Replicate { to } => {
+                self.progress_mut(to).expect("checked above").fetching = false;
+            }
+        }
         let valid = entries.iter().enumerate().all(|(offset, entry)| {
             entry.index.0 == fetch.low.0 + offset as u64
                 && entry.index <= fetch.high
                 && self.log.term(entry.index).is_none_or(|term| term == entry.term)
         });
         if !valid {
-            // Forget the request so that it is issued again rather than waited for forever.
-            match fetch.purpose {
-                FetchPurpose::Apply => self.apply_fetching = false,
-                FetchPurpose::Replicate { to } => {
-                    if let Some(progress) = self.progress_mut(to) {
-                        progress.fetching = false;
-                    }
-                }
-            }
             return Err(Error::BadFetch);
         }
         match fetch.purpose {
             FetchPurpose::Apply => {
-                self.apply_fetching = false;
-                if fetch.low == self.applying.next() && !entries.is_empty() {
-                    let last = entries.last().map_or(fetch.low, |entry| entry.index);
-                    if last > self.log.commit {
-                        return Err(Error::BadFetch);
-                    }
+                if entries.last().is_some_and(|entry| entry.index > self.log.commit) {
+                    return Err(Error::BadFetch);
+                }
+                if !entries.is_empty() {
                     self.hand_out_committed(entries);
                 }
             }

@@ -266,3 +266,23 @@ fn an_idle_follower_ticks_without_allocating_and_stays_under_1_kib() {
     assert_eq!(allocations() - allocations_before, 0, "an idle tick allocates nothing");
     assert_eq!(follower.role(), Role::Follower);
 }
+
+#[test]
+fn a_stale_fetch_answer_is_dropped_quietly() {
+    // A follower that once led asked storage for entries; by the time they come back its log
+    // was overwritten in a newer term: the answer must neither be applied nor be an error.
+    let mut follower = three_voters(2);
+    let fetch = crate::Fetch {
+        purpose: crate::FetchPurpose::Replicate { to: NodeId(3) },
+        term: Term(1),
+        low: LogIndex(1),
+        high: LogIndex(1),
+        max_bytes: 1024,
+    };
+    let stale =
+        Entry { index: LogIndex(1), term: Term(1), kind: EntryKind::Normal, payload: Bytes::new() };
+    assert_eq!(follower.on_fetched(fetch, vec![stale.clone()]), Ok(()));
+    let apply = crate::Fetch { purpose: crate::FetchPurpose::Apply, ..fetch };
+    assert_eq!(follower.on_fetched(apply, vec![stale]), Ok(()));
+    assert!(!follower.has_ready(), "nothing was applied or sent");
+}

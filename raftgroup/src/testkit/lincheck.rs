@@ -19,7 +19,7 @@
 //! `a` returned strictly before `b` was invoked. A simulator that wants two events at the same tick
 //! to be ordered should number events, not ticks.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Debug, Write as _};
 use std::hash::Hash;
 
@@ -48,6 +48,13 @@ pub enum Outcome<O> {
     /// The request failed, timed out or was never answered: it may or may not have taken effect,
     /// at any time after its invocation, with any output.
     Unknown,
+    /// The client saw no answer, but the operation is known (from outside the client, e.g. a
+    /// simulator that saw it applied) to have taken effect no later than `by`, with an unknown
+    /// output: it must be placed, before `by`, and the model accepts any output for it.
+    TookEffect {
+        /// A time by which it had taken effect.
+        by: u64,
+    },
 }
 
 /// One client request and its outcome.
@@ -64,10 +71,12 @@ pub struct Operation<I, O> {
 }
 
 impl<I, O> Operation<I, O> {
-    /// The return time, or `None` for an operation that may or may not have taken effect.
+    /// The time by which the operation took effect (its return time), or `None` for an
+    /// operation that may or may not have taken effect.
     pub fn return_time(&self) -> Option<u64> {
         match self.outcome {
             Outcome::Returned { at, .. } => Some(at),
+            Outcome::TookEffect { by } => Some(by),
             Outcome::Unknown => None,
         }
     }
@@ -76,7 +85,7 @@ impl<I, O> Operation<I, O> {
     pub fn output(&self) -> Option<&O> {
         match &self.outcome {
             Outcome::Returned { output, .. } => Some(output),
-            Outcome::Unknown => None,
+            Outcome::TookEffect { .. } | Outcome::Unknown => None,
         }
     }
 }
@@ -105,6 +114,16 @@ impl<I, O> History<I, O> {
     pub fn invoke(&mut self, client: u64, input: I, at: u64) -> OpId {
         self.operations.push(Operation { client, input, invoke: at, outcome: Outcome::Unknown });
         OpId(self.operations.len() - 1)
+    }
+
+    /// Records that operation `id`, never answered, is known to have taken effect by `by`.
+    ///
+    /// Panics if it already returned or `by` is before its invocation.
+    pub fn took_effect(&mut self, id: OpId, by: u64) {
+        let operation = &mut self.operations[id.0];
+        assert!(matches!(operation.outcome, Outcome::Unknown), "{id} already has an outcome");
+        assert!(by >= operation.invoke, "{id} took effect at {by} before its invocation");
+        operation.outcome = Outcome::TookEffect { by };
     }
 
     /// Records that operation `id` returned `output` at time `at`.
@@ -314,12 +333,49 @@ impl Bitset {
         self.0[index / 64] &= !(1 << (index % 64));
     }
 
+    /// True if every member of `self` is in `other` (same length).
+    fn is_subset(&self, other: &Bitset) -> bool {
+        self.0.iter().zip(other.0.iter()).all(|(mine, theirs)| mine & !theirs == 0)
+    }
+
     /// The smallest index not in the set (may be past the end).
     fn first_absent(&self) -> usize {
         self.0
             .iter()
             .position(|word| *word != u64::MAX)
             .map_or(self.0.len() * 64, |word| word * 64 + self.0[word].trailing_ones() as usize)
+    }
+}
+
+/// The configurations explored, for memoization with subsumption.
+///
+/// A configuration is (placed operations with a known outcome, placed operations with an unknown
+/// one, model state). Of two configurations that differ only in their unknown parts, the one that
+/// placed fewer unknown operations can do everything the other can: unknown operations constrain
+/// no one and may always be placed later or never. So a configuration is skipped if one with the
+/// same known part and state, and a subset of its unknown part, was seen. Without unknown
+/// operations this is plain WGL memoization.
+struct Seen<S> {
+    /// (known part, state) → the minimal unknown parts seen with them.
+    minimal_unknown: HashMap<(Bitset, S), Vec<Bitset>>,
+}
+
+impl<S> Default for Seen<S> {
+    fn default() -> Self {
+        Seen { minimal_unknown: HashMap::new() }
+    }
+}
+
+impl<S: Clone + Eq + Hash> Seen<S> {
+    /// Records the configuration; false if it (or one that subsumes it) was seen before.
+    fn visit(&mut self, definite: &Bitset, unknown: &Bitset, state: &S) -> bool {
+        let minimal = self.minimal_unknown.entry((definite.clone(), state.clone())).or_default();
+        if minimal.iter().any(|seen| seen.is_subset(unknown)) {
+            return false;
+        }
+        minimal.retain(|seen| !unknown.is_subset(seen));
+        minimal.push(unknown.clone());
+        true
     }
 }
 
@@ -409,8 +465,8 @@ impl Entries {
     }
 
     /// The entries that may be placed next: invoked no later than the earliest return among the
-    /// entries not yet placed. Those with a known output come first: they must be placed anyway,
-    /// while the others usually need not be.
+    /// entries not yet placed. Those with a known output come first, by return time: they must be
+    /// placed anyway, while the others usually need not be.
     fn candidates(&self, placed: &Bitset) -> Vec<usize> {
         let deadline =
             self.first_unplaced_return(placed).map_or(u64::MAX, |index| self.by_invoke[index].ret);
@@ -430,6 +486,9 @@ impl Entries {
                 unknown.push(index);
             }
         }
+        // Earliest return first: operations tend to take effect in the order they return, and an
+        // operation invoked long before it returned is more often placed late than early.
+        definite.sort_by_key(|&index| self.by_invoke[index].ret);
         definite.append(&mut unknown);
         definite
     }
@@ -449,10 +508,13 @@ fn search<M: Model>(
     if unplaced_definite == 0 {
         return Search::Linearizable;
     }
+    // All placed entries; the placed entries with a known outcome; the others.
     let mut placed = Bitset::new(count);
+    let mut placed_definite = Bitset::new(count);
+    let mut placed_unknown = Bitset::new(count);
     let mut path: Vec<usize> = Vec::new();
     let mut longest: Vec<usize> = Vec::new();
-    let mut seen: HashSet<(Bitset, M::State)> = HashSet::new();
+    let mut seen = Seen::default();
     let mut stack =
         vec![Frame { state: model.init(), candidates: entries.candidates(&placed), next: 0 }];
     while let Some(frame) = stack.last_mut() {
@@ -462,7 +524,10 @@ fn search<M: Model>(
             if let Some(index) = path.pop() {
                 placed.remove(index);
                 if entries.by_invoke[index].definite {
+                    placed_definite.remove(index);
                     unplaced_definite += 1;
+                } else {
+                    placed_unknown.remove(index);
                 }
             }
             continue;
@@ -477,11 +542,19 @@ fn search<M: Model>(
         let Some(state) = model.step(&frame.state, &operation.input, operation.output()) else {
             continue;
         };
-        placed.insert(index);
-        if !seen.insert((placed.clone(), state.clone())) {
-            placed.remove(index);
+        let (kind, other) = if entry.definite {
+            (&mut placed_definite, &placed_unknown)
+        } else {
+            (&mut placed_unknown, &placed_definite)
+        };
+        kind.insert(index);
+        let (definite_set, unknown_set) =
+            if entry.definite { (&*kind, other) } else { (other, &*kind) };
+        if !seen.visit(definite_set, unknown_set, &state) {
+            kind.remove(index);
             continue;
         }
+        placed.insert(index);
         path.push(index);
         if entry.definite {
             unplaced_definite -= 1;
@@ -557,6 +630,14 @@ fn describe<I: Debug, O: Debug>(operations: &[Operation<I, O>], op: usize) -> St
             at,
             operation.input,
             output
+        ),
+        Outcome::TookEffect { by } => format!(
+            "{} client {} [{}, {}] {:?} -> unknown (took effect)",
+            OpId(op),
+            operation.client,
+            operation.invoke,
+            by,
+            operation.input
         ),
         Outcome::Unknown => format!(
             "{} client {} [{}, unknown] {:?} -> unknown",

@@ -284,6 +284,28 @@ fn keys_are_independent() {
     assert_accepted(&history);
 }
 
+#[test]
+fn an_unanswered_operation_known_to_have_taken_effect_must_be_placed_in_time() {
+    let took_effect = |value, invoke, by| Operation {
+        client: 1,
+        input: KvInput::Put { key: X, value },
+        invoke,
+        outcome: Outcome::TookEffect { by },
+    };
+    // Seen by a later read: fine; not seen by a read after `by`: a lost write.
+    assert_accepted(&[took_effect(1, 0, 10), get(2, X, Some(1), Done(20, 30))]);
+    assert_rejected(&[took_effect(1, 0, 10), get(2, X, None, Done(20, 30))]);
+    // Before `by` it may or may not be visible yet.
+    assert_accepted(&[took_effect(1, 0, 50), get(2, X, None, Done(20, 30))]);
+    let mut history = super::History::new();
+    let id = history.invoke(1, KvInput::CompareAndSet { key: X, expected: None, new: 1 }, 0);
+    history.took_effect(id, 10);
+    let read = history.invoke(2, KvInput::Get { key: X }, 20);
+    history.complete(read, KvOutput::Get(Some(1)), 30);
+    assert_accepted(history.operations());
+    assert_eq!(history.operations()[0].output(), None);
+}
+
 // ---- the work bound --------------------------------------------------------------------------------
 
 #[test]
