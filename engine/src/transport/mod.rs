@@ -6,7 +6,7 @@
 //! is a *data* frame whose body is a *batch* ([`batch`]) of the Raft messages of many groups bound
 //! for the peer — one frame per peer node per flush of a shard.
 //!
-//! ```ignore
+//! ```
 //! use bytes::BytesMut;
 //! use flotilla::raftgroup::{Message, MessageBody, NodeId, Term};
 //! use flotilla::transport::{ClusterId, batch, frame::{self, FrameDecoder, FrameHeader, FrameKind}};
@@ -30,11 +30,10 @@
 //! let start = frame::begin(&mut out);
 //! let mut writer = batch::BatchWriter::new(&mut out);
 //! writer.push(GroupId(42), &message);
-//! writer.finish();
 //! frame::finish(&header, &mut out, start, frame::BODY_BYTES_MAX_DEFAULT).unwrap();
 //!
 //! // Receiver: bytes arrive in any pieces; a frame comes out once it is whole and verified.
-//! let mut decoder = FrameDecoder::new(frame::DecoderConfig::for_peer(ClusterId(7), NodeId(2)));
+//! let mut decoder = FrameDecoder::new(frame::DecoderConfig::new(ClusterId(7), NodeId(2)));
 //! let mut input = BytesMut::new();
 //! let (first, second) = out.split_at(10);
 //! input.extend_from_slice(first);
@@ -48,6 +47,7 @@
 
 use std::fmt;
 
+pub mod batch;
 pub mod frame;
 
 /// Identifies a cluster: every frame carries it, so nodes of two clusters that share a network
