@@ -57,6 +57,31 @@
 //! crash lose a vote (two leaders in one term) or an acknowledged entry. [`Ready::messages`]
 //! carry no such promise and go out immediately. Storage must apply Readies in order.
 //!
+//! # The API at a glance
+//!
+//! - Create: [`Replica::new`]`(`[`Config`]`, `[`RecoveredState`]`)`; [`Config::validate`] says
+//!   what is wrong with a configuration ([`ConfigError`]).
+//! - Inputs: [`Replica::tick`], [`Replica::step`] (a [`Message`]; [`codec::encode`] and
+//!   [`codec::decode`] put it on the wire), [`Replica::propose`], [`Replica::propose_membership`]
+//!   (joint consensus, learners), [`Replica::read_index`], [`Replica::transfer_leadership`],
+//!   [`Replica::campaign_now`]; from storage and the state machine: [`Replica::on_persisted`],
+//!   [`Replica::on_fetched`], [`Replica::on_applied`], [`Replica::compact`].
+//! - Output: [`Replica::has_ready`], [`Replica::ready`] → [`Ready`], [`Replica::advance`].
+//! - Introspection: [`Replica::status`], [`Replica::role`], [`Replica::term`],
+//!   [`Replica::leader`], [`Replica::membership`], [`Replica::progress`],
+//!   [`Replica::check_invariants`] (call it after every input in simulations).
+//! - Errors are typed per operation: [`Error`] (step), [`ProposeError`] (`NotLeader {
+//!   leader_hint }`, `ProposalDropped`, `Busy`...), [`ReadError`], [`TransferError`],
+//!   [`CompactError`].
+//!
+//! # What storage must do
+//!
+//! Write each Ready's snapshot, then entries (replacing any stored entries from the first one's
+//! index on), then hard state, Readies in order; answer [`Fetch`]es with durable entries
+//! ([`MemStorage::fetch`] shows how); drop entries through a compaction point when the
+//! application calls [`Replica::compact`]. Only the unsynced tail may be lost in a crash; the
+//! [`RecoveredState`] after a restart is what was synced.
+//!
 //! # Map
 //! - `replica.rs`: inputs, [`Ready`], introspection; `raft.rs`: the protocol rules;
 //! - `log.rs`: terms of every index (as runs) plus an in-memory suffix of entries; older entries

@@ -40,9 +40,8 @@ pub struct RecoveredState {
     pub hard_state: HardState,
     /// The latest snapshot, if any; entries start right after it.
     pub snapshot: Option<Snapshot>,
-    /// The log entries after the snapshot, consecutive. They stay cached in memory (subject to
-    /// `Config::log_cache_bytes`) so a driver may pass only their tail... as long as it also
-    /// passes every entry after the snapshot: the replica must know every term.
+    /// Every durable log entry after the snapshot, consecutive: the replica learns the term of
+    /// each index from them, then keeps only what `Config::log_cache_bytes` allows in memory.
     pub entries: Vec<Entry>,
     /// The index the state machine has applied through (at least the snapshot's).
     pub applied: LogIndex,
@@ -320,6 +319,10 @@ impl Replica {
     /// Storage made the entries through `index` durable; `term` is the term of the entry at
     /// `index` (as in [`Ready::last_entry`]). Acknowledgements for entries since overwritten are
     /// ignored.
+    ///
+    /// There is no separate acknowledgement for the hard state: nothing inside the replica waits
+    /// for it. Everything that depends on it (votes, append acknowledgements) is in
+    /// [`Ready::persisted_messages`], which the driver holds until the Ready is durable.
     pub fn on_persisted(&mut self, term: Term, index: LogIndex) {
         if self.log.on_persisted(term, index) && self.role == Role::Leader {
             // The leader's own log counts toward the quorum only once durable.
