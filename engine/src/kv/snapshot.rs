@@ -1,0 +1,391 @@
+//! The snapshot image of [`KvStateMachine`](super::KvStateMachine), byte by byte.
+//!
+//! ```text
+//! offset size field
+//!  0      8   magic           "FLTKVSNP"
+//!  8      4   version         u32 = 1
+//! 12      8   applied_index   u64, the last log index the image covers
+//! 20      8   now_ms          u64, the state machine's log time
+//! 28      8   entry_count     u64, key-value pairs in the body
+//! 36      8   session_count   u64, sessions in the body
+//! 44      8   body_len        u64, bytes after the header (the image's length minus 56)
+//! 52      4   crc32           of bytes 0..52 followed by the whole body
+//! 56          body            entry * entry_count, then session * session_count
+//!
+//! entry   = key:bytes value:bytes                      (strictly increasing keys)
+//! session = client_id:u64 last_active_ms:u64 last:u8    (strictly increasing client ids)
+//!           last = 0                                   no command yet
+//!                | 1 sequence:u64 outcome              the last command and its outcome
+//! outcome = 1 written | 2 deleted existed:u8 | 3 swapped | 4 mismatch actual:option
+//! bytes   = len:u32 data        option = 0:u8 | 1:u8 bytes        integers little-endian
+//! ```
+//!
+//! One state has exactly one image: the map and the sessions are written in key and client-id
+//! order, and the decoder refuses anything but that order, unknown flags and trailing bytes. So
+//! replicas that applied the same log produce byte-identical snapshots.
+//!
+//! Restore checks, in order: the length covers the header, the magic, the version, `body_len`
+//! against the actual length, then the CRC — before it parses a single body byte. CRC-32 detects
+//! every single flipped bit and every burst of up to 32 bits, at any length (a flip in the
+//! magic, version or length fields is caught even before). Then it parses the body against the
+//! counts, without reserving anything from a count.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use flotilla_raftgroup::LogIndex;
+use thiserror::Error;
+
+use super::command::{DecodeError, Reader, put_bytes, put_option, put_u64};
+use super::session::{Session, Sessions};
+use super::state_machine::Outcome;
+
+/// The first eight bytes of every image.
+pub const MAGIC: [u8; 8] = *b"FLTKVSNP";
+/// The image format version written.
+pub const SNAPSHOT_VERSION: u32 = 1;
+/// Bytes before the body.
+pub const HEADER_LEN: usize = 56;
+const CRC_OFFSET: usize = 52;
+const _: () = assert!(CRC_OFFSET + 4 == HEADER_LEN);
+
+/// Why bytes are not a KV snapshot image.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// Shorter than the header.
+    #[error("snapshot of {len} bytes is shorter than its header")]
+    TooShort {
+        /// The length given.
+        len: usize,
+    },
+    /// The magic is wrong: not a KV snapshot.
+    #[error("not a kv snapshot (bad magic)")]
+    Magic,
+    /// A format version this build cannot read.
+    #[error("unsupported snapshot version {version}")]
+    Version {
+        /// The version found.
+        version: u32,
+    },
+    /// The header's body length disagrees with the bytes given (truncated or extended).
+    #[error("snapshot body is {actual} bytes but the header says {declared}")]
+    Length {
+        /// `body_len` from the header.
+        declared: u64,
+        /// Bytes actually after the header.
+        actual: u64,
+    },
+    /// The checksum does not match: the image is damaged.
+    #[error("snapshot checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    Checksum {
+        /// The CRC in the header.
+        stored: u32,
+        /// The CRC of the bytes.
+        computed: u32,
+    },
+    /// The body does not parse (reachable only by an image with a valid CRC: a bug or a
+    /// forgery).
+    #[error("malformed snapshot body: {0}")]
+    Body(#[from] DecodeError),
+    /// The body parses but breaks a rule of the format.
+    #[error("invalid snapshot: {reason}")]
+    Invalid {
+        /// Which rule.
+        reason: &'static str,
+    },
+}
+
+/// A decoded image.
+pub(crate) struct Image {
+    pub(crate) applied_index: LogIndex,
+    pub(crate) now_ms: u64,
+    pub(crate) data: BTreeMap<Bytes, Bytes>,
+    pub(crate) sessions: Sessions,
+}
+
+mod outcome_tag {
+    pub const WRITTEN: u8 = 1;
+    pub const DELETED: u8 = 2;
+    pub const SWAPPED: u8 = 3;
+    pub const MISMATCH: u8 = 4;
+}
+
+/// Writes the image of a state.
+pub(crate) fn encode(
+    applied_index: LogIndex,
+    now_ms: u64,
+    data: &BTreeMap<Bytes, Bytes>,
+    sessions: &Sessions,
+) -> Bytes {
+    let data_bytes: usize = data.iter().map(|(key, value)| 8 + key.len() + value.len()).sum();
+    let mut out = Vec::with_capacity(HEADER_LEN + data_bytes + sessions.len() * 32);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+    put_u64(&mut out, applied_index.get());
+    put_u64(&mut out, now_ms);
+    put_u64(&mut out, data.len() as u64);
+    put_u64(&mut out, sessions.len() as u64);
+    put_u64(&mut out, 0); // body_len, filled in below
+    out.extend_from_slice(&[0; 4]); // crc32, filled in below
+    debug_assert_eq!(out.len(), HEADER_LEN);
+    for (key, value) in data {
+        put_bytes(&mut out, key);
+        put_bytes(&mut out, value);
+    }
+    for (client_id, session) in sessions.iter() {
+        put_u64(&mut out, client_id);
+        put_u64(&mut out, session.last_active_ms);
+        match &session.last {
+            None => out.push(0),
+            Some((sequence, outcome)) => {
+                out.push(1);
+                put_u64(&mut out, *sequence);
+                encode_outcome(&mut out, outcome);
+            }
+        }
+    }
+    let body_len = (out.len() - HEADER_LEN) as u64;
+    out[44..52].copy_from_slice(&body_len.to_le_bytes());
+    let crc = checksum(&out);
+    out[CRC_OFFSET..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+    Bytes::from(out)
+}
+
+fn encode_outcome(out: &mut Vec<u8>, outcome: &Outcome) {
+    match outcome {
+        Outcome::Written => out.push(outcome_tag::WRITTEN),
+        Outcome::Deleted { existed } => {
+            out.push(outcome_tag::DELETED);
+            out.push(u8::from(*existed));
+        }
+        Outcome::Swapped => out.push(outcome_tag::SWAPPED),
+        Outcome::Mismatch { actual } => {
+            out.push(outcome_tag::MISMATCH);
+            put_option(out, actual.as_ref());
+        }
+    }
+}
+
+/// CRC-32 of the header without its CRC field, then the body.
+fn checksum(image: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&image[..CRC_OFFSET]);
+    hasher.update(&image[HEADER_LEN..]);
+    hasher.finalize()
+}
+
+fn header_u64(image: &[u8], offset: usize) -> u64 {
+    let mut field = [0; 8];
+    field.copy_from_slice(&image[offset..offset + 8]);
+    u64::from_le_bytes(field)
+}
+
+fn header_u32(image: &[u8], offset: usize) -> u32 {
+    let mut field = [0; 4];
+    field.copy_from_slice(&image[offset..offset + 4]);
+    u32::from_le_bytes(field)
+}
+
+/// Verifies and parses an image. Keys and values are copied out of `image`, so that the state
+/// does not keep the whole image (perhaps a network buffer or a memory map) alive.
+pub(crate) fn decode(image: &Bytes) -> Result<Image, SnapshotError> {
+    if image.len() < HEADER_LEN {
+        return Err(SnapshotError::TooShort { len: image.len() });
+    }
+    if image[..8] != MAGIC {
+        return Err(SnapshotError::Magic);
+    }
+    let version = header_u32(image, 8);
+    if version != SNAPSHOT_VERSION {
+        return Err(SnapshotError::Version { version });
+    }
+    let declared = header_u64(image, 44);
+    let actual = (image.len() - HEADER_LEN) as u64;
+    if declared != actual {
+        return Err(SnapshotError::Length { declared, actual });
+    }
+    let stored = header_u32(image, CRC_OFFSET);
+    let computed = checksum(image);
+    if stored != computed {
+        return Err(SnapshotError::Checksum { stored, computed });
+    }
+    let applied_index = LogIndex(header_u64(image, 12));
+    let now_ms = header_u64(image, 20);
+    let entry_count = header_u64(image, 28);
+    let session_count = header_u64(image, 36);
+
+    let body = image.slice(HEADER_LEN..);
+    let mut reader = Reader::new(&body);
+    let mut data = BTreeMap::new();
+    let mut previous_key: Option<Bytes> = None;
+    // Each iteration consumes at least 8 bytes or fails, so a huge count costs nothing.
+    for _ in 0..entry_count {
+        let key = reader.bytes()?;
+        let value = reader.bytes()?;
+        if previous_key.as_ref().is_some_and(|previous| *previous >= key) {
+            return Err(SnapshotError::Invalid { reason: "keys out of order" });
+        }
+        let key = Bytes::copy_from_slice(&key);
+        data.insert(key.clone(), Bytes::copy_from_slice(&value));
+        previous_key = Some(key);
+    }
+    let mut sessions = Sessions::default();
+    let mut previous_client: Option<u64> = None;
+    for _ in 0..session_count {
+        let client_id = reader.u64()?;
+        let last_active_ms = reader.u64()?;
+        let last = match reader.u8()? {
+            0 => None,
+            1 => Some((reader.u64()?, decode_outcome(&mut reader)?)),
+            other => return Err(DecodeError::Flag(other).into()),
+        };
+        if previous_client.is_some_and(|previous| previous >= client_id) {
+            return Err(SnapshotError::Invalid { reason: "sessions out of order" });
+        }
+        if client_id > applied_index.get() {
+            return Err(SnapshotError::Invalid { reason: "session registered after the image" });
+        }
+        if last_active_ms > now_ms {
+            return Err(SnapshotError::Invalid { reason: "session active after the image" });
+        }
+        if matches!(last, Some((0, _))) {
+            return Err(SnapshotError::Invalid { reason: "session cached sequence 0" });
+        }
+        previous_client = Some(client_id);
+        sessions.insert(client_id, Session { last_active_ms, last });
+    }
+    reader.finish()?;
+    Ok(Image { applied_index, now_ms, data, sessions })
+}
+
+fn decode_outcome(reader: &mut Reader<'_>) -> Result<Outcome, SnapshotError> {
+    Ok(match reader.u8()? {
+        outcome_tag::WRITTEN => Outcome::Written,
+        outcome_tag::DELETED => match reader.u8()? {
+            0 => Outcome::Deleted { existed: false },
+            1 => Outcome::Deleted { existed: true },
+            other => return Err(DecodeError::Flag(other).into()),
+        },
+        outcome_tag::SWAPPED => Outcome::Swapped,
+        outcome_tag::MISMATCH => Outcome::Mismatch {
+            actual: reader.option()?.map(|value| Bytes::copy_from_slice(&value)),
+        },
+        other => return Err(DecodeError::Tag(other).into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Bytes {
+        let mut data = BTreeMap::new();
+        data.insert(Bytes::from_static(b"a"), Bytes::from_static(b"1"));
+        data.insert(Bytes::from_static(b"b"), Bytes::from_static(b""));
+        let mut sessions = Sessions::default();
+        sessions.insert(3, Session { last_active_ms: 5, last: None });
+        sessions.insert(
+            4,
+            Session {
+                last_active_ms: 6,
+                last: Some((2, Outcome::Mismatch { actual: Some(Bytes::from_static(b"x")) })),
+            },
+        );
+        sessions.insert(
+            7,
+            Session { last_active_ms: 6, last: Some((9, Outcome::Deleted { existed: true })) },
+        );
+        encode(LogIndex(9), 6, &data, &sessions)
+    }
+
+    /// Recomputes the CRC so that a test reaches the body checks.
+    fn reseal(mut image: Vec<u8>) -> Bytes {
+        let crc = checksum(&image);
+        image[CRC_OFFSET..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        Bytes::from(image)
+    }
+
+    #[test]
+    fn the_header_is_as_documented() {
+        let image = sample();
+        assert_eq!(&image[..8], b"FLTKVSNP");
+        assert_eq!(header_u32(&image, 8), 1);
+        assert_eq!(header_u64(&image, 12), 9);
+        assert_eq!(header_u64(&image, 20), 6);
+        assert_eq!(header_u64(&image, 28), 2);
+        assert_eq!(header_u64(&image, 36), 3);
+        assert_eq!(header_u64(&image, 44), (image.len() - HEADER_LEN) as u64);
+        assert_eq!(&image[HEADER_LEN..HEADER_LEN + 10], &[1, 0, 0, 0, b'a', 1, 0, 0, 0, b'1']);
+    }
+
+    #[test]
+    fn an_image_decodes_to_what_was_encoded() {
+        let image = decode(&sample()).expect("valid image");
+        assert_eq!(image.applied_index, LogIndex(9));
+        assert_eq!(image.now_ms, 6);
+        assert_eq!(image.data.len(), 2);
+        assert_eq!(image.sessions.len(), 3);
+        assert_eq!(
+            encode(image.applied_index, image.now_ms, &image.data, &image.sessions),
+            sample()
+        );
+    }
+
+    #[test]
+    fn header_damage_gives_typed_errors() {
+        let image = sample().to_vec();
+        assert_eq!(decode(&Bytes::new()).err(), Some(SnapshotError::TooShort { len: 0 }));
+        let mut bad = image.clone();
+        bad[0] ^= 1;
+        assert_eq!(decode(&Bytes::from(bad)).err(), Some(SnapshotError::Magic));
+        let mut bad = image.clone();
+        bad[8] = 2;
+        assert_eq!(decode(&Bytes::from(bad)).err(), Some(SnapshotError::Version { version: 2 }));
+        let body = (image.len() - HEADER_LEN) as u64;
+        assert_eq!(
+            decode(&Bytes::copy_from_slice(&image[..image.len() - 1])).err(),
+            Some(SnapshotError::Length { declared: body, actual: body - 1 })
+        );
+        let mut bad = image.clone();
+        bad[HEADER_LEN] ^= 0x80;
+        assert!(matches!(decode(&Bytes::from(bad)), Err(SnapshotError::Checksum { .. })));
+        let mut bad = image;
+        bad[12] ^= 1;
+        assert!(matches!(decode(&Bytes::from(bad)), Err(SnapshotError::Checksum { .. })));
+    }
+
+    #[test]
+    fn a_resealed_but_malformed_body_is_refused() {
+        let image = sample().to_vec();
+        // More entries than the body holds.
+        let mut bad = image.clone();
+        bad[28] = 200;
+        assert!(matches!(decode(&reseal(bad)), Err(SnapshotError::Body(_))));
+        // Fewer sessions than the body holds: trailing bytes.
+        let mut bad = image.clone();
+        bad[36] = 2;
+        assert!(matches!(decode(&reseal(bad)), Err(SnapshotError::Body(DecodeError::Trailing(_)))));
+        // Keys out of order.
+        let mut bad = image.clone();
+        bad[HEADER_LEN + 4] = b'c';
+        assert_eq!(
+            decode(&reseal(bad)).err(),
+            Some(SnapshotError::Invalid { reason: "keys out of order" })
+        );
+        // A session registered after the image's index.
+        let mut bad = image.clone();
+        bad[12] = 5;
+        assert_eq!(
+            decode(&reseal(bad)).err(),
+            Some(SnapshotError::Invalid { reason: "session registered after the image" })
+        );
+        // A session active after the image's time.
+        let mut bad = image;
+        bad[20] = 5;
+        assert_eq!(
+            decode(&reseal(bad)).err(),
+            Some(SnapshotError::Invalid { reason: "session active after the image" })
+        );
+    }
+}
