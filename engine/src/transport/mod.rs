@@ -49,6 +49,7 @@ use std::fmt;
 
 pub mod batch;
 pub mod frame;
+pub mod handshake;
 
 /// Identifies a cluster: every frame carries it, so nodes of two clusters that share a network
 /// (a staging and a production cluster, a restored backup) never mix their Raft traffic.
