@@ -25,7 +25,8 @@ pub struct Config {
     /// A leader steps down if it has not heard from a quorum for `election_ticks`; followers that
     /// heard from a leader within `election_ticks` refuse to vote for others.
     pub check_quorum: bool,
-    /// Append messages in flight per follower before the leader waits for acknowledgements.
+    /// Append messages in flight per follower before the leader waits for acknowledgements;
+    /// proposals fail with [`crate::ProposeError::Busy`] while the windows to a quorum are full.
     pub max_inflight_messages: u32,
     /// Upper bound of entry bytes (see [`crate::Entry::size_bytes`]) per Append message; one
     /// larger entry is still sent alone.

@@ -101,11 +101,11 @@ pub enum ProposeError {
     /// The leader is handing over leadership and accepts nothing meanwhile.
     #[error("proposal dropped: leadership transfer in progress")]
     ProposalDropped,
-    /// Too many uncommitted bytes: back off and retry.
-    #[error("busy: {uncommitted_bytes} uncommitted bytes")]
+    /// Backpressure: the group cannot absorb more now; back off and retry.
+    #[error("busy: {reason}")]
     Busy {
-        /// Bytes of entries appended but not yet committed.
-        uncommitted_bytes: u64,
+        /// Which limit was reached.
+        reason: BusyReason,
     },
     /// A membership change is still in progress (not yet committed, or joint not yet left).
     #[error("a membership change is already pending")]
@@ -116,6 +116,22 @@ pub enum ProposeError {
         /// What is wrong.
         reason: &'static str,
     },
+}
+
+/// Which backpressure limit made a proposal fail with [`ProposeError::Busy`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum BusyReason {
+    /// The leader holds `Config::max_uncommitted_bytes` of entries not yet applied.
+    #[error("{uncommitted_bytes} uncommitted bytes")]
+    UncommittedBytes {
+        /// Bytes of entries appended in this term and not yet committed and handed out.
+        uncommitted_bytes: u64,
+    },
+    /// The Append pipelines to a quorum are full (`Config::max_inflight_messages` each): a new
+    /// entry could not even be sent to a quorum.
+    #[error("inflight windows to a quorum are full")]
+    InflightWindowsFull,
 }
 
 /// Why [`crate::Replica::read_index`] refused.

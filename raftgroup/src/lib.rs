@@ -112,7 +112,8 @@ pub mod quorum;
 
 pub use config::Config;
 pub use error::{
-    CompactError, ConfigError, Error, InvariantError, ProposeError, ReadError, TransferError,
+    BusyReason, CompactError, ConfigError, Error, InvariantError, ProposeError, ReadError,
+    TransferError,
 };
 pub use membership::MembershipChange;
 pub use message::{Message, MessageBody};

@@ -7,12 +7,14 @@ use bytes::Bytes;
 
 use crate::config::Config;
 use crate::error::{
-    CompactError, ConfigError, Error, InvariantError, ProposeError, ReadError, TransferError,
+    BusyReason, CompactError, ConfigError, Error, InvariantError, ProposeError, ReadError,
+    TransferError,
 };
 use crate::log::RaftLog;
 use crate::membership::MembershipChange;
 use crate::message::{Message, MessageBody};
 use crate::progress::{Progress, ProgressState};
+use crate::quorum;
 use crate::read_index::{MAX_PENDING_READS, ReadQueue, ReadState};
 use crate::ready::{Fetch, FetchPurpose, Ready, SendAfterPersist};
 use crate::types::{
@@ -647,7 +649,20 @@ impl Replica {
         if self.uncommitted_bytes > 0
             && self.uncommitted_bytes + bytes > self.settings.max_uncommitted_bytes
         {
-            return Err(ProposeError::Busy { uncommitted_bytes: self.uncommitted_bytes });
+            let reason = BusyReason::UncommittedBytes { uncommitted_bytes: self.uncommitted_bytes };
+            return Err(ProposeError::Busy { reason });
+        }
+        let max_inflight = self.settings.max_inflight_messages as usize;
+        let open = |id: NodeId| {
+            id == self.id
+                || self.progress_of(id).is_some_and(|progress| {
+                    progress.state != ProgressState::Replicate
+                        || progress.inflight.len() < max_inflight
+                })
+        };
+        let membership = self.membership();
+        if !quorum::joint_active(&membership.voters, &membership.outgoing, open) {
+            return Err(ProposeError::Busy { reason: BusyReason::InflightWindowsFull });
         }
         Ok(())
     }
