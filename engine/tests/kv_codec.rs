@@ -190,8 +190,10 @@ proptest! {
 }
 
 /// A state with keys, empty values, and sessions in every state (fresh, each outcome cached).
+const POPULATED_CONFIG: KvConfig = KvConfig { session_ttl_ms: 10_000, sessions_max: 8 };
+
 fn populated() -> KvStateMachine {
-    let mut kv = KvStateMachine::new(KvConfig { session_ttl_ms: 10_000, sessions_max: 8 });
+    let mut kv = KvStateMachine::new(POPULATED_CONFIG);
     let key = |text: &str| Bytes::copy_from_slice(text.as_bytes());
     let mut requests = vec![Request::RegisterSession, Request::RegisterSession];
     let commands = [
@@ -230,7 +232,7 @@ fn populated() -> KvStateMachine {
 fn every_single_bit_flip_of_a_snapshot_is_detected() {
     let kv = populated();
     let image = kv.snapshot();
-    let mut restored = KvStateMachine::default();
+    let mut restored = KvStateMachine::new(POPULATED_CONFIG);
     restored.restore(&image).expect("the intact image restores");
     assert_eq!(restored.snapshot(), image);
     let mut target = populated();
@@ -241,7 +243,7 @@ fn every_single_bit_flip_of_a_snapshot_is_detected() {
         let expected_kind = match bit / 8 {
             0..8 => matches!(error, SnapshotError::Magic),
             8..12 => matches!(error, SnapshotError::Version { .. }),
-            44..52 => matches!(error, SnapshotError::Length { .. }),
+            60..68 => matches!(error, SnapshotError::Length { .. }),
             _ => matches!(error, SnapshotError::Checksum { .. }),
         };
         assert!(expected_kind, "bit {bit}: {error}");
@@ -252,7 +254,7 @@ fn every_single_bit_flip_of_a_snapshot_is_detected() {
 #[test]
 fn every_truncation_and_extension_of_a_snapshot_is_detected() {
     let image = populated().snapshot();
-    let mut target = KvStateMachine::default();
+    let mut target = KvStateMachine::new(POPULATED_CONFIG);
     for len in 0..image.len() {
         assert!(target.restore(&image.slice(..len)).is_err(), "truncated to {len}");
     }
@@ -260,6 +262,14 @@ fn every_truncation_and_extension_of_a_snapshot_is_detected() {
     extended.push(0);
     assert!(matches!(target.restore(&Bytes::from(extended)), Err(SnapshotError::Length { .. })));
     assert_eq!(target.applied_index(), LogIndex::ZERO);
+}
+
+#[test]
+fn an_image_from_a_replica_with_other_limits_is_refused() {
+    let image = populated().snapshot();
+    let mut other = KvStateMachine::new(KvConfig { session_ttl_ms: 10_000, sessions_max: 9 });
+    assert!(matches!(other.restore(&image), Err(SnapshotError::Config { .. })));
+    assert_eq!(other.applied_index(), LogIndex::ZERO);
 }
 
 /// Random bodies behind a valid header and CRC reach the body parser, which must refuse or
@@ -271,24 +281,24 @@ fn random_resealed_images_never_panic() {
     let mut accepted = 0;
     for _ in 0..20_000 {
         let mut forged = if rng.percent(50) {
-            mutate(&mut rng, &image[56..]).to_vec()
+            mutate(&mut rng, &image[72..]).to_vec()
         } else {
             random_bytes(&mut rng, 64).to_vec()
         };
-        let mut header = image[..56].to_vec();
+        let mut header = image[..72].to_vec();
         // Random counts, sometimes huge, must not make the parser reserve anything.
-        for (offset, field) in [(28, rng.below(12)), (36, rng.below(9))] {
+        for (offset, field) in [(44, rng.below(12)), (52, rng.below(9))] {
             let field = if rng.percent(5) { u64::MAX } else { field };
             header[offset..offset + 8].copy_from_slice(&field.to_le_bytes());
         }
-        header[44..52].copy_from_slice(&(forged.len() as u64).to_le_bytes());
+        header[60..68].copy_from_slice(&(forged.len() as u64).to_le_bytes());
         let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&header[..52]);
+        hasher.update(&header[..68]);
         hasher.update(&forged);
-        header[52..56].copy_from_slice(&hasher.finalize().to_le_bytes());
+        header[68..72].copy_from_slice(&hasher.finalize().to_le_bytes());
         header.append(&mut forged);
         let forged = Bytes::from(header);
-        let mut kv = KvStateMachine::default();
+        let mut kv = KvStateMachine::new(POPULATED_CONFIG);
         if kv.restore(&forged).is_ok() {
             kv.check_invariants();
             assert_eq!(kv.snapshot(), forged, "an accepted image is canonical");

@@ -6,11 +6,13 @@
 //!  8      4   version         u32 = 1
 //! 12      8   applied_index   u64, the last log index the image covers
 //! 20      8   now_ms          u64, the state machine's log time
-//! 28      8   entry_count     u64, key-value pairs in the body
-//! 36      8   session_count   u64, sessions in the body
-//! 44      8   body_len        u64, bytes after the header (the image's length minus 56)
-//! 52      4   crc32           of bytes 0..52 followed by the whole body
-//! 56          body            entry * entry_count, then session * session_count
+//! 28      8   session_ttl_ms  u64, KvConfig::session_ttl_ms of the writer
+//! 36      8   sessions_max    u64, KvConfig::sessions_max of the writer
+//! 44      8   entry_count     u64, key-value pairs in the body
+//! 52      8   session_count   u64, sessions in the body
+//! 60      8   body_len        u64, bytes after the header (the image's length minus 72)
+//! 68      4   crc32           of bytes 0..68 followed by the whole body
+//! 72          body            entry * entry_count, then session * session_count
 //!
 //! entry   = key:bytes value:bytes                      (strictly increasing keys)
 //! session = client_id:u64 last_active_ms:u64 last:u8    (strictly increasing client ids)
@@ -38,15 +40,22 @@ use thiserror::Error;
 
 use super::command::{DecodeError, Reader, put_bytes, put_option, put_u64};
 use super::session::{Session, Sessions};
-use super::state_machine::Outcome;
+use super::state_machine::{KvConfig, Outcome};
 
 /// The first eight bytes of every image.
 pub const MAGIC: [u8; 8] = *b"FLTKVSNP";
 /// The image format version written.
 pub const SNAPSHOT_VERSION: u32 = 1;
 /// Bytes before the body.
-pub const HEADER_LEN: usize = 56;
-const CRC_OFFSET: usize = 52;
+pub const HEADER_LEN: usize = 72;
+const APPLIED_INDEX_OFFSET: usize = 12;
+const NOW_OFFSET: usize = 20;
+const SESSION_TTL_OFFSET: usize = 28;
+const SESSIONS_MAX_OFFSET: usize = 36;
+const ENTRY_COUNT_OFFSET: usize = 44;
+const SESSION_COUNT_OFFSET: usize = 52;
+const BODY_LEN_OFFSET: usize = 60;
+const CRC_OFFSET: usize = 68;
 const _: () = assert!(CRC_OFFSET + 4 == HEADER_LEN);
 
 /// Why bytes are not a KV snapshot image.
@@ -84,6 +93,16 @@ pub enum SnapshotError {
         /// The CRC of the bytes.
         computed: u32,
     },
+    /// The image was written by a state machine with other limits. Sessions would expire
+    /// differently here than on the replica that wrote it, and replicas would diverge: every
+    /// replica of a group must run with the same [`KvConfig`].
+    #[error("snapshot written with {image:?}, this replica runs with {local:?}")]
+    Config {
+        /// The limits in the image.
+        image: KvConfig,
+        /// This state machine's limits.
+        local: KvConfig,
+    },
     /// The body does not parse (reachable only by an image with a valid CRC: a bug or a
     /// forgery).
     #[error("malformed snapshot body: {0}")]
@@ -113,6 +132,7 @@ mod outcome_tag {
 
 /// Writes the image of a state.
 pub(crate) fn encode(
+    config: KvConfig,
     applied_index: LogIndex,
     now_ms: u64,
     data: &BTreeMap<Bytes, Bytes>,
@@ -124,6 +144,8 @@ pub(crate) fn encode(
     out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
     put_u64(&mut out, applied_index.get());
     put_u64(&mut out, now_ms);
+    put_u64(&mut out, config.session_ttl_ms);
+    put_u64(&mut out, config.sessions_max as u64);
     put_u64(&mut out, data.len() as u64);
     put_u64(&mut out, sessions.len() as u64);
     put_u64(&mut out, 0); // body_len, filled in below
@@ -146,7 +168,7 @@ pub(crate) fn encode(
         }
     }
     let body_len = (out.len() - HEADER_LEN) as u64;
-    out[44..52].copy_from_slice(&body_len.to_le_bytes());
+    out[BODY_LEN_OFFSET..CRC_OFFSET].copy_from_slice(&body_len.to_le_bytes());
     let crc = checksum(&out);
     out[CRC_OFFSET..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
     Bytes::from(out)
@@ -189,7 +211,7 @@ fn header_u32(image: &[u8], offset: usize) -> u32 {
 
 /// Verifies and parses an image. Keys and values are copied out of `image`, so that the state
 /// does not keep the whole image (perhaps a network buffer or a memory map) alive.
-pub(crate) fn decode(image: &Bytes) -> Result<Image, SnapshotError> {
+pub(crate) fn decode(image: &Bytes, local: KvConfig) -> Result<Image, SnapshotError> {
     if image.len() < HEADER_LEN {
         return Err(SnapshotError::TooShort { len: image.len() });
     }
@@ -200,7 +222,7 @@ pub(crate) fn decode(image: &Bytes) -> Result<Image, SnapshotError> {
     if version != SNAPSHOT_VERSION {
         return Err(SnapshotError::Version { version });
     }
-    let declared = header_u64(image, 44);
+    let declared = header_u64(image, BODY_LEN_OFFSET);
     let actual = (image.len() - HEADER_LEN) as u64;
     if declared != actual {
         return Err(SnapshotError::Length { declared, actual });
@@ -210,10 +232,18 @@ pub(crate) fn decode(image: &Bytes) -> Result<Image, SnapshotError> {
     if stored != computed {
         return Err(SnapshotError::Checksum { stored, computed });
     }
-    let applied_index = LogIndex(header_u64(image, 12));
-    let now_ms = header_u64(image, 20);
-    let entry_count = header_u64(image, 28);
-    let session_count = header_u64(image, 36);
+    let config = KvConfig {
+        session_ttl_ms: header_u64(image, SESSION_TTL_OFFSET),
+        // Saturates on a 32-bit target; it then differs from `local` and is refused.
+        sessions_max: usize::try_from(header_u64(image, SESSIONS_MAX_OFFSET)).unwrap_or(usize::MAX),
+    };
+    if config != local {
+        return Err(SnapshotError::Config { image: config, local });
+    }
+    let applied_index = LogIndex(header_u64(image, APPLIED_INDEX_OFFSET));
+    let now_ms = header_u64(image, NOW_OFFSET);
+    let entry_count = header_u64(image, ENTRY_COUNT_OFFSET);
+    let session_count = header_u64(image, SESSION_COUNT_OFFSET);
 
     let body = image.slice(HEADER_LEN..);
     let mut reader = Reader::new(&body);
@@ -296,8 +326,10 @@ mod tests {
             7,
             Session { last_active_ms: 6, last: Some((9, Outcome::Deleted { existed: true })) },
         );
-        encode(LogIndex(9), 6, &data, &sessions)
+        encode(CONFIG, LogIndex(9), 6, &data, &sessions)
     }
+
+    const CONFIG: KvConfig = KvConfig { session_ttl_ms: 100, sessions_max: 5 };
 
     /// Recomputes the CRC so that a test reaches the body checks.
     fn reseal(mut image: Vec<u8>) -> Bytes {
@@ -313,21 +345,23 @@ mod tests {
         assert_eq!(header_u32(&image, 8), 1);
         assert_eq!(header_u64(&image, 12), 9);
         assert_eq!(header_u64(&image, 20), 6);
-        assert_eq!(header_u64(&image, 28), 2);
-        assert_eq!(header_u64(&image, 36), 3);
-        assert_eq!(header_u64(&image, 44), (image.len() - HEADER_LEN) as u64);
+        assert_eq!(header_u64(&image, 28), 100);
+        assert_eq!(header_u64(&image, 36), 5);
+        assert_eq!(header_u64(&image, 44), 2);
+        assert_eq!(header_u64(&image, 52), 3);
+        assert_eq!(header_u64(&image, 60), (image.len() - HEADER_LEN) as u64);
         assert_eq!(&image[HEADER_LEN..HEADER_LEN + 10], &[1, 0, 0, 0, b'a', 1, 0, 0, 0, b'1']);
     }
 
     #[test]
     fn an_image_decodes_to_what_was_encoded() {
-        let image = decode(&sample()).expect("valid image");
+        let image = decode(&sample(), CONFIG).expect("valid image");
         assert_eq!(image.applied_index, LogIndex(9));
         assert_eq!(image.now_ms, 6);
         assert_eq!(image.data.len(), 2);
         assert_eq!(image.sessions.len(), 3);
         assert_eq!(
-            encode(image.applied_index, image.now_ms, &image.data, &image.sessions),
+            encode(CONFIG, image.applied_index, image.now_ms, &image.data, &image.sessions),
             sample()
         );
     }
@@ -335,24 +369,36 @@ mod tests {
     #[test]
     fn header_damage_gives_typed_errors() {
         let image = sample().to_vec();
-        assert_eq!(decode(&Bytes::new()).err(), Some(SnapshotError::TooShort { len: 0 }));
+        assert_eq!(decode(&Bytes::new(), CONFIG).err(), Some(SnapshotError::TooShort { len: 0 }));
         let mut bad = image.clone();
         bad[0] ^= 1;
-        assert_eq!(decode(&Bytes::from(bad)).err(), Some(SnapshotError::Magic));
+        assert_eq!(decode(&Bytes::from(bad), CONFIG).err(), Some(SnapshotError::Magic));
         let mut bad = image.clone();
         bad[8] = 2;
-        assert_eq!(decode(&Bytes::from(bad)).err(), Some(SnapshotError::Version { version: 2 }));
+        assert_eq!(
+            decode(&Bytes::from(bad), CONFIG).err(),
+            Some(SnapshotError::Version { version: 2 })
+        );
         let body = (image.len() - HEADER_LEN) as u64;
         assert_eq!(
-            decode(&Bytes::copy_from_slice(&image[..image.len() - 1])).err(),
+            decode(&Bytes::copy_from_slice(&image[..image.len() - 1]), CONFIG).err(),
             Some(SnapshotError::Length { declared: body, actual: body - 1 })
         );
         let mut bad = image.clone();
         bad[HEADER_LEN] ^= 0x80;
-        assert!(matches!(decode(&Bytes::from(bad)), Err(SnapshotError::Checksum { .. })));
+        assert!(matches!(decode(&Bytes::from(bad), CONFIG), Err(SnapshotError::Checksum { .. })));
         let mut bad = image;
         bad[12] ^= 1;
-        assert!(matches!(decode(&Bytes::from(bad)), Err(SnapshotError::Checksum { .. })));
+        assert!(matches!(decode(&Bytes::from(bad), CONFIG), Err(SnapshotError::Checksum { .. })));
+    }
+
+    #[test]
+    fn an_image_of_other_limits_is_refused() {
+        let local = KvConfig { session_ttl_ms: 100, sessions_max: 6 };
+        assert_eq!(
+            decode(&sample(), local).err(),
+            Some(SnapshotError::Config { image: CONFIG, local })
+        );
     }
 
     #[test]
@@ -360,31 +406,34 @@ mod tests {
         let image = sample().to_vec();
         // More entries than the body holds.
         let mut bad = image.clone();
-        bad[28] = 200;
-        assert!(matches!(decode(&reseal(bad)), Err(SnapshotError::Body(_))));
+        bad[44] = 200;
+        assert!(matches!(decode(&reseal(bad), CONFIG), Err(SnapshotError::Body(_))));
         // Fewer sessions than the body holds: trailing bytes.
         let mut bad = image.clone();
-        bad[36] = 2;
-        assert!(matches!(decode(&reseal(bad)), Err(SnapshotError::Body(DecodeError::Trailing(_)))));
+        bad[52] = 2;
+        assert!(matches!(
+            decode(&reseal(bad), CONFIG),
+            Err(SnapshotError::Body(DecodeError::Trailing(_)))
+        ));
         // Keys out of order.
         let mut bad = image.clone();
         bad[HEADER_LEN + 4] = b'c';
         assert_eq!(
-            decode(&reseal(bad)).err(),
+            decode(&reseal(bad), CONFIG).err(),
             Some(SnapshotError::Invalid { reason: "keys out of order" })
         );
         // A session registered after the image's index.
         let mut bad = image.clone();
         bad[12] = 5;
         assert_eq!(
-            decode(&reseal(bad)).err(),
+            decode(&reseal(bad), CONFIG).err(),
             Some(SnapshotError::Invalid { reason: "session registered after the image" })
         );
         // A session active after the image's time.
         let mut bad = image;
         bad[20] = 5;
         assert_eq!(
-            decode(&reseal(bad)).err(),
+            decode(&reseal(bad), CONFIG).err(),
             Some(SnapshotError::Invalid { reason: "session active after the image" })
         );
     }

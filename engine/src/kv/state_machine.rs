@@ -67,6 +67,8 @@ pub trait StateMachine {
 
 /// Limits of [`KvStateMachine`]. They decide which sessions survive, so every replica of a group
 /// must use the same values (like the log itself, they are part of what makes replicas agree).
+/// Snapshots record them, and restoring an image written with other limits fails with
+/// [`SnapshotError::Config`] rather than letting replicas silently diverge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvConfig {
     /// A session not named by any request for longer than this much log time expires.
@@ -294,17 +296,21 @@ impl KvStateMachine {
             EntryKind::Normal => {}
             EntryKind::Empty | EntryKind::Membership => return Ok(Reply::Skipped),
         }
-        let proposal = Proposal::decode(&entry.payload)?;
+        let proposal = Proposal::decode(&entry.payload).inspect_err(|error| {
+            metrics::counter!("flotilla_kv_undecodable_entries_total").increment(1);
+            tracing::warn!(index = entry.index.get(), %error, "kv entry does not decode");
+        })?;
         self.now_ms = self.now_ms.max(proposal.leader_time_ms);
         let expired = self.sessions.expire(self.now_ms, self.config.session_ttl_ms);
         if expired > 0 {
-            tracing::debug!(expired, index = entry.index.get(), "kv sessions expired");
+            metrics::counter!("flotilla_kv_sessions_expired_total").increment(expired as u64);
         }
         match proposal.request {
             Request::RegisterSession => {
                 let evicted = self.sessions.make_room(self.config.sessions_max);
                 if evicted > 0 {
-                    tracing::debug!(evicted, index = entry.index.get(), "kv sessions evicted");
+                    metrics::counter!("flotilla_kv_sessions_evicted_total")
+                        .increment(evicted as u64);
                 }
                 let client_id = entry.index.get();
                 self.sessions
@@ -325,12 +331,14 @@ impl KvStateMachine {
                 };
                 let last = match &session.last {
                     Some((last, outcome)) if *last == sequence => {
+                        metrics::counter!("flotilla_kv_retries_answered_total").increment(1);
                         return Ok(Reply::Done(outcome.clone()));
                     }
                     Some((last, _)) => *last,
                     None => 0,
                 };
                 if sequence <= last {
+                    metrics::counter!("flotilla_kv_stale_proposals_total").increment(1);
                     return Err(ApplyError::StaleSequence { client_id, sequence, last });
                 }
                 let outcome = execute(&mut self.data, command);
@@ -412,11 +420,11 @@ impl StateMachine for KvStateMachine {
     }
 
     fn snapshot(&self) -> Bytes {
-        snapshot::encode(self.applied_index, self.now_ms, &self.data, &self.sessions)
+        snapshot::encode(self.config, self.applied_index, self.now_ms, &self.data, &self.sessions)
     }
 
     fn restore(&mut self, snapshot: &Bytes) -> Result<(), SnapshotError> {
-        let image = snapshot::decode(snapshot)?;
+        let image = snapshot::decode(snapshot, self.config)?;
         self.applied_index = image.applied_index;
         self.now_ms = image.now_ms;
         self.data = image.data;
