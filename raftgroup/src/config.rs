@@ -22,8 +22,9 @@ pub struct Config {
     /// Run a pre-vote round before a real campaign, so a rejoining partitioned node does not
     /// disrupt the leader by bumping the term.
     pub pre_vote: bool,
-    /// A leader steps down if it has not heard from a quorum for `election_ticks`; followers that
-    /// heard from a leader within `election_ticks` refuse to vote for others.
+    /// A leader steps down if it has not heard from a quorum during an election timeout (checked
+    /// once per `election_ticks`, so it steps down at most two timeouts after losing touch);
+    /// followers that heard from a leader within `election_ticks` ignore other campaigns.
     pub check_quorum: bool,
     /// Append messages in flight per follower before the leader waits for acknowledgements;
     /// proposals fail with [`crate::ProposeError::Busy`] while the windows to a quorum are full.
@@ -103,5 +104,51 @@ impl Config {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        Config::new(NodeId(1), vec![NodeId(1), NodeId(2), NodeId(3)])
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(valid().validate(), Ok(()));
+    }
+
+    #[test]
+    fn contradictory_settings_are_typed_errors() {
+        let with = |change: fn(&mut Config)| {
+            let mut config = valid();
+            change(&mut config);
+            config.validate()
+        };
+        assert_eq!(with(|c| c.id = NodeId(0)), Err(ConfigError::ZeroId));
+        assert_eq!(with(|c| c.learners = vec![NodeId(2)]), Err(ConfigError::LearnerIsVoter));
+        assert_eq!(with(|c| c.heartbeat_ticks = 0), Err(ConfigError::ZeroHeartbeat));
+        assert_eq!(
+            with(|c| c.election_ticks = 1),
+            Err(ConfigError::ElectionNotAboveHeartbeat { election_ticks: 1, heartbeat_ticks: 1 })
+        );
+        assert_eq!(with(|c| c.max_inflight_messages = 0), Err(ConfigError::ZeroInflight));
+        assert_eq!(with(|c| c.max_batch_bytes = 0), Err(ConfigError::ZeroByteLimit));
+        assert_eq!(
+            with(|c| {
+                c.lease_reads = true;
+                c.check_quorum = false;
+            }),
+            Err(ConfigError::LeaseWithoutCheckQuorum)
+        );
+        assert_eq!(
+            with(|c| {
+                c.lease_reads = true;
+                c.clock_drift_ticks = 10;
+            }),
+            Err(ConfigError::DriftTooLarge { clock_drift_ticks: 10, election_ticks: 10 })
+        );
     }
 }

@@ -286,3 +286,20 @@ fn a_stale_fetch_answer_is_dropped_quietly() {
     assert_eq!(follower.on_fetched(apply, vec![stale]), Ok(()));
     assert!(!follower.has_ready(), "nothing was applied or sent");
 }
+
+#[test]
+fn inconsistent_recovered_state_is_a_typed_error() {
+    let config = Config::new(NodeId(1), vec![NodeId(1)]);
+    let mut recovered = RecoveredState::default();
+    recovered.hard_state.commit = LogIndex(3);
+    let error = Replica::new(config.clone(), recovered).expect_err("commit beyond the log");
+    assert!(matches!(error, crate::ConfigError::BadRecoveredState { .. }));
+    let entry = |index| Entry {
+        index: LogIndex(index),
+        term: Term(1),
+        kind: EntryKind::Normal,
+        payload: Bytes::new(),
+    };
+    let gap = RecoveredState { entries: vec![entry(1), entry(3)], ..RecoveredState::default() };
+    assert!(Replica::new(config, gap).is_err(), "entries with a gap");
+}
