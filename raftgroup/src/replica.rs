@@ -484,16 +484,17 @@ impl Replica {
         }
     }
 
-    /// Acknowledges a [`Ready`] whose duties are done (or underway in order) and takes its
-    /// buffers back for reuse. Durability is reported separately by [`Replica::on_persisted`].
+    /// Acknowledges a [`Ready`] whose duties are done (or underway in order); a leader keeps
+    /// its `entries` buffer for the next Ready. Durability is reported separately by
+    /// [`Replica::on_persisted`].
     pub fn advance(&mut self, ready: Ready) {
-        // Keep one modest buffer: thousands of idle replicas must stay small.
+        // Only leaders write often enough to be worth a spare buffer, and only a modest one:
+        // thousands of idle replicas must stay small.
         let mut entries = ready.entries;
-        if entries.capacity() <= 64 && self.spare_entries.capacity() == 0 {
+        if self.role == Role::Leader && entries.capacity() <= 64 {
             entries.clear();
             self.spare_entries = entries;
-        }
-        if self.spare_entries.capacity() > 0 && self.role != Role::Leader {
+        } else if self.role != Role::Leader {
             self.spare_entries = Vec::new();
         }
         let unneeded = self.unneeded_index();
