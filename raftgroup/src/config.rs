@@ -39,8 +39,15 @@ pub struct Config {
     /// without fetching them from storage.
     pub log_cache_bytes: u64,
     /// Serve reads from a leader lease when it is valid; requires `check_quorum`.
+    ///
+    /// A lease is time measured in this replica's ticks, so it is only as good as the ticks:
+    /// after a pause (GC, SIGSTOP, a stalled shard) the driver must deliver the ticks for all the
+    /// time that passed *before* any other input, e.g. by deriving ticks from a monotonic clock.
     pub lease_reads: bool,
-    /// Safety margin subtracted from the lease for clock drift between nodes, in ticks.
+    /// Safety margin subtracted from the lease for clock drift between nodes, in ticks: a lease
+    /// lasts `election_ticks - clock_drift_ticks` after the heartbeat a quorum acknowledged.
+    /// If the nodes' tick rates differ by more than this over an election timeout, leases are
+    /// unsafe.
     pub clock_drift_ticks: u32,
     /// Seed of the replica's private random generator (election timeouts).
     pub seed: u64,
