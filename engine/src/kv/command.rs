@@ -100,7 +100,9 @@ pub struct SessionCommand {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Request {
     /// Opens a session; its client id is the log index of this entry (unique forever, agreed by
-    /// every replica without coordination — LogCabin's choice).
+    /// every replica without coordination — LogCabin's choice). Registration itself is not
+    /// deduplicated: a retry after a lost answer opens a second session, and the unused one
+    /// expires or is evicted.
     RegisterSession,
     /// Marks a session as alive so that it does not expire.
     KeepAlive {

@@ -175,11 +175,13 @@ pub enum QueryResult {
 /// - with `sequence` equal to the last, is **not** applied again: the cached outcome is returned,
 ///   identical to the first answer — this is the retry after a lost response;
 /// - with `sequence` below the last, fails with [`ApplyError::StaleSequence`] and is not
-///   applied. Only the last answer is kept (the thesis' basic scheme, also etcd's and
-///   LogCabin's for one outstanding request): a client numbers a new command only after the
-///   previous one was answered, so a lower number is a stray duplicate nobody waits for. A
-///   client that wants several commands in flight opens several sessions. Commands of one
-///   session therefore apply in sequence order, each at most once.
+///   applied. Only the last answer is kept — the basic scheme of the Raft thesis (§6.3): a
+///   client numbers a new command only after the previous one was answered (or given up), so
+///   a lower number is a stray duplicate nobody waits for, and its answer cannot be given
+///   because it is gone. Commands of one session therefore apply in sequence order, each at
+///   most once. A client that wants several commands in flight opens several sessions.
+///   (LogCabin and Dragonboat keep several answers per session, dropped once the client
+///   reports them received; that extension would change the envelope, not this rule.)
 ///
 /// Every request that names a session renews it. Sessions idle for more than
 /// [`KvConfig::session_ttl_ms`] of log time expire (checked at every entry, against the largest
