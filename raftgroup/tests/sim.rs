@@ -36,7 +36,7 @@ use std::time::Duration;
 use flotilla_raftgroup::testkit::{CheckOptions, NetConfig, SimRng, Verdict, check_kv};
 use flotilla_raftgroup::{Config, NodeId};
 
-use cluster::{Cluster, ClusterConfig, Response, TICK_UNITS};
+use cluster::{Cluster, ClusterConfig, DriverBug, Response, TICK_UNITS};
 use kv::{Command, mix};
 use nemesis::Nemesis;
 use workload::{KvOperation, Workload, WorkloadConfig};
@@ -103,6 +103,7 @@ fn scenario(seed: u64, rng: &mut SimRng) -> (ClusterConfig, NetConfig, WorkloadC
         fetch_delay_max: rng.between(0, 20),
         raft,
         strict_stale_fetches: false,
+        driver_bug: None,
     };
     let delay_max = rng.between(1, 30);
     let network = NetConfig {
@@ -143,9 +144,15 @@ fn deliver_responses(cluster: &mut Cluster, workload: &mut Workload) {
 /// Runs one seed to the end; panics on any violation. `strict` turns known, reported core issues
 /// back into failures (see `ClusterConfig::strict_stale_fetches`).
 fn run(seed: u64, strict: bool) -> RunReport {
+    run_with(seed, strict, None)
+}
+
+/// [`run`], with a deliberate driver bug.
+fn run_with(seed: u64, strict: bool, driver_bug: Option<DriverBug>) -> RunReport {
     let mut rng = SimRng::new(seed);
     let (mut cluster_config, network, workload_config) = scenario(seed, &mut rng);
     cluster_config.strict_stale_fetches = strict;
+    cluster_config.driver_bug = driver_bug;
     let election_units = u64::from(ELECTION_TICKS) * TICK_UNITS;
     let mut cluster = Cluster::new(cluster_config.clone(), network, seed, rng.fork());
     let mut workload = Workload::new(workload_config, cluster.ids().to_vec(), rng.fork());
@@ -343,4 +350,46 @@ fn dump_history(seed: u64, history: &[KvOperation]) {
     let path = format!("{directory}/sim-history-{seed}.txt");
     std::fs::write(&path, text).expect("dump written");
     eprintln!("history written to {path}");
+}
+
+/// The first of `seeds` whose run with `bug` injected fails with a message containing one of
+/// `expected`, and that message.
+fn first_failure(
+    bug: DriverBug,
+    seeds: std::ops::Range<u64>,
+    expected: &[&str],
+) -> Option<(u64, String)> {
+    seeds.into_iter().find_map(|seed| {
+        let panic = catch_unwind(AssertUnwindSafe(|| run_with(seed, false, Some(bug)))).err()?;
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(ToString::to_string))
+            .unwrap_or_default();
+        expected.iter().any(|what| message.contains(what)).then_some((seed, message))
+    })
+}
+
+#[test]
+fn the_simulation_catches_acks_sent_before_persistence() {
+    // Acknowledging entries and votes before they are durable loses them in crashes: some seed
+    // must show it as a broken safety property (liveness failures do not count here).
+    let safety = [
+        "election safety",
+        "leader completeness",
+        "state machine safety",
+        "log matching",
+        "overwrote",
+        "not linearizable",
+    ];
+    let (seed, message) = first_failure(DriverBug::AckBeforePersist, 0..60, &safety)
+        .expect("acknowledging before persisting broke no safety property in 60 seeds");
+    eprintln!("acks before persistence caught by seed {seed}: {message}");
+}
+
+#[test]
+fn the_simulation_catches_stale_local_reads() {
+    let (seed, message) = first_failure(DriverBug::LocalReads, 0..10, &["not linearizable"])
+        .expect("reads served without ReadIndex went unnoticed in 10 seeds");
+    eprintln!("local reads caught by seed {seed}: {message}");
 }

@@ -39,6 +39,20 @@ pub struct ClusterConfig {
     /// documented as "stale answers are ignored", so this is a core bug (seed 236); until it is
     /// fixed the simulation counts these refusals (`ClusterStats::stale_fetch_errors`) instead.
     pub strict_stale_fetches: bool,
+    /// A deliberate driver bug, to prove the simulation catches what it claims to (`None` in
+    /// real runs).
+    pub driver_bug: Option<DriverBug>,
+}
+
+/// Mistakes a driver could make, injected to check that the simulation notices them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverBug {
+    /// Sends `persisted_messages` and reports persistence as soon as a Ready is handed out,
+    /// while the disk still holds the write: a crash then loses acknowledged entries and votes.
+    AckBeforePersist,
+    /// Serves reads from the local state machine of whichever replica gets them, without
+    /// ReadIndex: followers and deposed leaders answer stale values.
+    LocalReads,
 }
 
 /// Something for a client: a command applied at a node, or a read served.
@@ -526,8 +540,15 @@ impl Cluster {
             }
             let term = replica.term().get();
             let mut ready = replica.ready();
+            let early = (self.config.driver_bug == Some(DriverBug::AckBeforePersist))
+                .then(|| ready.last_entry())
+                .flatten();
             self.handle_ready(index, term, &mut ready);
-            self.nodes[index].replica.as_mut().expect("still up").advance(ready);
+            let replica = self.nodes[index].replica.as_mut().expect("still up");
+            replica.advance(ready);
+            if let Some((term, last)) = early {
+                replica.on_persisted(term, last);
+            }
         }
         let node = &self.nodes[index];
         let replica = node.replica.as_ref().expect("still up");
@@ -561,10 +582,16 @@ impl Cluster {
         let facts: Vec<EntryFact> = ready.entries.iter().map(fact).collect();
         let result = self.invariants.append(id, &facts);
         self.check(result);
-        let after = AfterWrite {
+        let mut after = AfterWrite {
             persisted: ready.last_entry(),
             messages: mem::take(&mut ready.persisted_messages).into_messages_after_persist(),
         };
+        if self.config.driver_bug == Some(DriverBug::AckBeforePersist) {
+            after.persisted = None;
+            for message in mem::take(&mut after.messages) {
+                self.send(message);
+            }
+        }
         let empty = ready.hard_state.is_none()
             && ready.snapshot.is_none()
             && ready.entries.is_empty()
@@ -754,6 +781,11 @@ impl Frontend for Cluster {
         let state = &mut self.nodes[index];
         if state.replica.is_none() {
             return Err(Rejected { leader_hint: None });
+        }
+        if self.config.driver_bug == Some(DriverBug::LocalReads) {
+            let value = state.machine.get(key);
+            self.responses.push(Response::Read { client, seq, value });
+            return Ok(());
         }
         state.reads.insert(context, (client, seq, key));
         self.read_at(index, context)
