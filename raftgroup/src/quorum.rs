@@ -22,38 +22,48 @@ pub const fn majority(voter_count: usize) -> usize {
     voter_count / 2 + 1
 }
 
-/// The largest index that a majority of `voters` has acknowledged, given each voter's
-/// acknowledged index. `LogIndex(u64::MAX)` for an empty set, so it never limits a joint minimum.
+/// The largest value that a majority of `voters` has reached, given each voter's value (an
+/// acknowledged index, a heartbeat round, a tick). `u64::MAX` for an empty set, so that it never
+/// limits a joint minimum.
 ///
 /// O(n²) on purpose: groups have a handful of voters and this allocates nothing.
-pub fn majority_committed(voters: &[NodeId], acked: impl Fn(NodeId) -> LogIndex) -> LogIndex {
+pub fn majority_reached(voters: &[NodeId], value: impl Fn(NodeId) -> u64) -> u64 {
     if voters.is_empty() {
-        return LogIndex(u64::MAX);
+        return u64::MAX;
     }
     let need = majority(voters.len());
-    let mut best = LogIndex::ZERO;
+    let mut best = 0;
     for &candidate in voters {
-        let value = acked(candidate);
-        if value <= best {
+        let reached = value(candidate);
+        if reached <= best {
             continue;
         }
-        let count = voters.iter().filter(|&&voter| acked(voter) >= value).count();
+        let count = voters.iter().filter(|&&voter| value(voter) >= reached).count();
         if count >= need {
-            best = value;
+            best = reached;
         }
     }
     best
 }
 
-/// [`majority_committed`] for a joint configuration: the minimum of both halves.
+/// [`majority_reached`] for a joint configuration: the minimum of both halves (0 if both are
+/// empty, which no live group is).
+pub fn joint_reached(
+    incoming: &[NodeId],
+    outgoing: &[NodeId],
+    value: impl Fn(NodeId) -> u64,
+) -> u64 {
+    let reached = majority_reached(incoming, &value).min(majority_reached(outgoing, &value));
+    if reached == u64::MAX { 0 } else { reached }
+}
+
+/// The largest index a quorum of the joint configuration acknowledged: the commit rule's count.
 pub fn joint_committed(
     incoming: &[NodeId],
     outgoing: &[NodeId],
     acked: impl Fn(NodeId) -> LogIndex,
 ) -> LogIndex {
-    let index = majority_committed(incoming, &acked).min(majority_committed(outgoing, &acked));
-    // Both empty cannot happen for a live group; treat it as "nothing committed".
-    if index == LogIndex(u64::MAX) { LogIndex::ZERO } else { index }
+    LogIndex(joint_reached(incoming, outgoing, |id| acked(id).0))
 }
 
 /// Counts votes of a majority configuration; `vote` is `None` for voters not heard from.
@@ -112,14 +122,14 @@ mod tests {
     }
 
     #[test]
-    fn majority_committed_takes_the_median_of_acks() {
+    fn majority_reached_takes_the_median_of_acks() {
         let voters = ids(&[1, 2, 3, 4, 5]);
         let acks = [5, 1, 9, 7, 3];
-        let committed = majority_committed(&voters, |id| LogIndex(acks[(id.0 - 1) as usize]));
-        assert_eq!(committed, LogIndex(5));
+        assert_eq!(majority_reached(&voters, |id| acks[(id.0 - 1) as usize]), 5);
         let even = ids(&[1, 2, 3, 4]);
-        let committed = majority_committed(&even, |id| LogIndex(acks[(id.0 - 1) as usize]));
-        assert_eq!(committed, LogIndex(5), "4 voters need 3 acks: of 9, 7, 5, 1 the third is 5");
+        let reached = majority_reached(&even, |id| acks[(id.0 - 1) as usize]);
+        assert_eq!(reached, 5, "4 voters need 3 acks: of 9, 7, 5, 1 the third is 5");
+        assert_eq!(majority_reached(&[], |_| 0), u64::MAX, "an empty half never limits");
     }
 
     #[test]

@@ -650,15 +650,11 @@ impl Replica {
 
     fn confirm_reads(&mut self) {
         let membership = self.membership();
-        let confirmed = quorum::joint_committed(&membership.voters, &membership.outgoing, |id| {
-            if id == self.id {
-                LogIndex(u64::MAX)
-            } else {
-                LogIndex(self.progress_of(id).map_or(0, |p| p.acked_seq))
-            }
+        let confirmed = quorum::joint_reached(&membership.voters, &membership.outgoing, |id| {
+            if id == self.id { u64::MAX } else { self.progress_of(id).map_or(0, |p| p.acked_seq) }
         });
         let mut released = Vec::new();
-        self.reads.confirm(confirmed.0, |read| released.push(read));
+        self.reads.confirm(confirmed, |read| released.push(read));
         for read in released {
             self.release_read(read);
         }
@@ -682,17 +678,15 @@ impl Replica {
             return false;
         }
         let membership = self.membership();
-        let start = quorum::joint_committed(&membership.voters, &membership.outgoing, |id| {
+        // Ticks are counted from 1 so that 0 can mean "never acknowledged".
+        let start = quorum::joint_reached(&membership.voters, &membership.outgoing, |id| {
             if id == self.id {
-                LogIndex(self.ticks + 1)
+                self.ticks + 1
             } else {
-                self.progress_of(id)
-                    .and_then(|p| p.acked_sent_tick)
-                    .map_or(LogIndex::ZERO, |tick| LogIndex(tick + 1))
+                self.progress_of(id).and_then(|p| p.acked_sent_tick).map_or(0, |tick| tick + 1)
             }
         });
-        // `tick + 1` keeps zero meaning "never acknowledged".
-        let Some(start) = start.0.checked_sub(1) else { return false };
+        let Some(start) = start.checked_sub(1) else { return false };
         let lease_ticks = u64::from(self.settings.election_ticks - self.settings.clock_drift_ticks);
         self.ticks < start + lease_ticks
     }
