@@ -143,10 +143,8 @@ impl Progress {
                 self.probe_sent = false;
                 true
             }
-            ProgressState::Snapshot { .. } => {
-                self.become_probe();
-                true
-            }
+            // Followers never reject a snapshot: a rejection now answers an older Append.
+            ProgressState::Snapshot { .. } => false,
         }
     }
 }
