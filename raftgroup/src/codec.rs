@@ -11,7 +11,8 @@
 //!
 //! Decoding never panics and never allocates more than a constant factor of the input length:
 //! every count is checked against the bytes left before anything is reserved. Trailing bytes are
-//! an error, so each message has exactly one encoding.
+//! an error, so each message has exactly one encoding. [`decode_shared`] slices payloads out of
+//! the receive buffer instead of copying them.
 
 use bytes::Bytes;
 use thiserror::Error;
@@ -154,9 +155,18 @@ pub fn encode(message: &Message, out: &mut Vec<u8>) {
     }
 }
 
-/// Parses one message occupying all of `input`.
+/// Parses one message occupying all of `input`; payloads are copied out of it.
 pub fn decode(input: &[u8]) -> Result<Message, DecodeError> {
-    let mut reader = Reader { input };
+    decode_from(Reader::new(input, None))
+}
+
+/// Parses one message occupying all of `input`; payloads are slices of `input` (no copy), so a
+/// receive buffer is shared by the entries decoded from it.
+pub fn decode_shared(input: &Bytes) -> Result<Message, DecodeError> {
+    decode_from(Reader::new(input, Some(input)))
+}
+
+fn decode_from(mut reader: Reader<'_>) -> Result<Message, DecodeError> {
     let version = reader.u8()?;
     if version != VERSION {
         return Err(DecodeError::Version(version));
@@ -229,9 +239,7 @@ pub fn decode(input: &[u8]) -> Result<Message, DecodeError> {
         tag::TIMEOUT_NOW => MessageBody::TimeoutNow,
         other => return Err(DecodeError::Tag(other)),
     };
-    if !reader.input.is_empty() {
-        return Err(DecodeError::Trailing(reader.input.len()));
-    }
+    reader.finish()?;
     Ok(Message { from, to, term, body })
 }
 
@@ -247,11 +255,9 @@ pub fn encode_membership(membership: &Membership, out: &mut Vec<u8>) {
 
 /// Parses a membership occupying all of `input`.
 pub fn decode_membership(input: &[u8]) -> Result<Membership, DecodeError> {
-    let mut reader = Reader { input };
+    let mut reader = Reader::new(input, None);
     let membership = reader.membership()?;
-    if !reader.input.is_empty() {
-        return Err(DecodeError::Trailing(reader.input.len()));
-    }
+    reader.finish()?;
     Ok(membership)
 }
 
@@ -271,16 +277,35 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 
 struct Reader<'a> {
     input: &'a [u8],
+    /// Bytes consumed so far.
+    position: usize,
+    /// The same bytes as a shared buffer, to slice payloads from instead of copying them.
+    shared: Option<&'a Bytes>,
 }
 
-impl Reader<'_> {
-    fn take(&mut self, len: usize) -> Result<&[u8], DecodeError> {
-        if self.input.len() < len {
+impl<'a> Reader<'a> {
+    fn new(input: &'a [u8], shared: Option<&'a Bytes>) -> Self {
+        Self { input, position: 0, shared }
+    }
+
+    fn remaining(&self) -> usize {
+        self.input.len() - self.position
+    }
+
+    fn take(&mut self, len: usize) -> Result<&'a [u8], DecodeError> {
+        if self.remaining() < len {
             return Err(DecodeError::Truncated);
         }
-        let (head, rest) = self.input.split_at(len);
-        self.input = rest;
-        Ok(head)
+        let start = self.position;
+        self.position += len;
+        Ok(&self.input[start..self.position])
+    }
+
+    fn finish(&self) -> Result<(), DecodeError> {
+        match self.remaining() {
+            0 => Ok(()),
+            trailing => Err(DecodeError::Trailing(trailing)),
+        }
     }
 
     fn u8(&mut self) -> Result<u8, DecodeError> {
@@ -308,13 +333,18 @@ impl Reader<'_> {
     /// A count of items of at least `item_bytes` each, checked against the input left.
     fn count(&mut self, item_bytes: usize) -> Result<usize, DecodeError> {
         let count = self.u32()?;
-        let fits = (count as usize).checked_mul(item_bytes).is_some_and(|n| n <= self.input.len());
+        let fits = (count as usize).checked_mul(item_bytes).is_some_and(|n| n <= self.remaining());
         if fits { Ok(count as usize) } else { Err(DecodeError::Count { count }) }
     }
 
     fn bytes(&mut self) -> Result<Bytes, DecodeError> {
         let len = self.count(1)?;
-        Ok(Bytes::copy_from_slice(self.take(len)?))
+        let start = self.position;
+        let bytes = self.take(len)?;
+        Ok(match self.shared {
+            Some(shared) => shared.slice(start..start + len),
+            None => Bytes::copy_from_slice(bytes),
+        })
     }
 
     fn ids(&mut self) -> Result<Vec<NodeId>, DecodeError> {
@@ -406,7 +436,8 @@ mod tests {
             let message = Message { from: NodeId(from), to: NodeId(to), term: Term(term), body };
             let mut bytes = Vec::new();
             encode(&message, &mut bytes);
-            prop_assert_eq!(decode(&bytes), Ok(message));
+            prop_assert_eq!(decode(&bytes), Ok(message.clone()));
+            prop_assert_eq!(decode_shared(&Bytes::from(bytes.clone())), Ok(message));
             // Every strict prefix is an error, not a panic.
             for len in 0..bytes.len() {
                 prop_assert!(decode(&bytes[..len]).is_err());
@@ -415,6 +446,7 @@ mod tests {
 
         #[test]
         fn arbitrary_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            prop_assert_eq!(decode(&bytes), decode_shared(&Bytes::from(bytes.clone())));
             if let Ok(message) = decode(&bytes) {
                 let mut again = Vec::new();
                 encode(&message, &mut again);
