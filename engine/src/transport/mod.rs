@@ -1,6 +1,6 @@
 //! Node-to-node transport: the bytes two nodes exchange over one connection.
 //!
-//! Everything here except `connection` is pure: bytes in, values or bytes out, no sockets, no
+//! Everything here except [`connection`] (tokio TCP) is pure: bytes in, values or bytes out, no sockets, no
 //! clocks. A connection is a stream of *frames* ([`frame`]). The first frame each way is a
 //! *handshake* ([`handshake`]) that refuses foreign clusters and unknown nodes; every later frame
 //! is a *data* frame whose body is a *batch* ([`batch`]) of the Raft messages of many groups bound
@@ -48,6 +48,7 @@
 use std::fmt;
 
 pub mod batch;
+pub mod connection;
 pub mod frame;
 pub mod handshake;
 
