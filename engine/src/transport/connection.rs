@@ -118,17 +118,24 @@ impl Connection {
         stream.set_nodelay(true)?;
         let mut read_buffer = BytesMut::new();
         let shake = run_handshake(&mut stream, handshake, hello, &mut read_buffer);
-        let session = match tokio::time::timeout(config.handshake_timeout, shake).await {
-            Ok(Ok(session)) => session,
-            Ok(Err(error)) => {
-                // Best effort: the peer may already be gone, and the error to report is ours.
-                let _ = stream.shutdown().await;
-                return Err(error);
-            }
+        let result = match tokio::time::timeout(config.handshake_timeout, shake).await {
+            Ok(result) => result,
             Err(_elapsed) => {
                 let timeout_ms =
                     u64::try_from(config.handshake_timeout.as_millis()).unwrap_or(u64::MAX);
-                return Err(ConnectionError::HandshakeTimeout { timeout_ms });
+                Err(ConnectionError::HandshakeTimeout { timeout_ms })
+            }
+        };
+        let session = match result {
+            Ok(session) => session,
+            Err(error) => {
+                // Refused strangers and misconfigured peers are an operator's business.
+                let peer_addr = stream.peer_addr().ok();
+                tracing::warn!(?peer_addr, %error, "transport handshake failed");
+                metrics::counter!("flotilla_transport_handshake_failures_total").increment(1);
+                // Best effort: the peer may already be gone, and the error to report is ours.
+                let _ = stream.shutdown().await;
+                return Err(error);
             }
         };
         let session = session.with_body_bytes_max(config.body_bytes_max);
