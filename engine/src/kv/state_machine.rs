@@ -139,7 +139,7 @@ pub enum ApplyError {
     /// The sequence is lower than the last one applied for this session (or is 0): a delayed
     /// duplicate of a command whose answer the client already received, since it keeps one
     /// command outstanding. Its answer is no longer cached; it is not applied again.
-    #[error("sequence {sequence} of session {client_id} is below the last applied, {last}")]
+    #[error("sequence {sequence} of session {client_id} is stale (last applied: {last})")]
     StaleSequence {
         /// The session.
         client_id: u64,
