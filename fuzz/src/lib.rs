@@ -17,13 +17,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use flotilla_wal::io::Storage;
 use flotilla_wal::record::{
-    Item, RECORD_ALIGN, RECORD_TYPE_BATCH, decode_header, decode_record, encode_record,
-    is_zero_header, items, padded_record_len, validate_body,
+    Item, RECORD_ALIGN, RECORD_TYPE_BATCH, decode_header, decode_record, encode_record, items,
+    padded_record_len, validate_body,
 };
 use flotilla_wal::segment::{SEGMENT_HEADER_LEN, SegmentHeader, parse_segment_file_name};
 use flotilla_wal::sim::SimStorage;
 use flotilla_wal::{
-    Config, GroupId, GroupState, HardState, Op, RecoveryMode, Wal, WalError, WriteBatch, WriterMode,
+    Config, GroupId, GroupState, HardState, Op, RecoveryMode, Wal, WriteBatch, WriterMode,
 };
 
 /// The largest single allocation the checks tolerate (TESTING.md S4: none of 64 MiB or more).
@@ -284,13 +284,12 @@ struct Workload {
 /// boundary is within reach of a few damaged bytes. Copying groups forward (`rewrite`) visits
 /// them in `HashMap` order, which differs from process to process, so it is on only where one
 /// group can qualify: otherwise an input would not mean the same image on every run.
-fn recover_config(recovery: RecoveryMode, rewrite: bool) -> Config {
+fn recover_config(recovery: RecoveryMode) -> Config {
     Config {
         segment_bytes: 4096,
         batch_bytes_max: 2048,
         writer: WriterMode::Inline,
         recovery,
-        rewrite_entries_max: if rewrite { 256 } else { 0 },
         ..Config::default()
     }
 }
@@ -325,7 +324,7 @@ fn run_workload(seed: u8) -> Workload {
     let groups = 1 + splitmix(&mut rng) % 3;
     let rounds = 6 + splitmix(&mut rng) % 24;
     let disk = SimStorage::new();
-    let config = recover_config(RecoveryMode::Strict, groups == 1);
+    let config = recover_config(RecoveryMode::Strict);
     let (wal, _) = Wal::open_with(Arc::new(disk.clone()), config).expect("a fresh log opens");
     let mut originals = BTreeMap::new();
     let mut next: HashMap<GroupId, u64> = HashMap::new();
@@ -471,51 +470,6 @@ fn check_entries(
     }
 }
 
-/// Whether `bytes` holds a record checksummed for segment `seq` at an aligned offset `>= from`.
-fn holds_round(bytes: &[u8], seq: u64, from: usize) -> bool {
-    (from..bytes.len()).step_by(RECORD_ALIGN).any(|at| decode_record(&bytes[at..], seq).is_ok())
-}
-
-/// KNOWN BUG 1 (`fuzz/regressions/recover_image/README.md`): preparing a segment rewrites only its
-/// header and first record slot, so a file reused under the sequence number it had before keeps
-/// valid stale rounds, and the next open refuses the log as corrupt (or replays them if they line
-/// up). True if `image` (just opened) has a fresh segment holding such rounds, or a spare holding
-/// rounds of a sequence number the log has yet to use.
-fn stale_rounds_reusable(image: &Image) -> bool {
-    let newest_live = image.iter().filter_map(|(name, _)| parse_segment_file_name(name)).max();
-    image.iter().any(|(name, bytes)| {
-        if let Some(seq) = parse_segment_file_name(name) {
-            let fresh = bytes.get(SEGMENT_HEADER_LEN..).is_some_and(is_zero_header);
-            return fresh && holds_round(bytes, seq, SEGMENT_HEADER_LEN);
-        }
-        let spare = name.strip_suffix(".tmp").and_then(|digits| digits.parse::<u64>().ok());
-        spare.is_some_and(|seq| {
-            newest_live.is_none_or(|newest| seq > newest)
-                && holds_round(bytes, seq, SEGMENT_HEADER_LEN)
-        })
-    })
-}
-
-/// KNOWN BUG 2 (`fuzz/regressions/recover_image/README.md`): after a cut, recovery renames the
-/// discarded `{s}.seg` to `{s}.tmp` even where a spare of that name exists, and recycling does the
-/// same; the spare list then holds a handle to the unlinked file, which a later preparation writes
-/// (the simulated disk panics; a real one loses the writes). True if `image` has a spare and a
-/// segment of the same sequence number, the state that leads there.
-fn spare_shadows_segment(image: &Image) -> bool {
-    image.iter().any(|(name, _)| {
-        name.strip_suffix(".tmp").and_then(|digits| digits.parse::<u64>().ok()).is_some_and(|seq| {
-            let live = flotilla_wal::segment::segment_file_name(seq);
-            image.iter().any(|(other, _)| *other == live)
-        })
-    })
-}
-
-/// Whether known bugs fail the checks too (`FLOTILLA_FUZZ_STRICT=1`).
-fn strict() -> bool {
-    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("FLOTILLA_FUZZ_STRICT").is_some_and(|v| v == "1"))
-}
-
 /// Target `recover_image`. Input: a workload seed byte, a flags byte (bit 0: the image before
 /// `close`, without the sealing round; bit 1: `RecoveryMode::TruncateCorrupt`), then up to 16
 /// damages ([`damage`]). Opening the damaged image returns `Ok` or a typed error, never panics;
@@ -536,7 +490,7 @@ pub fn check_recover_image(data: &[u8]) {
         damage(&mut image, &mut cursor);
     }
     let disk = materialize(&image);
-    let config = recover_config(mode, false);
+    let config = recover_config(mode);
     let Ok((wal, _recovery)) = Wal::open_with(Arc::new(disk.clone()), config.clone()) else {
         return;
     };
@@ -548,11 +502,6 @@ pub fn check_recover_image(data: &[u8]) {
             assert_eq!(wal.group_state(*group).as_ref(), Some(state), "undamaged group {group}");
         }
     }
-    let opened = snapshot(&disk);
-    if !strict() && spare_shadows_segment(&opened) {
-        return; // known bug 2: what follows may write an unlinked file
-    }
-    let stale = stale_rounds_reusable(&opened);
 
     let group = GroupId(1 << 40);
     let payload = Bytes::from_static(b"appended after recovery");
@@ -565,7 +514,6 @@ pub fn check_recover_image(data: &[u8]) {
     let reopened = Wal::open_with(Arc::new(materialize(&snapshot(&disk))), config);
     let wal = match reopened {
         Ok((wal, _)) => wal,
-        Err(WalError::Corrupt { .. }) if stale && !strict() => return, // known bug 1
         Err(error) => {
             panic!("a log that opened, took an append and closed does not reopen: {error}")
         }

@@ -240,7 +240,7 @@ impl Wal {
         let bounds: HashMap<GroupId, Bounds> =
             read.index.groups.iter().map(|(g, index)| (*g, index.bounds)).collect();
         let last = recovered.segments.last();
-        let next_prepare_seq = last.map_or(1, |s| s.seq + 1);
+        let next_prepare_seq = recovered.max_seq_seen + 1;
         let mut spares = Vec::new();
         for (name, file, size) in recovered.spares {
             if size == config.segment_bytes {
@@ -1063,6 +1063,10 @@ impl Shared {
             let name = segment_file_name(seq);
             let spare = format!("{seq:020}{SPARE_SUFFIX}");
             let recycle = !view_alive && size == self.config.segment_bytes;
+            debug_assert!(
+                !self.segs.lock().recyclable.iter().any(|(n, _, _)| *n == spare),
+                "sequence numbers are never reused, so spare names are unique"
+            );
             let result = if recycle {
                 self.storage.rename(&name, &spare)
             } else {
@@ -1125,10 +1129,17 @@ impl Shared {
         let room = self.config.batch_bytes_max.saturating_sub(queue.open.body_len());
         let mut batch = WriteBatch::new();
         let mut groups = 0u64;
-        for (group, index) in &read.index.groups {
-            if index.min_segment(oldest) != Some(oldest) || index.locs.len() > max {
-                continue;
-            }
+        // In group order, so inline (simulated) runs lay the disk out the same way every time.
+        let mut candidates: Vec<(&GroupId, &crate::index::GroupIndex)> = read
+            .index
+            .groups
+            .iter()
+            .filter(|(_, index)| {
+                index.min_segment(oldest) == Some(oldest) && index.locs.len() <= max
+            })
+            .collect();
+        candidates.sort_unstable_by_key(|(group, _)| **group);
+        for (group, index) in candidates {
             if queue.open.touches(*group) {
                 continue;
             }

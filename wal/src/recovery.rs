@@ -66,6 +66,11 @@ pub(crate) struct Recovered {
     pub next_write_seq: u64,
     /// Files left over from preparation or recycling, free to reuse: `(name, file, size)`.
     pub spares: Vec<(String, Arc<dyn StorageFile>, u64)>,
+    /// The highest segment sequence number found in any live segment or readable spare header.
+    /// New segments are numbered above it: a number is never reused in a directory, because a
+    /// reused file still holds rounds checksummed for the number it had (stale rounds would
+    /// validate again), and spare names (`{seq}.tmp`) stay unique.
+    pub max_seq_seen: u64,
     pub report: RecoveryReport,
 }
 
@@ -124,25 +129,35 @@ fn plausible(bytes: &[u8], pos: usize, min_seq: u64) -> bool {
 pub(crate) fn recover(storage: &dyn Storage, mode: RecoveryMode) -> Result<Recovered, WalError> {
     let mut live: Vec<(u64, String)> = Vec::new();
     let mut spares = Vec::new();
+    let mut max_seq_seen = 0u64;
     for name in storage.list().map_err(|e| WalError::io("listing the directory", e))? {
         if let Some(seq) = parse_segment_file_name(&name) {
             live.push((seq, name));
         } else if name.ends_with(SPARE_SUFFIX) {
             let file = storage.open(&name).map_err(|e| WalError::io("opening a spare", e))?;
             let size = file.len().map_err(|e| WalError::io("sizing a spare", e))?;
+            max_seq_seen = max_seq_seen.max(spare_seq(file.as_ref(), size));
             spares.push((name, file, size));
         }
     }
+    if let Some((seq, _)) = live.iter().max() {
+        max_seq_seen = max_seq_seen.max(*seq);
+    }
     live.sort_unstable();
-    for pair in live.windows(2) {
-        if pair[1].0 != pair[0].0 + 1 {
+    for (name, _, _) in &spares {
+        let number = name.strip_suffix(SPARE_SUFFIX).and_then(|digits| digits.parse::<u64>().ok());
+        if let Some(seq) = number.filter(|seq| live.iter().any(|(live, _)| live == seq)) {
+            // Numbers are never reused, so this directory was changed from outside.
             return Err(WalError::Corrupt {
-                segment: pair[0].0 + 1,
+                segment: seq,
                 offset: 0,
-                reason: format!("segment missing between {} and {}", pair[0].0, pair[1].0),
+                reason: format!("spare {name} shares its number with a live segment"),
             });
         }
     }
+    // Sequence numbers increase but may skip (numbers of discarded segments are never reused). A
+    // missing segment shows as a break in the chain of rounds, which a later round's durability
+    // claim turns into `Corrupt`.
     let mut segments = Vec::with_capacity(live.len());
     for (seq, name) in &live {
         let file = storage.open(name).map_err(|e| WalError::io("opening a segment", e))?;
@@ -164,7 +179,23 @@ pub(crate) fn recover(storage: &dyn Storage, mode: RecoveryMode) -> Result<Recov
     }
     let count = segments.len();
     let scan = Scan { storage, mode, segments, buffers: vec![None; count] };
-    scan.run(spares)
+    let mut recovered = scan.run(spares)?;
+    recovered.max_seq_seen = max_seq_seen;
+    Ok(recovered)
+}
+
+/// The sequence number in a spare's header, if it has a readable one (0 otherwise). A spare whose
+/// header is unreadable was torn while being prepared; its old rounds belong to a retired segment,
+/// which is numbered below the newest live one.
+fn spare_seq(file: &dyn StorageFile, size: u64) -> u64 {
+    if size < SEGMENT_HEADER_LEN as u64 {
+        return 0;
+    }
+    let mut head = [0u8; SEGMENT_HEADER_LEN];
+    if file.read_exact_at(&mut head, 0).is_err() {
+        return 0;
+    }
+    SegmentHeader::decode(&head).map_or(0, |header| header.seq)
 }
 
 impl Scan<'_> {
@@ -269,6 +300,7 @@ impl Scan<'_> {
             active_offset,
             next_write_seq: expected.unwrap_or(1),
             spares,
+            max_seq_seen: 0,
             report,
         })
     }
