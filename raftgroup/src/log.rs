@@ -40,32 +40,63 @@ pub(crate) struct NotInMemory {
 }
 
 impl RaftLog {
-    /// A log that starts after `snapshot_index`/`snapshot_term` and holds `entries` (all durable).
+    /// A log that starts after `snapshot_index`/`snapshot_term`, all durable. Without
+    /// `term_starts`, `entries` are all the entries after the snapshot; with them (the first
+    /// index of each term and the last index), `entries` may be any suffix, kept as the cache.
     pub(crate) fn recover(
         snapshot_index: LogIndex,
         snapshot_term: Term,
+        term_starts: Option<(&[(LogIndex, Term)], LogIndex)>,
         entries: Vec<Entry>,
         commit: LogIndex,
     ) -> Result<Self, &'static str> {
-        let mut log = Self {
-            snapshot_index,
-            snapshot_term,
-            last: snapshot_index,
-            stable: snapshot_index,
-            handed: snapshot_index,
-            commit: snapshot_index,
-            ..Self::default()
-        };
-        let mut previous_term = snapshot_term;
-        for entry in entries {
-            if entry.index != log.last.next() {
-                return Err("recovered entries are not consecutive after the snapshot");
+        let mut log =
+            Self { snapshot_index, snapshot_term, last: snapshot_index, ..Self::default() };
+        if let Some((starts, last)) = term_starts {
+            let increasing =
+                starts.windows(2).all(|pair| pair[0].0 < pair[1].0 && pair[0].1 < pair[1].1);
+            if !increasing {
+                return Err("recovered term starts do not increase");
             }
-            if entry.term < previous_term {
-                return Err("recovered entry terms decrease");
+            match starts.first() {
+                None if last > snapshot_index => return Err("recovered log without term starts"),
+                Some(&(start, term)) if start != snapshot_index.next() || term < snapshot_term => {
+                    return Err("recovered term starts do not begin after the snapshot");
+                }
+                _ => {}
             }
-            previous_term = entry.term;
-            log.push(entry);
+            if starts.last().is_some_and(|&(start, _)| start > last) || last < snapshot_index {
+                return Err("recovered last index before the term starts or the snapshot");
+            }
+            log.terms = starts.to_vec();
+            log.last = last;
+            let suffix_first = entries.first().map_or(last.next(), |entry| entry.index);
+            for (offset, entry) in entries.iter().enumerate() {
+                if entry.index.0 != suffix_first.0 + offset as u64
+                    || log.term(entry.index) != Some(entry.term)
+                {
+                    return Err("recovered entries do not match the term starts");
+                }
+            }
+            if entries.last().is_some_and(|entry| entry.index != last)
+                || suffix_first <= snapshot_index
+            {
+                return Err("recovered entries are not a suffix of the log");
+            }
+            log.entries_bytes = entries.iter().map(Entry::size_bytes).sum();
+            log.entries = entries.into();
+        } else {
+            let mut previous_term = snapshot_term;
+            for entry in entries {
+                if entry.index != log.last.next() {
+                    return Err("recovered entries are not consecutive after the snapshot");
+                }
+                if entry.term < previous_term {
+                    return Err("recovered entry terms decrease");
+                }
+                previous_term = entry.term;
+                log.push(entry);
+            }
         }
         log.stable = log.last;
         log.handed = log.last;
@@ -333,7 +364,7 @@ mod tests {
 
     fn log_with_terms(terms: &[u64]) -> RaftLog {
         let entries = terms.iter().enumerate().map(|(i, &t)| entry(i as u64 + 1, t)).collect();
-        RaftLog::recover(LogIndex(0), Term(0), entries, LogIndex(0)).expect("valid")
+        RaftLog::recover(LogIndex(0), Term(0), None, entries, LogIndex(0)).expect("valid")
     }
 
     #[test]
@@ -345,6 +376,44 @@ mod tests {
         assert_eq!(log.term(LogIndex(6)), Some(Term(5)));
         assert_eq!(log.term(LogIndex(7)), None);
         log.check().expect("consistent");
+    }
+
+    #[test]
+    fn recovery_from_term_starts_needs_only_a_suffix_of_entries() {
+        let starts = [(LogIndex(1), Term(1)), (LogIndex(3), Term(2)), (LogIndex(6), Term(5))];
+        let suffix = vec![entry(6, 5), entry(7, 5)];
+        let log = RaftLog::recover(
+            LogIndex(0),
+            Term(0),
+            Some((&starts, LogIndex(7))),
+            suffix,
+            LogIndex(4),
+        )
+        .expect("valid");
+        assert_eq!(log.term(LogIndex(2)), Some(Term(1)));
+        assert_eq!(log.term(LogIndex(5)), Some(Term(2)));
+        assert_eq!(log.last_index(), LogIndex(7));
+        assert_eq!(log.memory_first(), LogIndex(6));
+        assert_eq!(log.terms, starts);
+        log.check().expect("consistent");
+        let wrong_term = vec![entry(7, 4)];
+        let result = RaftLog::recover(
+            LogIndex(0),
+            Term(0),
+            Some((&starts, LogIndex(7))),
+            wrong_term,
+            LogIndex(0),
+        );
+        assert!(result.is_err(), "entries must agree with the term starts");
+        let not_suffix = vec![entry(5, 2)];
+        let result = RaftLog::recover(
+            LogIndex(0),
+            Term(0),
+            Some((&starts, LogIndex(7))),
+            not_suffix,
+            LogIndex(0),
+        );
+        assert!(result.is_err(), "entries must end at the last index");
     }
 
     #[test]

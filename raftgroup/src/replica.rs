@@ -42,9 +42,17 @@ pub struct RecoveredState {
     pub hard_state: HardState,
     /// The latest snapshot, if any; entries start right after it.
     pub snapshot: Option<Snapshot>,
-    /// Every durable log entry after the snapshot, consecutive: the replica learns the term of
-    /// each index from them, then keeps only what `Config::log_cache_bytes` allows in memory.
+    /// Durable log entries after the snapshot, consecutive. If `term_starts` is empty these
+    /// must be *all* of them (the replica learns every index's term from them); otherwise any
+    /// suffix ending at `last_index` (possibly none): they only warm the cache. Either way the
+    /// replica keeps only what `Config::log_cache_bytes` allows.
     pub entries: Vec<Entry>,
+    /// The first index of each term present in the log after the snapshot, increasing, with
+    /// the term: lets a storage recover a replica without reading every entry. Empty: derive
+    /// them from `entries`.
+    pub term_starts: Vec<(LogIndex, Term)>,
+    /// The last durable index; used only with `term_starts`.
+    pub last_index: LogIndex,
     /// The index the state machine has applied through (at least the snapshot's).
     pub applied: LogIndex,
     /// The membership in effect at `applied`, with the index of the entry that set it, if it is
@@ -166,8 +174,12 @@ impl Replica {
         let hard_state = recovered.hard_state;
         // A snapshot is always of committed state, whatever the hard state says.
         let commit = hard_state.commit.max(snapshot_index);
-        let log = RaftLog::recover(snapshot_index, snapshot_term, recovered.entries, commit)
-            .map_err(bad)?;
+        let term_starts = (!recovered.term_starts.is_empty()
+            || recovered.last_index > snapshot_index)
+            .then_some((recovered.term_starts.as_slice(), recovered.last_index));
+        let log =
+            RaftLog::recover(snapshot_index, snapshot_term, term_starts, recovered.entries, commit)
+                .map_err(bad)?;
         if log.last_term() > hard_state.term {
             return Err(bad("log has entries of a term above the hard state's"));
         }

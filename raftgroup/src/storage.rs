@@ -90,19 +90,34 @@ impl MemStorage {
     }
 
     /// What a restarted replica recovers; `applied` and `membership` come from the state machine.
+    ///
+    /// Like a real log store, it hands over the term starts and only the last
+    /// [`MemStorage::RECOVERED_TAIL_ENTRIES`] entries: the replica fetches older ones when needed.
     pub fn recover(
         &self,
         applied: LogIndex,
         membership: Option<(LogIndex, Membership)>,
     ) -> RecoveredState {
+        let mut term_starts: Vec<(LogIndex, Term)> = Vec::new();
+        for entry in &self.entries {
+            if term_starts.last().is_none_or(|&(_, term)| term != entry.term) {
+                term_starts.push((entry.index, entry.term));
+            }
+        }
+        let tail = self.entries.len().saturating_sub(Self::RECOVERED_TAIL_ENTRIES);
         RecoveredState {
             hard_state: self.hard_state,
             snapshot: self.snapshot.clone(),
-            entries: self.entries.clone(),
+            entries: self.entries[tail..].to_vec(),
+            term_starts,
+            last_index: self.last_index(),
             applied,
             membership,
         }
     }
+
+    /// Entries [`MemStorage::recover`] hands over with the term starts.
+    pub const RECOVERED_TAIL_ENTRIES: usize = 4;
 
     /// Loses every entry after `index` (a crash that lost unsynced writes in a simulator).
     pub fn truncate_after(&mut self, index: LogIndex) {
