@@ -758,6 +758,7 @@ impl Shared {
             core.durable_write_seq = write_seq;
             core.active.unsynced = false;
             bump(&self.counters.fdatasyncs, 1);
+            metrics::counter!("flotilla_wal_fdatasyncs_total").increment(1);
             metrics::histogram!("flotilla_wal_fdatasync_seconds").record(elapsed.as_secs_f64());
         } else {
             core.active.unsynced = true;
@@ -861,8 +862,13 @@ impl Shared {
         let view = Arc::clone(&prepared.file)
             .read_view()
             .map_err(|e| WalError::io("mapping a segment", e))?;
-        self.read.write().segments.insert(prepared.seq, view);
+        let live = {
+            let mut read = self.read.write();
+            read.segments.insert(prepared.seq, view);
+            read.segments.len()
+        };
         self.segs.lock().files.insert(prepared.seq, Arc::clone(&prepared.file));
+        metrics::gauge!("flotilla_wal_segments_live").set(live as f64);
         Ok(())
     }
 
@@ -1007,6 +1013,9 @@ impl Shared {
             })?;
         if recycled {
             bump(&self.counters.segments_recycled, 1);
+            metrics::counter!("flotilla_wal_segments_recycled_total").increment(1);
+        } else {
+            metrics::counter!("flotilla_wal_segments_created_total").increment(1);
         }
         Ok(Prepared { seq, file, size })
     }
@@ -1033,6 +1042,7 @@ impl Shared {
         if retired.is_empty() {
             return;
         }
+        metrics::gauge!("flotilla_wal_segments_live").set(self.read.read().segments.len() as f64);
         self.segs.lock().retire.extend(retired);
         match self.config.writer {
             WriterMode::Inline => self.retire_pending(),
