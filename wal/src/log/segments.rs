@@ -1,0 +1,348 @@
+//! Segments between the writer and the preparer: preparing pre-written or recycled segments ahead
+//! of need, garbage collection, retiring (recycle or delete), and the forward copy of small groups
+//! that pin the oldest segment.
+
+use std::sync::Arc;
+
+use super::{Prepared, Shared, bump};
+use crate::config::WriterMode;
+use crate::error::WalError;
+use crate::index::resolve_seq;
+use crate::io::StorageFile;
+use crate::record::{RECORD_HEADER_LEN, WriteBatch};
+use crate::segment::{SEGMENT_HEADER_LEN, SPARE_SUFFIX, SegmentHeader, segment_file_name};
+use crate::{GroupId, ReadView};
+
+impl Shared {
+    /// Makes a prepared segment live: readable and known to garbage collection.
+    pub(super) fn install(&self, prepared: &Prepared) -> Result<(), WalError> {
+        let view = Arc::clone(&prepared.file)
+            .read_view()
+            .map_err(|e| WalError::io("mapping a segment", e))?;
+        let live = {
+            let mut read = self.read.write();
+            read.segments.insert(prepared.seq, view);
+            read.segments.len()
+        };
+        self.segs.lock().files.insert(prepared.seq, Arc::clone(&prepared.file));
+        metrics::gauge!("flotilla_wal_segments_live").set(live as f64);
+        Ok(())
+    }
+
+    pub(super) fn take_prepared(&self, maintenance: bool) -> Result<Prepared, WalError> {
+        let mut segs = self.segs.lock();
+        let mut stalled = false;
+        loop {
+            let reserve = if maintenance { 0 } else { self.config.reserved_segments };
+            if segs.prepared.len() > reserve {
+                let prepared = segs.prepared.pop_front().expect("non-empty");
+                drop(segs);
+                self.segs_changed.notify_all();
+                return Ok(prepared);
+            }
+            if let Some(error) = segs.error.take() {
+                return Err(error);
+            }
+            if segs.disk_full && !segs.preparing {
+                return Err(WalError::DiskFull);
+            }
+            if !stalled {
+                stalled = true;
+                bump(&self.counters.rotation_stalls, 1);
+            }
+            match self.config.writer {
+                WriterMode::Inline => {
+                    drop(segs);
+                    self.prepare_one()?;
+                    segs = self.segs.lock();
+                }
+                WriterMode::Threads => {
+                    self.segs_changed.notify_all();
+                    self.segs_changed.wait(&mut segs);
+                }
+            }
+        }
+    }
+
+    pub(super) fn needs_preparation(&self) -> bool {
+        let segs = self.segs.lock();
+        let target = self.config.prepared_segments + self.config.reserved_segments;
+        segs.prepared.len() < target && !(segs.disk_full && segs.recyclable.is_empty())
+    }
+
+    pub(super) fn preparer_loop(&self) {
+        loop {
+            {
+                let mut segs = self.segs.lock();
+                loop {
+                    if segs.closed {
+                        return;
+                    }
+                    let target = self.config.prepared_segments + self.config.reserved_segments;
+                    let wants = segs.prepared.len() < target
+                        && !(segs.disk_full && segs.recyclable.is_empty())
+                        && segs.error.is_none();
+                    if !segs.retire.is_empty() || wants {
+                        break;
+                    }
+                    self.segs_changed.wait(&mut segs);
+                }
+            }
+            self.retire_pending();
+            if self.needs_preparation() && self.segs.lock().error.is_none() {
+                if let Err(error) = self.prepare_one()
+                    && !matches!(error, WalError::DiskFull)
+                {
+                    tracing::error!(%error, "preparing a segment failed");
+                    self.segs.lock().error = Some(error);
+                }
+                self.segs_changed.notify_all();
+            }
+        }
+    }
+
+    /// Readies the next segment: a recycled file if there is one, else a new pre-written file;
+    /// writes its header and a zeroed first record slot, syncs, and names it.
+    pub(super) fn prepare_one(&self) -> Result<(), WalError> {
+        let (seq, source) = {
+            let mut segs = self.segs.lock();
+            segs.preparing = true;
+            (segs.next_prepare_seq, segs.recyclable.pop())
+        };
+        let result = self.prepare_io(seq, source);
+        let mut segs = self.segs.lock();
+        segs.preparing = false;
+        match result {
+            Ok(prepared) => {
+                segs.next_prepare_seq = seq + 1;
+                segs.prepared.push_back(prepared);
+                segs.disk_full = false;
+                drop(segs);
+                self.segs_changed.notify_all();
+                Ok(())
+            }
+            Err((error, source)) => {
+                if let Some(source) = source {
+                    segs.recyclable.push(source);
+                }
+                if matches!(error, WalError::DiskFull) {
+                    segs.disk_full = true;
+                }
+                drop(segs);
+                self.segs_changed.notify_all();
+                Err(error)
+            }
+        }
+    }
+
+    #[expect(clippy::type_complexity, reason = "the error hands the unused source back")]
+    pub(super) fn prepare_io(
+        &self,
+        seq: u64,
+        source: Option<(String, Arc<dyn StorageFile>, u64)>,
+    ) -> Result<Prepared, (WalError, Option<(String, Arc<dyn StorageFile>, u64)>)> {
+        let size = self.config.segment_bytes;
+        let (name, file, recycled) = match source {
+            Some((name, file, _)) => (name, file, true),
+            None => {
+                let name = format!("{seq:020}{SPARE_SUFFIX}");
+                let file = self
+                    .storage
+                    .create_prewritten(&name, size)
+                    .map_err(|e| (WalError::io("creating a segment", e), None))?;
+                bump(&self.counters.segments_created, 1);
+                (name, file, false)
+            }
+        };
+        let give_back = |error: WalError, name: &str, file: &Arc<dyn StorageFile>| {
+            (error, Some((name.to_string(), Arc::clone(file), size)))
+        };
+        let mut head = vec![0u8; SEGMENT_HEADER_LEN + RECORD_HEADER_LEN];
+        head[..SEGMENT_HEADER_LEN].copy_from_slice(&SegmentHeader { seq, size }.encode());
+        file.write_all_at(&head, 0)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| give_back(WalError::io("writing a segment header", e), &name, &file))?;
+        self.storage
+            .rename(&name, &segment_file_name(seq))
+            .and_then(|()| self.storage.sync_dir())
+            .map_err(|e| {
+                give_back(WalError::io("naming a segment", e), &segment_file_name(seq), &file)
+            })?;
+        if recycled {
+            bump(&self.counters.segments_recycled, 1);
+            metrics::counter!("flotilla_wal_segments_recycled_total").increment(1);
+        } else {
+            metrics::counter!("flotilla_wal_segments_created_total").increment(1);
+        }
+        Ok(Prepared { seq, file, size })
+    }
+
+    /// Retires every live segment older than both the active one and the oldest one any group
+    /// still needs. Runs only right after a synced round, when what the index says is durable.
+    pub(super) fn collect_garbage(&self, active_seq: u64) {
+        let retired: Vec<(u64, ReadView)> = {
+            let mut read = self.read.write();
+            let Some(&oldest) = read.segments.keys().next() else { return };
+            let needed = read
+                .index
+                .groups
+                .values()
+                .filter_map(|index| index.min_segment(oldest))
+                .min()
+                .unwrap_or(u64::MAX)
+                .min(active_seq);
+            let seqs: Vec<u64> = read.segments.range(..needed).map(|(seq, _)| *seq).collect();
+            seqs.into_iter()
+                .map(|seq| (seq, read.segments.remove(&seq).expect("listed above")))
+                .collect()
+        };
+        if retired.is_empty() {
+            return;
+        }
+        metrics::gauge!("flotilla_wal_segments_live").set(self.read.read().segments.len() as f64);
+        self.segs.lock().retire.extend(retired);
+        match self.config.writer {
+            WriterMode::Inline => self.retire_pending(),
+            WriterMode::Threads => {
+                self.segs_changed.notify_all();
+            }
+        }
+    }
+
+    /// Recycles retired segments whose map no reader still holds (renamed aside) and deletes
+    /// the others (their maps stay valid for the readers), oldest first. A failure stops the
+    /// pass with the rest still queued, so the live segments never get a hole; a rename counts
+    /// only once a directory sync made it durable (a recycled file is rewritten in place, which
+    /// must never happen while a crash could bring back its old name).
+    pub(super) fn retire_pending(&self) {
+        let mut renamed: Vec<(String, Arc<dyn StorageFile>, u64)> = Vec::new();
+        let mut changed = false;
+        loop {
+            let Some((seq, view)) = self.segs.lock().retire.pop_front() else { break };
+            let liveness = view.liveness();
+            let Some(file) = self.segs.lock().files.get(&seq).cloned() else { continue };
+            // Drop our view first: if no reader holds a slice, the map goes with it.
+            let view_alive = {
+                drop(view);
+                liveness.is_some_and(|weak| weak.upgrade().is_some())
+            };
+            let size = file.len().unwrap_or(0);
+            let name = segment_file_name(seq);
+            let spare = format!("{seq:020}{SPARE_SUFFIX}");
+            let recycle = !view_alive && size == self.config.segment_bytes;
+            debug_assert!(
+                !self.segs.lock().recyclable.iter().any(|(n, _, _)| *n == spare),
+                "sequence numbers are never reused, so spare names are unique"
+            );
+            let result = if recycle {
+                self.storage.rename(&name, &spare)
+            } else {
+                self.storage.remove(&name)
+            };
+            match result {
+                Ok(()) => {
+                    changed = true;
+                    self.segs.lock().files.remove(&seq);
+                    if recycle {
+                        renamed.push((spare, file, size));
+                    } else {
+                        bump(&self.counters.segments_deleted, 1);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(seq, %error, "retiring a segment failed; will retry");
+                    let view = Arc::clone(&file).read_view();
+                    match view {
+                        Ok(view) => self.segs.lock().retire.push_front((seq, view)),
+                        Err(error) => tracing::warn!(seq, %error, "cannot map a segment again"),
+                    }
+                    break;
+                }
+            }
+        }
+        let mut segs = self.segs.lock();
+        segs.unsynced_spares.extend(renamed);
+        if changed || !segs.unsynced_spares.is_empty() {
+            drop(segs);
+            let synced = self.storage.sync_dir();
+            segs = self.segs.lock();
+            match synced {
+                Ok(()) => {
+                    let spares = std::mem::take(&mut segs.unsynced_spares);
+                    if !spares.is_empty() {
+                        segs.disk_full = false;
+                    }
+                    segs.recyclable.extend(spares);
+                }
+                Err(error) => tracing::warn!(%error, "directory sync failed; spares wait"),
+            }
+        }
+        drop(segs);
+        self.segs_changed.notify_all();
+    }
+
+    /// Copies forward the state of small groups pinning the oldest segment. Runs only on the
+    /// writer, right after a round was applied: then the index plus the open round is exactly
+    /// what was accepted, so a group the open round does not touch has nothing in flight and its
+    /// copy is exact (copying a group with pending writes could resurrect overwritten entries).
+    pub(super) fn rewrite_pinning(&self) {
+        let max = self.config.rewrite_entries_max;
+        let mut queue = self.queue.lock();
+        let read = self.read.read();
+        if read.segments.len() < 3 {
+            return;
+        }
+        let oldest = *read.segments.keys().next().expect("non-empty");
+        let room = self.config.batch_bytes_max.saturating_sub(queue.open.body_len());
+        let mut batch = WriteBatch::new();
+        let mut groups = 0u64;
+        // In group order, so inline (simulated) runs lay the disk out the same way every time.
+        let mut candidates: Vec<(&GroupId, &crate::index::GroupIndex)> = read
+            .index
+            .groups
+            .iter()
+            .filter(|(_, index)| {
+                index.min_segment(oldest) == Some(oldest) && index.locs.len() <= max
+            })
+            .collect();
+        candidates.sort_unstable_by_key(|(group, _)| **group);
+        for (group, index) in candidates {
+            if queue.open.touches(*group) {
+                continue;
+            }
+            let mut copy = WriteBatch::new();
+            if let Some((through, term)) = index.state().compacted {
+                copy.compact(*group, through, term);
+            }
+            let mut entries = Vec::with_capacity(index.locs.len());
+            for (i, loc) in index.locs.iter().enumerate() {
+                let at = index.first_index + i as u64;
+                let seq = resolve_seq(oldest, loc.seg);
+                let view = read.segments.get(&seq).expect("a live entry's segment is live");
+                let Ok(payload) = view.slice(loc.offset as usize, loc.len as usize) else {
+                    return;
+                };
+                entries.push((index.term(at).expect("live index has a term"), payload));
+            }
+            copy.add_entries(*group, index.first_index, entries);
+            if let Some(state) = index.hard_state {
+                copy.set_hard_state(*group, state);
+            }
+            if batch.encoded_len() + copy.encoded_len() > room {
+                break;
+            }
+            for op in copy.ops {
+                batch.push(op);
+            }
+            groups += 1;
+        }
+        drop(read);
+        if groups == 0 {
+            return;
+        }
+        queue.accept(&batch, true).expect("a copy of a group's own state is valid");
+        drop(queue);
+        bump(&self.counters.groups_rewritten, groups);
+        self.work.notify_one();
+    }
+}
