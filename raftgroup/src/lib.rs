@@ -80,7 +80,8 @@
 //! index on), then hard state, Readies in order; answer [`Fetch`]es with durable entries
 //! ([`MemStorage::fetch`] shows how); drop entries through a compaction point when the
 //! application calls [`Replica::compact`]. Only the unsynced tail may be lost in a crash; the
-//! [`RecoveredState`] after a restart is what was synced.
+//! [`RecoveredState`] after a restart is what was synced — the snapshot, the first index of each
+//! term and a tail of entries are enough ([`MemStorage::recover`]); the rest is fetched.
 //!
 //! # Map
 //! - `replica.rs`: inputs, [`Ready`], introspection; `raft.rs`: the protocol rules;

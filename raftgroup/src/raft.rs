@@ -7,7 +7,7 @@ use crate::error::Error;
 use crate::message::{Message, MessageBody};
 use crate::progress::ProgressState;
 use crate::quorum::{self, VoteResult};
-use crate::read_index::{PendingRead, ReadState};
+use crate::read_index::{MAX_PENDING_READS, PendingRead, ReadState};
 use crate::ready::{Fetch, FetchPurpose};
 use crate::replica::{Replica, Role};
 use crate::types::{Entry, EntryKind, LogIndex, NodeId, Term};
@@ -276,7 +276,9 @@ impl Replica {
                 }
             }
             MessageBody::ReadIndex { context } => {
-                if self.role == Role::Leader {
+                // Forwarded reads share the leader's bound: refused beyond it, so the follower's
+                // client retries instead of the queue growing without limit.
+                if self.role == Role::Leader && self.reads.len() < MAX_PENDING_READS {
                     self.leader_read(context, from);
                 } else {
                     self.send(from, MessageBody::ReadIndexResponse { context, index: None });
