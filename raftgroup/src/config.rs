@@ -22,9 +22,8 @@ pub struct Config {
     /// Run a pre-vote round before a real campaign, so a rejoining partitioned node does not
     /// disrupt the leader by bumping the term.
     pub pre_vote: bool,
-    /// A leader steps down if it has not heard from a quorum during an election timeout (checked
-    /// once per `election_ticks`, so it steps down at most two timeouts after losing touch);
-    /// followers that heard from a leader within `election_ticks` ignore other campaigns.
+    /// A leader steps down once it has not heard from a quorum for `election_ticks`; followers
+    /// that heard from a leader within `election_ticks` ignore other campaigns.
     pub check_quorum: bool,
     /// Append messages in flight per follower before the leader waits for acknowledgements;
     /// proposals fail with [`crate::ProposeError::Busy`] while the windows to a quorum are full.

@@ -33,8 +33,8 @@ pub(crate) struct Progress {
     pub(crate) inflight: VecDeque<LogIndex>,
     /// A storage fetch is outstanding for this peer.
     pub(crate) fetching: bool,
-    /// Heard from since the last check-quorum round.
-    pub(crate) recent_active: bool,
+    /// The leader's tick count when it last heard from this peer (check-quorum).
+    pub(crate) heard_tick: u64,
     /// Highest heartbeat `seq` acknowledged in this term.
     pub(crate) acked_seq: u64,
     /// Highest heartbeat `sent_tick` acknowledged in this term (lease).
@@ -44,7 +44,9 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    pub(crate) fn new(id: NodeId, next_index: LogIndex) -> Self {
+    /// A peer as seen by a leader elected at tick `now` (which gives it a full election timeout
+    /// to answer before check-quorum counts it as lost).
+    pub(crate) fn new(id: NodeId, next_index: LogIndex, now: u64) -> Self {
         Self {
             id,
             match_index: LogIndex::ZERO,
@@ -53,7 +55,7 @@ impl Progress {
             probe_sent: false,
             inflight: VecDeque::new(),
             fetching: false,
-            recent_active: false,
+            heard_tick: now,
             acked_seq: 0,
             acked_sent_tick: None,
             snapshot_wait_ticks: 0,
@@ -155,7 +157,7 @@ mod tests {
 
     #[test]
     fn replicate_window_pauses_and_acks_free_it() {
-        let mut progress = Progress::new(NodeId(2), LogIndex(1));
+        let mut progress = Progress::new(NodeId(2), LogIndex(1), 0);
         progress.maybe_update(LogIndex(0));
         progress.become_replicate();
         progress.sent(Some(LogIndex(3)));
@@ -169,7 +171,7 @@ mod tests {
 
     #[test]
     fn stale_rejections_are_ignored() {
-        let mut progress = Progress::new(NodeId(2), LogIndex(10));
+        let mut progress = Progress::new(NodeId(2), LogIndex(10), 0);
         progress.sent(None);
         assert!(!progress.maybe_decrease(LogIndex(5), LogIndex(4)), "not the probe in flight");
         assert!(progress.maybe_decrease(LogIndex(9), LogIndex(4)));

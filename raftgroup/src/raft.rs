@@ -109,15 +109,12 @@ impl Replica {
     pub(crate) fn tick_leader(&mut self) {
         self.heartbeat_elapsed += 1;
         self.election_elapsed += 1;
+        if self.settings.check_quorum && !self.quorum_heard_recently() {
+            self.become_follower(self.term, None);
+            return;
+        }
         if self.election_elapsed >= self.settings.election_ticks {
             self.election_elapsed = 0;
-            if self.settings.check_quorum && !self.quorum_recently_active() {
-                self.become_follower(self.term, None);
-                return;
-            }
-            for progress in &mut self.progress {
-                progress.recent_active = false;
-            }
             // A transfer that did not finish within an election timeout is abandoned.
             self.transfer_target = None;
         }
@@ -137,11 +134,19 @@ impl Replica {
         }
     }
 
-    fn quorum_recently_active(&self) -> bool {
+    /// Check-quorum: true if a quorum answered within the last election timeout. Checked every
+    /// tick, so a leader cut off from its followers steps down one timeout after last hearing
+    /// from a quorum (O(voters²) per leader tick; followers pay nothing).
+    fn quorum_heard_recently(&self) -> bool {
         let membership = self.membership();
-        quorum::joint_active(&membership.voters, &membership.outgoing, |id| {
-            id == self.id || self.progress_of(id).is_some_and(|p| p.recent_active)
-        })
+        let heard = quorum::joint_reached(&membership.voters, &membership.outgoing, |id| {
+            if id == self.id {
+                self.ticks
+            } else {
+                self.progress_of(id).map_or(0, |p| p.heard_tick)
+            }
+        });
+        self.ticks - heard < u64::from(self.settings.election_ticks)
     }
 
     fn heard_from_leader_recently(&self) -> bool {
@@ -519,8 +524,9 @@ impl Replica {
             hint_index
         };
         let max_inflight = self.settings.max_inflight_messages;
+        let now = self.ticks;
         let Some(progress) = self.progress_mut(from) else { return };
-        progress.recent_active = true;
+        progress.heard_tick = now;
         if reject {
             if progress.maybe_decrease(index, probe) {
                 self.send_append(from, true);
@@ -601,8 +607,9 @@ impl Replica {
     fn handle_heartbeat_response(&mut self, from: NodeId, seq: u64, sent_tick: u64) {
         let last_index = self.log.last_index();
         let max_inflight = self.settings.max_inflight_messages as usize;
+        let now = self.ticks;
         let Some(progress) = self.progress_mut(from) else { return };
-        progress.recent_active = true;
+        progress.heard_tick = now;
         progress.acked_seq = progress.acked_seq.max(seq);
         progress.acked_sent_tick =
             Some(progress.acked_sent_tick.map_or(sent_tick, |t| t.max(sent_tick)));

@@ -768,6 +768,6 @@ impl Replica {
     }
 
     pub(crate) fn new_progress(&self, id: NodeId) -> Progress {
-        Progress::new(id, self.log.last_index().next())
+        Progress::new(id, self.log.last_index().next(), self.ticks)
     }
 }
