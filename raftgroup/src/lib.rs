@@ -84,13 +84,19 @@
 //! term and a tail of entries are enough ([`MemStorage::recover`]); the rest is fetched.
 //!
 //! # Map
-//! - `replica.rs`: inputs, [`Ready`], introspection; `raft.rs`: the protocol rules;
+//! - `replica.rs`: inputs, introspection, invariants; `ready.rs`: the [`Ready`] output;
+//!   `raft.rs`: the protocol rules (elections, replication, commit, reads, leases, transfer);
 //! - `log.rs`: terms of every index (as runs) plus an in-memory suffix of entries; older entries
 //!   are read through [`Ready::fetches`] and [`Replica::on_fetched`];
 //! - `progress.rs`: per-follower replication (probe / replicate / snapshot, inflight window);
 //! - `quorum.rs`: pure quorum arithmetic; `membership.rs`: joint consensus and learners;
-//! - `read_index.rs`: ReadIndex and lease reads; `codec.rs`: the wire format;
+//! - `read_index.rs`: reads waiting for their heartbeat round; `codec.rs`: the wire format;
+//! - `types.rs`, `message.rs`, `config.rs`, `error.rs`: the vocabulary;
 //! - `storage.rs`: [`MemStorage`] for tests and simulators.
+//!
+//! Tests: unit tests beside the code and in `tests.rs` (the persistence rule, idle cost);
+//! `tests/scenarios.rs` runs the data-driven scenarios in `testdata/*.txt` and a randomized
+//! cluster test (`RAFT_SEEDS=n` for more seeds).
 
 mod config;
 mod error;
