@@ -12,7 +12,8 @@
 //! - `cargo test --release -p flotilla-raftgroup --features testkit --test sim` runs 1,000 seeds
 //!   (100 without `--release`);
 //! - `SIM_SEEDS=N` runs N seeds, `SIM_SEED_BASE=B` starts them at B (soak runs);
-//! - `SIM_SEED=S` replays seed S alone, bit for bit (a failure prints this line).
+//! - `SIM_SEED=S` replays seed S alone, bit for bit (a failure prints this line);
+//! - `SIM_VERBOSE=1` prints every seed's figures, `SIM_DUMP_DIR=D` writes a failing history to D.
 //!
 //! [`Replica`]: flotilla_raftgroup::Replica
 
@@ -133,10 +134,12 @@ fn deliver_responses(cluster: &mut Cluster, workload: &mut Workload) {
     let now = cluster.now();
     for response in cluster.take_responses() {
         match response {
-            Response::Applied { node, command, output } => {
-                workload.on_applied(now, node, &command, output);
+            Response::Applied { node, at, command, output } => {
+                workload.on_applied(now, at, node, &command, output);
             }
-            Response::Read { client, seq, value } => workload.on_read(now, client, seq, value),
+            Response::Read { at, client, seq, value } => {
+                workload.on_read(now, at, client, seq, value);
+            }
         }
     }
 }
@@ -269,6 +272,7 @@ fn run_seeds(parity: u64) {
         }
     };
     let seeds: Vec<u64> = seeds.into_iter().filter(|seed| seed % 2 == parity).collect();
+    let verbose = env_u64("SIM_VERBOSE").is_some_and(|verbose| verbose > 0);
     let (mut operations, mut answered, mut timed_out, mut never_applied) = (0, 0, 0, 0);
     let elapsed = timed(|| {
         for &seed in &seeds {
@@ -282,7 +286,7 @@ fn run_seeds(parity: u64) {
                 report.operations,
                 report.summary
             );
-            if seeds.len() == 1 {
+            if verbose || seeds.len() == 1 {
                 eprintln!("seed {seed}: {}", report.summary);
             }
             operations += report.operations;

@@ -18,6 +18,9 @@ use super::invariants::{EntryFact, RaftInvariants};
 use super::kv::{Command, KvStateMachine, hash_entry, mix};
 use super::workload::{Frontend, Rejected};
 
+/// Room for history timestamps within one unit of time.
+const STAMPS_PER_TIME: u64 = 1_000_000;
+
 /// Time units per tick of a replica with no clock skew.
 pub const TICK_UNITS: u64 = 20;
 
@@ -62,6 +65,8 @@ pub enum Response {
     Applied {
         /// The node that applied it.
         node: u64,
+        /// When (a history timestamp).
+        at: u64,
         /// The command.
         command: Command,
         /// Its result.
@@ -69,6 +74,8 @@ pub enum Response {
     },
     /// A read for `(client, seq)` was served with `value`.
     Read {
+        /// When (a history timestamp).
+        at: u64,
         /// The client.
         client: u64,
         /// Its operation number.
@@ -91,6 +98,8 @@ pub struct ClusterStats {
     pub snapshots_installed: u64,
     /// Storage reads served.
     pub fetches: u64,
+    /// Disk stalls.
+    pub disk_stalls: u64,
     /// Leadership transfers started.
     pub transfers: u64,
     /// Stale fetches refused with an error (see `ClusterConfig::strict_stale_fetches`).
@@ -131,6 +140,8 @@ struct Node {
     held_requests: Vec<HeldRequest>,
     tick_units: u64,
     next_tick: u64,
+    /// Until this time the disk is very slow (a stalled device).
+    slow_disk_until: u64,
     /// Storage reads in progress, by completion time.
     fetches: VecDeque<(u64, Fetch)>,
     /// Read contexts sent to the replica: `(client, seq, key)`.
@@ -151,8 +162,10 @@ pub struct Cluster {
     invariants: RaftInvariants,
     responses: Vec<Response>,
     next_context: u64,
-    /// `(client, seq)` of every command any state machine applied → when it was first applied.
+    /// `(client, seq)` of every command any state machine applied → the timestamp of the first.
     applied_commands: HashMap<(u64, u64), u64>,
+    /// History timestamps handed out at the current time (see [`Cluster::stamp`]).
+    stamps_now: u64,
     /// A hash of everything that happened, to prove runs replay exactly.
     trace: u64,
     stats: ClusterStats,
@@ -184,6 +197,7 @@ impl Cluster {
                 held_requests: Vec::new(),
                 tick_units: config.tick_units[(id - 1) as usize],
                 next_tick: rng.below(TICK_UNITS),
+                slow_disk_until: 0,
                 fetches: VecDeque::new(),
                 reads: BTreeMap::new(),
                 confirmed_reads: Vec::new(),
@@ -202,6 +216,7 @@ impl Cluster {
             responses: Vec::new(),
             next_context: 0,
             applied_commands: HashMap::new(),
+            stamps_now: 0,
             trace: seed,
             stats: ClusterStats::default(),
         };
@@ -241,7 +256,8 @@ impl Cluster {
         &mut self.network
     }
 
-    /// `(client, seq)` of every command some state machine applied → the time it was first.
+    /// `(client, seq)` of every command some state machine applied → the timestamp of the first
+    /// application.
     pub fn applied_commands(&self) -> &HashMap<(u64, u64), u64> {
         &self.applied_commands
     }
@@ -263,6 +279,13 @@ impl Cluster {
         if let Err(what) = result {
             self.fail(&what);
         }
+    }
+
+    /// A history timestamp: `now * STAMPS_PER_TIME + events stamped earlier at this time`.
+    pub fn stamp(&mut self) -> u64 {
+        assert!(self.stamps_now < STAMPS_PER_TIME, "too many events at time {}", self.now);
+        self.stamps_now += 1;
+        self.now * STAMPS_PER_TIME + self.stamps_now - 1
     }
 
     // ----- lifecycle -----
@@ -399,13 +422,31 @@ impl Cluster {
             Err(error) => self.fail(&format!("n{node} refused to compact at i{applied}: {error}")),
         };
         let term = meta.term.get();
-        let delay = self.rng.between(1, self.config.disk_delay_max);
+        let delay = self.disk_delay(index);
         let write = Write::Compact(Snapshot { meta, data });
         self.nodes[index].disk.submit(self.now + delay, write, AfterWrite::default());
         self.invariants.snapshot(node, applied, term);
         self.stats.compactions += 1;
         self.record(mix(node, applied));
         self.process(index);
+    }
+
+    /// Makes `node`'s disk take up to `delay_max` per write until `until` (a stalled device:
+    /// the leader's own disk is not on the commit path, a follower's is).
+    pub fn stall_disk(&mut self, node: u64, until: u64) {
+        self.nodes[index_of(node)].slow_disk_until = until;
+        self.stats.disk_stalls += 1;
+        self.record(mix(node, until));
+    }
+
+    fn disk_delay(&mut self, index: usize) -> u64 {
+        let delay_max = if self.nodes[index].slow_disk_until > self.now {
+            // Up to two election timeouts per write.
+            2 * u64::from(self.config.raft.election_ticks) * TICK_UNITS
+        } else {
+            self.config.disk_delay_max
+        };
+        self.rng.between(1, delay_max)
     }
 
     /// Asks the leader `from` to hand leadership to `to`.
@@ -427,6 +468,7 @@ impl Cluster {
     /// Advances time by one unit: ticks, deliveries, completed writes and reads.
     pub fn advance(&mut self) {
         self.now += 1;
+        self.stamps_now = 0;
         for index in 0..self.nodes.len() {
             self.run_ticks(index);
         }
@@ -603,7 +645,7 @@ impl Cluster {
                 entries: ready.entries.clone(),
                 ..Ready::default()
             });
-            let delay = self.rng.between(1, self.config.disk_delay_max);
+            let delay = self.disk_delay(index);
             self.nodes[index].disk.submit(self.now + delay, write, after);
             self.record(mix(id, facts.last().map_or(0, |fact| fact.index)));
         }
@@ -611,15 +653,15 @@ impl Cluster {
         for entry in &ready.committed_entries {
             let result = self.invariants.committed(id, term, fact(entry));
             self.check(result);
-            let node = &mut self.nodes[index];
             let payload = (entry.kind == EntryKind::Normal).then_some(&entry.payload);
-            if let Some((command, output)) =
-                node.machine.apply(entry.index.get(), entry.term.get(), payload)
-            {
-                self.applied_commands.entry((command.client, command.seq)).or_insert(self.now);
-                self.responses.push(Response::Applied { node: id, command, output });
+            let applied =
+                self.nodes[index].machine.apply(entry.index.get(), entry.term.get(), payload);
+            if let Some((command, output)) = applied {
+                let at = self.stamp();
+                self.applied_commands.entry((command.client, command.seq)).or_insert(at);
+                self.responses.push(Response::Applied { node: id, at, command, output });
             }
-            let chain = node.machine.chain();
+            let chain = self.nodes[index].machine.chain();
             let result = self.invariants.applied(id, entry.index.get(), chain);
             self.check(result);
         }
@@ -647,19 +689,20 @@ impl Cluster {
     fn serve_reads(&mut self, index: usize) {
         let node = &mut self.nodes[index];
         let applied = node.machine.applied();
-        let mut position = 0;
-        while position < node.confirmed_reads.len() {
-            let (at, context) = node.confirmed_reads[position];
+        let mut served = Vec::new();
+        node.confirmed_reads.retain(|&(at, context)| {
             if at > applied {
-                position += 1;
-                continue;
+                return true;
             }
-            node.confirmed_reads.swap_remove(position);
             if let Some((client, seq, key)) = node.reads.remove(&context) {
-                let value = node.machine.get(key);
-                self.responses.push(Response::Read { client, seq, value });
-                self.trace = mix(self.trace, mix(context, value.unwrap_or(0)));
+                served.push((context, client, seq, node.machine.get(key)));
             }
+            false
+        });
+        for (context, client, seq, value) in served {
+            let at = self.stamp();
+            self.responses.push(Response::Read { at, client, seq, value });
+            self.record(mix(context, value.unwrap_or(0)));
         }
     }
 
@@ -769,6 +812,10 @@ impl Cluster {
 }
 
 impl Frontend for Cluster {
+    fn stamp(&mut self) -> u64 {
+        Cluster::stamp(self)
+    }
+
     fn propose(&mut self, node: u64, command: &Command) -> Result<(), Rejected> {
         let index = index_of(node);
         self.propose_at(index, command)
@@ -784,7 +831,8 @@ impl Frontend for Cluster {
         }
         if self.config.driver_bug == Some(DriverBug::LocalReads) {
             let value = state.machine.get(key);
-            self.responses.push(Response::Read { client, seq, value });
+            let at = self.stamp();
+            self.responses.push(Response::Read { at, client, seq, value });
             return Ok(());
         }
         state.reads.insert(context, (client, seq, key));

@@ -1,6 +1,7 @@
 //! The nemesis: at random moments it degrades the network, partitions it (both ways or one way),
 //! crashes replicas (sometimes the leader, rarely all of them), pauses them for longer than an
-//! election timeout, compacts logs and moves leadership; and it schedules the recoveries.
+//! election timeout, stalls disks, compacts logs and moves leadership; and it schedules the
+//! recoveries.
 
 use flotilla_raftgroup::testkit::{NetConfig, SimRng};
 
@@ -140,6 +141,15 @@ impl Nemesis {
                     let to = ids[self.rng.index(ids.len())];
                     cluster.transfer(leader, to);
                 }
+            }
+            86..=89 => {
+                // A stalled disk, often the leader's.
+                let node = match cluster.leader() {
+                    Some(leader) if self.rng.percent(50) => leader,
+                    _ => ids[self.rng.index(ids.len())],
+                };
+                let until = now + self.rng.between(self.election_units, 6 * self.election_units);
+                cluster.stall_disk(node, until);
             }
             _ => {}
         }

@@ -39,6 +39,10 @@ pub struct Rejected {
 
 /// How the workload reaches the cluster.
 pub trait Frontend {
+    /// A history timestamp for an event happening now: increasing with every call, and shared
+    /// with the cluster's own events (applies, reads served), so all are ordered as they happened.
+    fn stamp(&mut self) -> u64;
+
     /// Asks `node` to propose `command`. `Ok` means it was appended to the leader's log (it may
     /// still be lost); the answer comes back through [`Workload::on_applied`].
     fn propose(&mut self, node: u64, command: &Command) -> Result<(), Rejected>;
@@ -103,15 +107,8 @@ pub struct Workload {
     /// The last value written (or attempted) per key, for compare-and-set expectations.
     latest: BTreeMap<u64, u64>,
     next_value: u64,
-    /// History timestamps: `now * EVENTS_PER_TIME + events so far at this time`, so that two
-    /// events at one simulated time are still ordered as they happened.
-    last_now: u64,
-    events_at_now: u64,
     stats: WorkloadStats,
 }
-
-/// Room for history events within one unit of simulated time.
-const EVENTS_PER_TIME: u64 = 1_000;
 
 impl Workload {
     /// Clients for a cluster of `nodes`, with their own random stream.
@@ -135,15 +132,13 @@ impl Workload {
             seqs: Vec::new(),
             latest: BTreeMap::new(),
             next_value: 1,
-            last_now: 0,
-            events_at_now: 0,
             stats: WorkloadStats::default(),
         }
     }
 
     /// The history to check, completed with what the cluster knows about unanswered writes:
-    /// `applied` maps the `(client, seq)` of every command some state machine applied to the time
-    /// it was first applied. An unanswered write never applied did not take effect: it is left
+    /// `applied` maps the `(client, seq)` of every command some state machine applied to the
+    /// timestamp at which it was first applied (timestamps of [`Frontend::stamp`]). An unanswered write never applied did not take effect: it is left
     /// out. One that was applied took effect (was committed) before that time: it must be placed
     /// before it, with an unknown output. Both only remove possibilities, so the check gets
     /// stricter, and far cheaper than with many maybe-applied writes. Returns the operations and
@@ -161,11 +156,7 @@ impl Workload {
                 continue;
             }
             match applied.get(&(operation.client, *seq)) {
-                // The end of the time unit it was applied in: a safe upper bound.
-                Some(&now) => {
-                    let by = now * EVENTS_PER_TIME + EVENTS_PER_TIME - 1;
-                    history.took_effect(OpId(index), by);
-                }
+                Some(&by) => history.took_effect(OpId(index), by),
                 None => never_applied.push(index),
             }
         }
@@ -191,17 +182,6 @@ impl Workload {
             && self.clients.iter().all(|client| client.pending.is_none())
     }
 
-    fn timestamp(&mut self, now: u64) -> u64 {
-        if now != self.last_now {
-            assert!(now > self.last_now, "time went back");
-            self.last_now = now;
-            self.events_at_now = 0;
-        }
-        self.events_at_now += 1;
-        assert!(self.events_at_now < EVENTS_PER_TIME, "too many events at time {now}");
-        now * EVENTS_PER_TIME + self.events_at_now
-    }
-
     /// Lets every client act at time `now`: start, send, resend or abandon operations.
     pub fn step(&mut self, now: u64, frontend: &mut impl Frontend) {
         for index in 0..self.clients.len() {
@@ -224,7 +204,7 @@ impl Workload {
                     }
                 }
                 None if self.history.len() < self.config.operations && now >= client.next_at => {
-                    self.start(index, now);
+                    self.start(index, now, frontend.stamp());
                     self.send(index, now, frontend);
                 }
                 None => {}
@@ -233,7 +213,7 @@ impl Workload {
     }
 
     /// Picks and records a new operation for client `index`.
-    fn start(&mut self, index: usize, now: u64) {
+    fn start(&mut self, index: usize, now: u64, at: u64) {
         let key = self.rng.below(self.config.keys);
         let input = match self.rng.below(10) {
             0..=3 => KvInput::Get { key },
@@ -247,7 +227,6 @@ impl Workload {
                 KvInput::CompareAndSet { key, expected, new: self.fresh_value(key) }
             }
         };
-        let at = self.timestamp(now);
         let client = &mut self.clients[index];
         client.seq += 1;
         let op = self.history.invoke(client.id, input.clone(), at);
@@ -322,8 +301,7 @@ impl Workload {
         self.redirect(index, None);
     }
 
-    fn complete(&mut self, index: usize, now: u64, output: KvOutput<u64>) {
-        let at = self.timestamp(now);
+    fn complete(&mut self, index: usize, now: u64, at: u64, output: KvOutput<u64>) {
         let client = &mut self.clients[index];
         let pending = client.pending.take().expect("completing needs an operation");
         let known = match (&pending.input, &output) {
@@ -348,20 +326,28 @@ impl Workload {
         (pending.seq == seq).then_some(index)
     }
 
-    /// `node` applied `command` with `output`: answers the client if it waits on that node.
-    pub fn on_applied(&mut self, now: u64, node: u64, command: &Command, output: KvOutput<u64>) {
+    /// `node` applied `command` with `output` at timestamp `at`: answers the client if it waits
+    /// on that node.
+    pub fn on_applied(
+        &mut self,
+        now: u64,
+        at: u64,
+        node: u64,
+        command: &Command,
+        output: KvOutput<u64>,
+    ) {
         let Some(index) = self.waiting(command.client, command.seq) else { return };
         let pending = self.clients[index].pending.as_ref().expect("waiting");
         if pending.node == Some(node) {
             assert_eq!(pending.input, command.input, "a command was applied with another's id");
-            self.complete(index, now, output);
+            self.complete(index, now, at, output);
         }
     }
 
-    /// A read of `(client, seq)` was served with `value`.
-    pub fn on_read(&mut self, now: u64, client: u64, seq: u64, value: Option<u64>) {
+    /// A read of `(client, seq)` was served with `value` at timestamp `at`.
+    pub fn on_read(&mut self, now: u64, at: u64, client: u64, seq: u64, value: Option<u64>) {
         if let Some(index) = self.waiting(client, seq) {
-            self.complete(index, now, KvOutput::Get(value));
+            self.complete(index, now, at, KvOutput::Get(value));
         }
     }
 }
