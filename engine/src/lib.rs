@@ -6,6 +6,7 @@
 //! per group member) into a node that hosts thousands of groups.
 
 pub mod kv;
+pub mod shard;
 pub mod transport;
 
 pub use flotilla_raftgroup as raftgroup;

@@ -1,0 +1,540 @@
+//! `ShardCore`: the shard loop of DESIGN.md §2 as a pure state machine — inputs in, one
+//! [`ShardOutput`] out per iteration — so a node, and a whole cluster, can run in a deterministic
+//! simulator. The driver around it owns the clock, the log store and the sockets.
+//!
+//! One iteration:
+//! 1. feed inputs: [`ShardCore::tick`], [`ShardCore::step`], [`ShardCore::propose`],
+//!    [`ShardCore::read`], [`ShardCore::on_fetched`];
+//! 2. [`ShardCore::collect`] takes a Ready from every dirty group and fills one output: what to
+//!    persist (one log-store write for all groups), messages per peer node that may go now,
+//!    messages that may go only once that write is durable, fetches, and completed requests
+//!    (committed entries are applied to each group's state machine on the way);
+//! 3. the driver persists `output.persist`, sends `output.send_now` meanwhile, and once the write
+//!    is durable sends `output.send_after_persist` and calls [`ShardCore::on_persisted`] with
+//!    `output.persisted`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use bytes::Bytes;
+use flotilla_raftgroup::{
+    Config, Entry, Fetch, HardState, LogIndex, Message, NodeId, ProposeError, ReadError,
+    RecoveredState, Replica, Role, Snapshot, Term,
+};
+use flotilla_wal::GroupId;
+
+use crate::kv::StateMachine;
+
+/// Identifies a request so its completion can be matched (chosen by the driver).
+pub type Token = u64;
+
+/// Why a request did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// This shard does not host the group.
+    #[error("group {0} not found")]
+    GroupNotFound(GroupId),
+    /// This replica is not the leader; `leader_hint` may know better.
+    #[error("not leader (hint: {leader_hint:?})")]
+    NotLeader {
+        /// The leader this replica knows of, if any.
+        leader_hint: Option<NodeId>,
+    },
+    /// The proposal was lost to a leader change: its index now holds another entry. It was not
+    /// applied.
+    #[error("proposal dropped by a leader change")]
+    ProposalDropped,
+    /// Backpressure: too much is pending. Retry later.
+    #[error("busy")]
+    Busy,
+    /// The group rejected the request for another reason.
+    #[error("rejected: {0}")]
+    Rejected(String),
+}
+
+/// What a completed request returns.
+pub enum Completion<S: StateMachine> {
+    /// A proposal was applied at `index`; `response` is the state machine's answer.
+    Applied {
+        /// The request.
+        token: Token,
+        /// Its log index.
+        index: LogIndex,
+        /// The state machine's answer.
+        response: S::Response,
+    },
+    /// A linearizable read was served at `applied` (the group's applied index).
+    Read {
+        /// The request.
+        token: Token,
+        /// The applied index the answer reflects.
+        applied: LogIndex,
+        /// The answer.
+        result: S::QueryResult,
+    },
+    /// The request failed.
+    Failed {
+        /// The request.
+        token: Token,
+        /// Why.
+        error: RequestError,
+    },
+}
+
+/// What one group asks the log store to persist this iteration, in order: snapshot, entries,
+/// hard state.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PersistItem {
+    /// A snapshot to install (the log before it is dropped).
+    pub snapshot: Option<Snapshot>,
+    /// Entries to append (replacing any suffix from the first one's index).
+    pub entries: Vec<Entry>,
+    /// The hard state to record.
+    pub hard_state: Option<HardState>,
+}
+
+/// Everything one iteration produced; owned by the driver and reused across iterations.
+pub struct ShardOutput<S: StateMachine> {
+    /// What to persist, per group, as one write (one WAL round).
+    pub persist: Vec<(GroupId, PersistItem)>,
+    /// After that write is durable: `(group, term, index)` for [`ShardCore::on_persisted`].
+    pub persisted: Vec<(GroupId, Term, LogIndex)>,
+    /// Messages that may be sent at once, grouped per peer node (one frame each).
+    pub send_now: BTreeMap<NodeId, Vec<(GroupId, Message)>>,
+    /// Messages that may be sent only once the write is durable (votes, acknowledgements).
+    pub send_after_persist: BTreeMap<NodeId, Vec<(GroupId, Message)>>,
+    /// Log reads the replicas need: answer each with [`ShardCore::on_fetched`].
+    pub fetches: Vec<(GroupId, Fetch)>,
+    /// Requests that finished.
+    pub completions: Vec<Completion<S>>,
+}
+
+impl<S: StateMachine> std::fmt::Debug for Completion<S>
+where
+    S::Response: std::fmt::Debug,
+    S::QueryResult: std::fmt::Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Completion::Applied { token, index, response } => f
+                .debug_struct("Applied")
+                .field("token", token)
+                .field("index", index)
+                .field("response", response)
+                .finish(),
+            Completion::Read { token, applied, result } => f
+                .debug_struct("Read")
+                .field("token", token)
+                .field("applied", applied)
+                .field("result", result)
+                .finish(),
+            Completion::Failed { token, error } => {
+                f.debug_struct("Failed").field("token", token).field("error", error).finish()
+            }
+        }
+    }
+}
+
+impl<S: StateMachine> std::fmt::Debug for ShardOutput<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardOutput")
+            .field("persist", &self.persist.len())
+            .field("messages", &self.message_count())
+            .field("fetches", &self.fetches.len())
+            .field("completions", &self.completions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: StateMachine> Default for ShardOutput<S> {
+    fn default() -> Self {
+        Self {
+            persist: Vec::new(),
+            persisted: Vec::new(),
+            send_now: BTreeMap::new(),
+            send_after_persist: BTreeMap::new(),
+            fetches: Vec::new(),
+            completions: Vec::new(),
+        }
+    }
+}
+
+impl<S: StateMachine> ShardOutput<S> {
+    /// Whether the iteration produced nothing.
+    pub fn is_empty(&self) -> bool {
+        self.persist.is_empty()
+            && self.persisted.is_empty()
+            && self.send_now.values().all(Vec::is_empty)
+            && self.send_after_persist.values().all(Vec::is_empty)
+            && self.fetches.is_empty()
+            && self.completions.is_empty()
+    }
+
+    /// Empties the output, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.persist.clear();
+        self.persisted.clear();
+        self.send_now.values_mut().for_each(Vec::clear);
+        self.send_after_persist.values_mut().for_each(Vec::clear);
+        self.fetches.clear();
+        self.completions.clear();
+    }
+
+    /// Messages waiting to be sent (both kinds).
+    pub fn message_count(&self) -> usize {
+        self.send_now.values().chain(self.send_after_persist.values()).map(Vec::len).sum()
+    }
+}
+
+struct PendingProposal {
+    index: LogIndex,
+    term: Term,
+    token: Token,
+}
+
+struct PendingRead<Q> {
+    context: u64,
+    token: Token,
+    query: Q,
+    /// Set once the replica confirmed the read: serve when applied reaches it.
+    read_index: Option<LogIndex>,
+}
+
+struct Group<S: StateMachine> {
+    replica: Replica,
+    machine: S,
+    dirty: bool,
+    proposals: VecDeque<PendingProposal>,
+    reads: Vec<PendingRead<S::Query>>,
+    responses: Vec<S::Response>,
+}
+
+/// The pure shard loop: many groups, one output per iteration.
+pub struct ShardCore<S: StateMachine> {
+    node: NodeId,
+    groups: HashMap<GroupId, Group<S>>,
+    dirty: Vec<GroupId>,
+    next_read_context: u64,
+}
+
+impl<S: StateMachine> std::fmt::Debug for ShardCore<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardCore")
+            .field("node", &self.node)
+            .field("groups", &self.groups.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: StateMachine> ShardCore<S> {
+    /// An empty shard of node `node`.
+    pub fn new(node: NodeId) -> Self {
+        Self { node, groups: HashMap::new(), dirty: Vec::new(), next_read_context: 1 }
+    }
+
+    /// The node this shard belongs to.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Hosts `group` with a replica built from `config` (whose id must be this node) and what
+    /// the log store recovered, applying into `machine`.
+    pub fn create_group(
+        &mut self,
+        group: GroupId,
+        config: Config,
+        recovered: RecoveredState,
+        machine: S,
+    ) -> Result<(), RequestError> {
+        assert_eq!(config.id, self.node, "a replica of this node");
+        if self.groups.contains_key(&group) {
+            return Err(RequestError::Rejected(format!("group {group} exists")));
+        }
+        let replica =
+            Replica::new(config, recovered).map_err(|e| RequestError::Rejected(e.to_string()))?;
+        self.groups.insert(
+            group,
+            Group {
+                replica,
+                machine,
+                dirty: false,
+                proposals: VecDeque::new(),
+                reads: Vec::new(),
+                responses: Vec::new(),
+            },
+        );
+        self.mark(group);
+        Ok(())
+    }
+
+    /// Stops hosting `group`; its pending requests fail.
+    pub fn remove_group(&mut self, group: GroupId, out: &mut ShardOutput<S>) -> bool {
+        let Some(removed) = self.groups.remove(&group) else { return false };
+        for proposal in removed.proposals {
+            out.completions.push(Completion::Failed {
+                token: proposal.token,
+                error: RequestError::GroupNotFound(group),
+            });
+        }
+        for read in removed.reads {
+            out.completions.push(Completion::Failed {
+                token: read.token,
+                error: RequestError::GroupNotFound(group),
+            });
+        }
+        true
+    }
+
+    /// The groups hosted here.
+    pub fn groups(&self) -> impl Iterator<Item = GroupId> + '_ {
+        self.groups.keys().copied()
+    }
+
+    /// The replica of `group` (for status and tests).
+    pub fn replica(&self, group: GroupId) -> Option<&Replica> {
+        self.groups.get(&group).map(|g| &g.replica)
+    }
+
+    /// The state machine of `group`.
+    pub fn machine(&self, group: GroupId) -> Option<&S> {
+        self.groups.get(&group).map(|g| &g.machine)
+    }
+
+    fn mark(&mut self, group: GroupId) {
+        if let Some(slot) = self.groups.get_mut(&group)
+            && !slot.dirty
+        {
+            slot.dirty = true;
+            self.dirty.push(group);
+        }
+    }
+
+    /// Advances every group's clock by one tick.
+    pub fn tick(&mut self) {
+        let groups: Vec<GroupId> = self.groups.keys().copied().collect();
+        for group in groups {
+            self.groups.get_mut(&group).expect("listed").replica.tick();
+            self.mark(group);
+        }
+    }
+
+    /// Delivers a message for `group`. Messages for groups not hosted here are dropped (the
+    /// sender retries; a group being created catches up).
+    pub fn step(&mut self, group: GroupId, message: Message) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        // A malformed or stale message is the sender's problem; it changes nothing here.
+        let _ = slot.replica.step(message);
+        self.mark(group);
+    }
+
+    /// Proposes `payload` to `group`; completes with [`Completion::Applied`] once applied here.
+    pub fn propose(
+        &mut self,
+        group: GroupId,
+        payload: Bytes,
+        token: Token,
+    ) -> Result<(), RequestError> {
+        let slot = self.groups.get_mut(&group).ok_or(RequestError::GroupNotFound(group))?;
+        let index = slot.replica.propose(payload).map_err(|error| match error {
+            ProposeError::NotLeader { leader_hint } => RequestError::NotLeader { leader_hint },
+            ProposeError::Busy { .. } => RequestError::Busy,
+            other => RequestError::Rejected(other.to_string()),
+        })?;
+        let term = slot.replica.term();
+        slot.proposals.push_back(PendingProposal { index, term, token });
+        self.mark(group);
+        Ok(())
+    }
+
+    /// A linearizable read of `group`: completes with [`Completion::Read`] once the replica
+    /// confirmed it (ReadIndex, on the leader or through it) and applied that far.
+    pub fn read(
+        &mut self,
+        group: GroupId,
+        query: S::Query,
+        token: Token,
+    ) -> Result<(), RequestError> {
+        let context = self.next_read_context;
+        let slot = self.groups.get_mut(&group).ok_or(RequestError::GroupNotFound(group))?;
+        slot.replica.read_index(context).map_err(|error| match error {
+            ReadError::NotLeader { leader_hint } => RequestError::NotLeader { leader_hint },
+            ReadError::Busy => RequestError::Busy,
+            other => RequestError::Rejected(other.to_string()),
+        })?;
+        self.next_read_context += 1;
+        slot.reads.push(PendingRead { context, token, query, read_index: None });
+        self.mark(group);
+        Ok(())
+    }
+
+    /// The log store made `group`'s entries through `index` (of term `term`) durable.
+    pub fn on_persisted(&mut self, group: GroupId, term: Term, index: LogIndex) {
+        if let Some(slot) = self.groups.get_mut(&group) {
+            slot.replica.on_persisted(term, index);
+            self.mark(group);
+        }
+    }
+
+    /// Answers a fetch with the entries the log store read.
+    pub fn on_fetched(&mut self, group: GroupId, fetch: Fetch, entries: Vec<Entry>) {
+        if let Some(slot) = self.groups.get_mut(&group) {
+            // A stale or bad answer is dropped by the replica, which asks again.
+            let _ = slot.replica.on_fetched(fetch, entries);
+            self.mark(group);
+        }
+    }
+
+    /// Fails every pending request older than what `keep` allows: the driver's deadline. Reads
+    /// can be dropped silently by Raft (a leader change), so nothing may wait forever.
+    pub fn fail_requests(
+        &mut self,
+        mut expired: impl FnMut(Token) -> bool,
+        out: &mut ShardOutput<S>,
+    ) {
+        for slot in self.groups.values_mut() {
+            let leader_hint = slot.replica.leader();
+            slot.reads.retain(|read| {
+                if expired(read.token) {
+                    out.completions.push(Completion::Failed {
+                        token: read.token,
+                        error: RequestError::NotLeader { leader_hint },
+                    });
+                    false
+                } else {
+                    true
+                }
+            });
+            slot.proposals.retain(|proposal| {
+                if expired(proposal.token) {
+                    out.completions.push(Completion::Failed {
+                        token: proposal.token,
+                        error: RequestError::ProposalDropped,
+                    });
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+    }
+
+    /// Takes a Ready from every dirty group into `out` (see the module doc for what the driver
+    /// does with it). Returns how many groups had work.
+    pub fn collect(&mut self, out: &mut ShardOutput<S>) -> usize {
+        let mut worked = 0;
+        for group in std::mem::take(&mut self.dirty) {
+            let Some(slot) = self.groups.get_mut(&group) else { continue };
+            slot.dirty = false;
+            if !slot.replica.has_ready() {
+                continue;
+            }
+            worked += 1;
+            collect_group(group, slot, out);
+            // Applying may have produced more (a membership change appends, for instance).
+            if slot.replica.has_ready() {
+                slot.dirty = true;
+                self.dirty.push(group);
+            }
+        }
+        worked
+    }
+
+    /// Whether this shard's replica of `group` leads it.
+    pub fn is_leader(&self, group: GroupId) -> bool {
+        self.replica(group).is_some_and(|replica| replica.role() == Role::Leader)
+    }
+}
+
+fn collect_group<S: StateMachine>(group: GroupId, slot: &mut Group<S>, out: &mut ShardOutput<S>) {
+    let ready = slot.replica.ready();
+    let last = ready.last_entry();
+    if ready.snapshot.is_some() || !ready.entries.is_empty() || ready.hard_state.is_some() {
+        out.persist.push((
+            group,
+            PersistItem {
+                snapshot: ready.snapshot.clone(),
+                entries: ready.entries.clone(),
+                hard_state: ready.hard_state,
+            },
+        ));
+    }
+    if let Some((term, index)) = last {
+        out.persisted.push((group, term, index));
+    }
+    for message in &ready.messages {
+        out.send_now.entry(message.to).or_default().push((group, message.clone()));
+    }
+    for message in ready.persisted_messages.peek() {
+        out.send_after_persist.entry(message.to).or_default().push((group, message.clone()));
+    }
+    for fetch in &ready.fetches {
+        out.fetches.push((group, *fetch));
+    }
+    if let Some(snapshot) = &ready.snapshot {
+        // A snapshot from the leader replaces the state machine; proposals before it are gone.
+        if snapshot.meta.index > slot.machine.applied_index() {
+            match slot.machine.restore(&snapshot.data) {
+                Ok(()) => slot.replica.on_applied(snapshot.meta.index),
+                // The leader's snapshot does not restore: this replica cannot apply past it.
+                // It stays behind (and says so) rather than apply entries on a wrong base.
+                Err(error) => tracing::error!(%group, %error, "snapshot does not restore"),
+            }
+        }
+    }
+    if !ready.committed_entries.is_empty() {
+        apply(slot, &ready.committed_entries, out);
+    }
+    for state in &ready.read_states {
+        if let Some(read) = slot.reads.iter_mut().find(|read| read.context == state.context) {
+            read.read_index = Some(state.index);
+        }
+    }
+    serve_reads(slot, out);
+    slot.replica.advance(ready);
+}
+
+fn apply<S: StateMachine>(slot: &mut Group<S>, entries: &[Entry], out: &mut ShardOutput<S>) {
+    slot.responses.clear();
+    slot.machine.apply(entries, &mut slot.responses);
+    assert_eq!(slot.responses.len(), entries.len(), "one response per entry");
+    for (entry, response) in entries.iter().zip(slot.responses.drain(..)) {
+        // Proposals at or before this index either are this entry or were overwritten.
+        while let Some(front) = slot.proposals.front() {
+            if front.index > entry.index {
+                break;
+            }
+            let proposal = slot.proposals.pop_front().expect("front exists");
+            if proposal.index == entry.index && proposal.term == entry.term {
+                out.completions.push(Completion::Applied {
+                    token: proposal.token,
+                    index: entry.index,
+                    response,
+                });
+                break;
+            }
+            out.completions.push(Completion::Failed {
+                token: proposal.token,
+                error: RequestError::ProposalDropped,
+            });
+        }
+    }
+    if let Some(last) = entries.last() {
+        slot.replica.on_applied(last.index);
+    }
+}
+
+fn serve_reads<S: StateMachine>(slot: &mut Group<S>, out: &mut ShardOutput<S>) {
+    let applied = slot.machine.applied_index();
+    let machine = &slot.machine;
+    slot.reads.retain(|read| match read.read_index {
+        Some(index) if index <= applied => {
+            out.completions.push(Completion::Read {
+                token: read.token,
+                applied,
+                result: machine.query(&read.query),
+            });
+            false
+        }
+        _ => true,
+    });
+}
