@@ -124,10 +124,11 @@ pub fn encode(message: &Message, out: &mut Vec<u8>) {
             put_u64(out, *seq);
             put_u64(out, *sent_tick);
         }
-        MessageBody::HeartbeatResponse { seq, sent_tick } => {
+        MessageBody::HeartbeatResponse { seq, sent_tick, ticks } => {
             out.push(tag::HEARTBEAT_RESPONSE);
             put_u64(out, *seq);
             put_u64(out, *sent_tick);
+            put_u64(out, *ticks);
         }
         MessageBody::Snapshot { snapshot } => {
             out.push(tag::SNAPSHOT);
@@ -218,9 +219,11 @@ fn decode_from(mut reader: Reader<'_>) -> Result<Message, DecodeError> {
             seq: reader.u64()?,
             sent_tick: reader.u64()?,
         },
-        tag::HEARTBEAT_RESPONSE => {
-            MessageBody::HeartbeatResponse { seq: reader.u64()?, sent_tick: reader.u64()? }
-        }
+        tag::HEARTBEAT_RESPONSE => MessageBody::HeartbeatResponse {
+            seq: reader.u64()?,
+            sent_tick: reader.u64()?,
+            ticks: reader.u64()?,
+        },
         tag::SNAPSHOT => {
             let index = LogIndex(reader.u64()?);
             let term = Term(reader.u64()?);
@@ -409,8 +412,9 @@ mod tests {
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(c, seq, sent_tick)| {
                 MessageBody::Heartbeat { commit: LogIndex(c), seq, sent_tick }
             }),
-            (any::<u64>(), any::<u64>())
-                .prop_map(|(seq, sent_tick)| MessageBody::HeartbeatResponse { seq, sent_tick }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(seq, sent_tick, ticks)| {
+                MessageBody::HeartbeatResponse { seq, sent_tick, ticks }
+            }),
             (any::<u64>(), any::<u64>(), any_ids(), any_ids(), any_ids(), any::<Vec<u8>>())
                 .prop_map(|(i, t, voters, outgoing, learners, data)| MessageBody::Snapshot {
                     snapshot: Snapshot {

@@ -45,8 +45,10 @@ pub struct Config {
     pub lease_reads: bool,
     /// Safety margin subtracted from the lease for clock drift between nodes, in ticks: a lease
     /// lasts `election_ticks - clock_drift_ticks` after the heartbeat a quorum acknowledged.
-    /// If the nodes' tick rates differ by more than this over an election timeout, leases are
-    /// unsafe.
+    /// Leases fail closed: the leader compares each follower's tick rate with its own over
+    /// windows of two election timeouts, and a follower whose clock runs faster than this margin
+    /// allows (or has not been measured yet, as in a new leader's first two timeouts) does not
+    /// count toward a lease; reads then go through ReadIndex.
     pub clock_drift_ticks: u32,
     /// Seed of the replica's private random generator (election timeouts).
     pub seed: u64,

@@ -86,6 +86,9 @@ pub enum MessageBody {
         seq: u64,
         /// The `sent_tick` of the heartbeat answered.
         sent_tick: u64,
+        /// The responder's own tick count: lets the leader compare clock rates and refuse
+        /// leases when they drift apart more than `Config::clock_drift_ticks` allows.
+        ticks: u64,
     },
     /// Installs a snapshot on a follower whose log is too far behind.
     Snapshot {

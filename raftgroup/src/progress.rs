@@ -39,6 +39,11 @@ pub(crate) struct Progress {
     pub(crate) acked_seq: u64,
     /// Highest heartbeat `sent_tick` acknowledged in this term (lease).
     pub(crate) acked_sent_tick: Option<u64>,
+    /// Start of the current clock-rate window: (leader's ticks, peer's ticks).
+    pub(crate) clock_sample: Option<(u64, u64)>,
+    /// The last complete window showed the peer's clock within the drift bound of ours; until
+    /// then the peer does not count toward a lease.
+    pub(crate) clock_in_bounds: bool,
     /// Ticks spent waiting in `Snapshot` state.
     pub(crate) snapshot_wait_ticks: u32,
 }
@@ -58,6 +63,8 @@ impl Progress {
             heard_tick: now,
             acked_seq: 0,
             acked_sent_tick: None,
+            clock_sample: None,
+            clock_in_bounds: false,
             snapshot_wait_ticks: 0,
         }
     }

@@ -261,7 +261,8 @@ impl Replica {
                 if self.role == Role::Follower {
                     let commit = commit.min(self.log.last_index());
                     self.commit_to(commit);
-                    self.send(from, MessageBody::HeartbeatResponse { seq, sent_tick });
+                    let ticks = self.ticks;
+                    self.send(from, MessageBody::HeartbeatResponse { seq, sent_tick, ticks });
                 }
             }
             MessageBody::Snapshot { snapshot } => {
@@ -275,9 +276,10 @@ impl Replica {
                     self.handle_append_response(from, reject, index, hint_index, hint_term);
                 }
             }
-            MessageBody::HeartbeatResponse { seq, sent_tick } => {
+            MessageBody::HeartbeatResponse { seq, sent_tick, ticks } => {
                 if self.role == Role::Leader {
                     self.handle_heartbeat_response(from, seq, sent_tick);
+                    self.sample_clock(from, ticks);
                 }
             }
             MessageBody::ReadIndex { context } => {
@@ -625,6 +627,29 @@ impl Replica {
         self.confirm_reads();
     }
 
+    /// Compares `from`'s clock rate with ours over windows of two election timeouts. A lease is
+    /// safe only if no follower's clock runs faster than ours by more than
+    /// `election_ticks / (election_ticks - clock_drift_ticks)`: a faster follower would stop
+    /// refusing votes before our lease ends.
+    fn sample_clock(&mut self, from: NodeId, peer_ticks: u64) {
+        let now = self.ticks;
+        let election_ticks = u64::from(self.settings.election_ticks);
+        let lease_ticks = election_ticks - u64::from(self.settings.clock_drift_ticks);
+        let Some(progress) = self.progress_mut(from) else { return };
+        match progress.clock_sample {
+            Some((leader_start, peer_start)) if now - leader_start >= 2 * election_ticks => {
+                // A restarted peer counts from zero again: that reads as slow, which is safe.
+                let peer_elapsed = peer_ticks.saturating_sub(peer_start);
+                let leader_elapsed = now - leader_start;
+                progress.clock_in_bounds = u128::from(peer_elapsed) * u128::from(lease_ticks)
+                    <= u128::from(leader_elapsed) * u128::from(election_ticks);
+                progress.clock_sample = Some((now, peer_ticks));
+            }
+            Some(_) => {}
+            None => progress.clock_sample = Some((now, peer_ticks)),
+        }
+    }
+
     // ----- reads -----
 
     pub(crate) fn leader_read(&mut self, context: u64, from: NodeId) {
@@ -681,7 +706,8 @@ impl Replica {
 
     /// A lease is valid while a quorum acknowledged a heartbeat sent less than
     /// `election_ticks - clock_drift_ticks` ago: none of them will vote for another leader
-    /// before `election_ticks` after receiving it, by their clocks.
+    /// before `election_ticks` after receiving it, by their clocks — which is later by ours as
+    /// long as their clocks are not too fast, so only peers measured in bounds count.
     fn lease_valid(&self) -> bool {
         if !self.settings.lease_reads || self.transfer_target.is_some() {
             return false;
@@ -692,7 +718,11 @@ impl Replica {
             if id == self.id {
                 self.ticks + 1
             } else {
-                self.progress_of(id).and_then(|p| p.acked_sent_tick).map_or(0, |tick| tick + 1)
+                // Only peers whose clocks were measured within bounds count: fail closed.
+                self.progress_of(id)
+                    .filter(|p| p.clock_in_bounds)
+                    .and_then(|p| p.acked_sent_tick)
+                    .map_or(0, |tick| tick + 1)
             }
         });
         let Some(start) = start.checked_sub(1) else { return false };

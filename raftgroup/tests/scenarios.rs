@@ -9,6 +9,8 @@
 //!   [drift=TICKS]`
 //! - `tick <ids|all> [N] [nodeliver]`: N rounds (default 1) of one tick per node, then delivery
 //!   of every message (unless `nodeliver`: they stay queued)
+//! - `tick-fast <ids> [N]`: N rounds in which every node ticks once and `ids` twice (clock
+//!   skew), each followed by delivery
 //! - `campaign <id>`, `propose <id> <text>`, `read <id> <context>[,<context>..]`,
 //!   `transfer <id> <to>`, `conf <id> voters=.. [learners=..]`, `compact <id> <index>`
 //! - `deliver [from->to] [N]`: delivers queued messages (matching, up to N) once, printing them
@@ -70,6 +72,8 @@ struct Cluster {
     async_disk: bool,
     /// Granted votes seen on the wire: (voter, term) -> candidate.
     votes: BTreeMap<(u64, u64), u64>,
+    /// Clock skew in the randomized test: the percentage of rounds in which each node ticks.
+    tick_percent: BTreeMap<u64, u64>,
 }
 
 fn ids(list: &str) -> Vec<NodeId> {
@@ -156,6 +160,7 @@ impl Cluster {
             reads: Vec::new(),
             async_disk: false,
             votes: BTreeMap::new(),
+            tick_percent: BTreeMap::new(),
         };
         let members: Vec<NodeId> =
             cluster.template.voters.iter().chain(&cluster.template.learners).copied().collect();
@@ -382,6 +387,18 @@ impl Cluster {
                     if deliver {
                         self.settle(&mut out);
                     }
+                }
+            }
+            "tick-fast" => {
+                // Clock skew: every node ticks once per round, the listed ones twice.
+                let fast = self.select(words[1]);
+                let count = words.get(2).map_or(1, |n| n.parse().expect("count"));
+                for _ in 0..count {
+                    self.tick_all();
+                    for id in &fast {
+                        self.nodes.get_mut(id).expect("node").replica.tick();
+                    }
+                    self.settle(&mut out);
                 }
             }
             "campaign" => {
@@ -781,12 +798,16 @@ impl Cluster {
         match rng.below(100) {
             0..=54 => {
                 let ids: Vec<u64> = self.nodes.keys().copied().collect();
-                for id in ids {
+                for &id in &ids {
                     if rng.chance(60) {
                         self.sync(id, out);
                     }
                 }
-                self.tick_all();
+                for id in ids {
+                    if rng.chance(self.tick_percent.get(&id).copied().unwrap_or(100)) {
+                        self.nodes.get_mut(&id).expect("node").replica.tick();
+                    }
+                }
                 self.process(out);
                 let drop_percent = if self.sides.is_empty() { 5 } else { 20 };
                 self.deliver_randomly(rng, drop_percent, out);
@@ -902,6 +923,10 @@ fn randomized_clusters_stay_safe_and_recover() {
         let args = [voters, pre_vote, check_quorum, lease, cache, "batch=100", "inflight=3"];
         let mut cluster = Cluster::new(&args);
         cluster.async_disk = rng.chance(50);
+        // Clock skew within the lease margin (drift 2 of 10 ticks allows rates 100:80).
+        for id in cluster.nodes.keys().copied().collect::<Vec<_>>() {
+            cluster.tick_percent.insert(id, 85 + rng.below(16));
+        }
         let mut out = String::new();
         let mut checks = Checks::default();
         for step in 0..600 {
