@@ -4,13 +4,20 @@
 //! invocation and its return such that the operations, applied in the order of those points to a
 //! sequential [`Model`], produce the answers the clients saw. An operation that failed or timed out
 //! may or may not have taken effect: it has no return time (it returns "at infinity") and no known
-//! output, so it may be placed anywhere after its invocation, or nowhere.
+//! output, so it may be placed anywhere after its invocation, or nowhere. When something outside
+//! the client knows that an unanswered operation did take effect by some time (a simulator saw it
+//! applied), [`Outcome::TookEffect`] says so: it must be placed before then, with any output.
 //!
 //! The search is the WGL depth-first search: repeatedly pick an operation that may come next (one
-//! invoked no later than the earliest return among the operations not yet placed), apply it to the
-//! model, and backtrack when the model refuses. Configurations (set of placed operations, model
-//! state) already explored are remembered and never explored again, and the whole search is bounded
-//! by [`CheckOptions::max_steps`]: past it the answer is [`Verdict::Unknown`], never a hang.
+//! invoked no later than the earliest return among the operations not yet placed; those with an
+//! outcome first, earliest return first), apply it to the model, and backtrack when the model
+//! refuses. Configurations (placed operations, model state) already explored are remembered and
+//! never explored again, and one is also skipped when an explored one had the same state and the
+//! same answered operations placed but fewer unknown ones (it could do everything this one can).
+//! The whole search is bounded by [`CheckOptions::max_steps`]: past it the answer is
+//! [`Verdict::Unknown`], never a hang. Dozens of concurrent maybe-applied writes on one key can
+//! still exhaust a reasonable budget: a simulator should resolve what it can with `TookEffect`
+//! (or leave out requests it knows never took effect).
 //! Histories of objects whose operations each touch one part (a key) are checked part by part
 //! ([`check_partitioned`]): linearizability is compositional (Herlihy & Wing), and the parts are
 //! exponentially cheaper to search than the whole.

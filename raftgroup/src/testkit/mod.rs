@@ -2,8 +2,9 @@
 //! seeded random generator and a simulated network.
 //!
 //! Record what clients asked and saw in a [`History`], then check it against a sequential
-//! [`Model`]. A request that failed or timed out is simply never completed: it counts as maybe
-//! applied.
+//! [`Model`] ([`check`], or [`check_kv`] / [`check_partitioned`] key by key). A request that failed
+//! or timed out is simply never completed: it counts as maybe applied. [`SimRng`] and [`Network`]
+//! are the seeded randomness and the faulty network of `tests/sim.rs`, the cluster simulator.
 //!
 //! ```
 //! use flotilla_raftgroup::testkit::{check_kv, CheckOptions, History, KvInput, KvOutput};
