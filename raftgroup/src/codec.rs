@@ -23,6 +23,11 @@ use crate::types::{Entry, EntryKind, LogIndex, Membership, NodeId, Snapshot, Sna
 /// Version byte at the start of every encoded message.
 pub const VERSION: u8 = 1;
 
+/// Smallest encoded entry: index, term, kind, payload length. Entry counts are checked against
+/// it before anything is allocated.
+const MIN_ENTRY_BYTES: usize = 8 + 8 + 1 + 4;
+const _: () = assert!(MIN_ENTRY_BYTES as u64 <= crate::types::ENTRY_OVERHEAD_BYTES);
+
 /// Why bytes are not a message.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -191,8 +196,7 @@ fn decode_from(mut reader: Reader<'_>) -> Result<Message, DecodeError> {
             let prev_index = LogIndex(reader.u64()?);
             let prev_term = Term(reader.u64()?);
             let commit = LogIndex(reader.u64()?);
-            // An entry takes at least 21 bytes (index, term, kind, length).
-            let count = reader.count(21)?;
+            let count = reader.count(MIN_ENTRY_BYTES)?;
             let mut entries = Vec::with_capacity(count);
             for _ in 0..count {
                 let index = LogIndex(reader.u64()?);
