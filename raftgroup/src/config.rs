@@ -28,8 +28,8 @@ pub struct Config {
     /// Append messages in flight per follower before the leader waits for acknowledgements;
     /// proposals fail with [`crate::ProposeError::Busy`] while the windows to a quorum are full.
     pub max_inflight_messages: u32,
-    /// Upper bound of entry bytes (see [`crate::Entry::size_bytes`]) per Append message; one
-    /// larger entry is still sent alone.
+    /// Upper bound of entry bytes (see [`crate::Entry::size_bytes`]) per Append message, per
+    /// batch of committed entries in a Ready and per fetch; one larger entry still goes alone.
     pub max_batch_bytes: u64,
     /// Proposals fail with [`crate::ProposeError::Busy`] while the leader holds this many bytes of
     /// uncommitted entries.
