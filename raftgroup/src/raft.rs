@@ -748,11 +748,20 @@ impl Replica {
             }
         }
         if !membership.is_joint() && !membership.is_voter(self.id) {
-            // Removed: tell the others the final commit index, then let the remaining voters
-            // elect a leader among themselves.
+            // Removed: tell the others the final commit index and hand leadership to a voter
+            // that holds the whole log, so the group need not wait for an election timeout.
             for position in 0..self.progress.len() {
                 let id = self.progress[position].id;
                 self.send_append(id, true);
+            }
+            let last_index = self.log.last_index();
+            let successor = self
+                .progress
+                .iter()
+                .find(|p| membership.is_voter(p.id) && p.match_index == last_index)
+                .map(|p| p.id);
+            if let Some(successor) = successor {
+                self.send(successor, MessageBody::TimeoutNow);
             }
             self.become_follower(self.term, None);
         }
