@@ -1,0 +1,1013 @@
+//! Review tests: concurrency in threads mode (close while producers run, stress with compaction,
+//! forward copies and concurrent readers, fault injection and crashes on the simulated disk),
+//! failures while preparing segments, recovery holes and API misuse. Tests that demonstrate a bug
+//! are `#[ignore = "bug: ..."]` so the tree stays green; run them with
+//! `cargo test --release -p flotilla-wal --test review -- --ignored`.
+
+mod common;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Model, ModelGroup, Rng, inline_config, open_sim, read_back};
+use flotilla_wal::sim::{CrashMode, Keep, SimError, SimOp, SimStorage};
+use flotilla_wal::{
+    Config, GroupId, HardState, Op, RecoveryMode, Wal, WalError, WriteBatch, WriterMode, block_on,
+};
+
+/// Runs `future` on this thread for at most `timeout`; `None` if it did not finish (a hang).
+fn block_on_timeout<F: Future>(future: F, timeout: Duration) -> Option<F::Output> {
+    struct ThreadWaker(std::thread::Thread);
+    impl std::task::Wake for ThreadWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return Some(output);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        std::thread::park_timeout(deadline - now);
+    }
+}
+
+/// Runs `f` on a thread of its own and waits at most `timeout` for it; `None` on a hang (the
+/// thread is left behind: the test process ends with the test run).
+fn within<T: Send + 'static>(
+    timeout: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(timeout).ok()
+}
+
+fn threads_config(segment_bytes: u64, batch_bytes_max: usize) -> Config {
+    Config { segment_bytes, batch_bytes_max, writer: WriterMode::Threads, ..Config::default() }
+}
+
+fn entry_batch(group: GroupId, index: u64, len: usize) -> WriteBatch {
+    let mut batch = WriteBatch::new();
+    batch.add_entries(group, index, [(1, Bytes::from(vec![index as u8; len]))]);
+    batch
+}
+
+/// A payload that names its own group, index and term, so a reader can tell a stale or foreign
+/// byte from the right one.
+fn payload(group: GroupId, index: u64, term: u64, len: usize) -> Bytes {
+    let mut bytes = Vec::with_capacity(24 + len);
+    bytes.extend_from_slice(&group.0.to_le_bytes());
+    bytes.extend_from_slice(&index.to_le_bytes());
+    bytes.extend_from_slice(&term.to_le_bytes());
+    bytes.resize(24 + len, (index ^ group.0) as u8);
+    Bytes::from(bytes)
+}
+
+fn check_payload(group: GroupId, index: u64, term: u64, bytes: &[u8]) {
+    assert!(bytes.len() >= 24, "group {group} index {index}: short payload");
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+    assert_eq!(
+        (word(0), word(8), word(16)),
+        (group.0, index, term),
+        "group {group} index {index}: a reader saw someone else's bytes"
+    );
+    let fill = (index ^ group.0) as u8;
+    assert!(bytes[24..].iter().all(|&b| b == fill), "group {group} index {index}: torn payload");
+}
+
+/// A workload for one group: appends (sometimes overwriting the last entries) with hard states,
+/// and a compaction every few batches; each batch touches only `group`. The flag says whether the
+/// append asks for durability (some ride along unsynced).
+fn group_batches(group: GroupId, seed: u64, count: usize, len_max: u64) -> Vec<(WriteBatch, bool)> {
+    let mut rng = Rng(seed ^ group.0.wrapping_mul(0x9E37));
+    let mut model = ModelGroup::default();
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let state = model.state();
+        let mut batch = WriteBatch::new();
+        let term = 1 + i as u64 / 16;
+        if i % 12 == 11 && state.last_index > state.first_index + 2 {
+            let through = state.last_index - rng.below(3);
+            let term_at = model.entries[&through].0;
+            batch.compact(group, through, term_at);
+        } else {
+            let next = state.last_index + 1;
+            let back = if next > state.first_index + 2 && rng.below(6) == 0 {
+                rng.below(2) + 1
+            } else {
+                0
+            };
+            let start = next - back;
+            let n = 1 + rng.below(3);
+            batch.add_entries(
+                group,
+                start,
+                (0..n)
+                    .map(|k| (term, payload(group, start + k, term, rng.below(len_max) as usize))),
+            );
+            batch.set_hard_state(group, HardState { term, vote: group.0, commit: start });
+        }
+        let mut whole = Model::default();
+        whole.groups.insert(group, model.clone());
+        whole.apply(&batch);
+        model = whole.groups.remove(&group).unwrap_or_default();
+        out.push((batch, rng.below(4) != 0));
+    }
+    out
+}
+
+/// The group's state after its first `n` batches.
+fn group_model(group: GroupId, batches: &[(WriteBatch, bool)], n: usize) -> Option<ModelGroup> {
+    let mut model = Model::default();
+    for (batch, _) in &batches[..n] {
+        model.apply(batch);
+    }
+    model.groups.remove(&group)
+}
+
+/// Checks that `recovered` holds, for `group`, its state after some prefix of its batches at least
+/// `acked` long (and no longer than what was submitted).
+fn check_group_prefix(
+    recovered: &Model,
+    group: GroupId,
+    batches: &[(WriteBatch, bool)],
+    acked: usize,
+    submitted: usize,
+) {
+    let got = recovered.groups.get(&group).cloned();
+    for n in acked..=submitted {
+        if group_model(group, batches, n) == got {
+            return;
+        }
+    }
+    panic!(
+        "group {group}: recovered state is not its state after any prefix of {acked}..={submitted} \
+         batches (acknowledged durable: {acked}):\n{got:#?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// API misuse: bad input must be a typed error, never a panic.
+// ---------------------------------------------------------------------------------------------
+
+/// `Op` is public with public fields, so an entries op with no entries can reach `append`. It
+/// must be refused (`InvalidBatch`), and a batch is all or nothing.
+#[test]
+#[ignore = "bug: an Op::Entries with no entries panics in append (Op::encode assert) after the batch's earlier ops were queued"]
+fn an_entries_op_without_entries_is_refused_without_a_panic() {
+    let disk = SimStorage::new();
+    let (wal, _) = open_sim(&disk, &inline_config(64 << 10)).unwrap();
+    let group = GroupId(1);
+    let mut batch = WriteBatch::new();
+    batch.add_entries(group, 1, [(1, Bytes::from_static(b"x"))]);
+    batch.push(Op::Entries { group, first_index: 2, entries: Vec::new() });
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| block_on(wal.append(batch))));
+    // Whatever happened, the batch must not be half applied.
+    let flushed = std::panic::catch_unwind(AssertUnwindSafe(|| block_on(wal.flush())));
+    let state = wal.group_state(group);
+    assert!(result.is_ok(), "append panicked on an entries op without entries");
+    assert!(matches!(result, Ok(Err(WalError::InvalidBatch { .. }))), "{result:?}");
+    assert!(flushed.is_ok_and(|r| r.is_ok()));
+    assert_eq!(state, None, "half of a refused batch was written");
+}
+
+/// Index arithmetic at the top of the u64 range: an append the log accepts must replay. Here
+/// `compact(g, u64::MAX - 1)` moves the next index to `u64::MAX`, and one entry there makes
+/// `first_index + count` overflow: a debug build panics in the producer, a release build wraps,
+/// acknowledges the round, and then refuses to open (`Corrupt`: the decoder rejects the item).
+#[test]
+#[ignore = "bug: entries at u64::MAX are acknowledged (release) or panic (debug), and the acked round makes open fail with Corrupt"]
+fn entries_at_the_top_of_the_index_range_are_refused_or_replay() {
+    let disk = SimStorage::new();
+    let config = inline_config(64 << 10);
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    let group = GroupId(5);
+    block_on(wal.append(entry_batch(group, 1, 10))).unwrap();
+    block_on(wal.compact(group, u64::MAX - 1, 1)).unwrap();
+    let mut batch = WriteBatch::new();
+    batch.add_entries(group, u64::MAX, [(1, Bytes::from_static(b"top"))]);
+    let appended = std::panic::catch_unwind(AssertUnwindSafe(|| block_on(wal.append(batch))));
+    let closed = std::panic::catch_unwind(AssertUnwindSafe(|| wal.close()));
+    let reopened = open_sim(&disk, &config).map(|_| ());
+    assert!(appended.is_ok(), "append panicked on an index overflow");
+    assert!(closed.is_ok());
+    assert!(
+        reopened.is_ok(),
+        "an acknowledged round made the log unopenable: append {appended:?}, reopen {reopened:?}"
+    );
+    assert!(matches!(appended, Ok(Err(WalError::InvalidBatch { .. }))), "{appended:?}");
+}
+
+/// `compact(g, 0, term)` is accepted (no error) but records a "compaction point" that the state
+/// does not report (`compacted` stays `None`) while its segment is still counted as needed: the
+/// forward copy skips it (nothing to copy), so the oldest segment is pinned forever and the disk
+/// fills although every other group compacts.
+#[test]
+#[ignore = "bug: compact(g, 0, _) pins its segment forever (compact_seg set, never copied forward): segments are never recycled"]
+fn a_compaction_at_index_zero_does_not_pin_the_log_forever() {
+    let disk = SimStorage::new();
+    let config = inline_config(16 << 10);
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    let odd = GroupId(1);
+    let busy = GroupId(2);
+    let compacted = block_on(wal.compact(odd, 0, 7));
+    let mut next = 1;
+    for i in 0..400u64 {
+        block_on(wal.append(entry_batch(busy, next, 700))).unwrap();
+        next += 1;
+        if i % 10 == 9 {
+            block_on(wal.compact(busy, next - 1, 1)).unwrap();
+        }
+    }
+    let stats = wal.stats();
+    assert!(stats.rotations > 10, "{stats:?}");
+    assert!(
+        stats.segments_live <= 4,
+        "compact(g, 0) = {compacted:?} pinned the log: {} live segments, pinned by {:?}, {stats:?}",
+        stats.segments_live,
+        wal.pinning_groups(),
+    );
+}
+
+/// The same workload without the odd compaction: segments are recycled (the control for the test
+/// above).
+#[test]
+fn compacting_groups_keep_the_log_small() {
+    let disk = SimStorage::new();
+    let config = inline_config(16 << 10);
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    let busy = GroupId(2);
+    let mut next = 1;
+    for i in 0..400u64 {
+        block_on(wal.append(entry_batch(busy, next, 700))).unwrap();
+        next += 1;
+        if i % 10 == 9 {
+            block_on(wal.compact(busy, next - 1, 1)).unwrap();
+        }
+    }
+    let stats = wal.stats();
+    assert!(stats.rotations > 10, "{stats:?}");
+    assert!(stats.segments_live <= 4, "{stats:?}");
+}
+
+/// Garbage values in ranges and unknown groups are typed errors or empty results, not panics.
+#[test]
+fn reads_with_odd_ranges_do_not_panic() {
+    let disk = SimStorage::new();
+    let (wal, _) = open_sim(&disk, &inline_config(64 << 10)).unwrap();
+    let group = GroupId(3);
+    for i in 1..=5 {
+        block_on(wal.append(entry_batch(group, i, 10))).unwrap();
+    }
+    block_on(wal.compact(group, 2, 1)).unwrap();
+    #[expect(clippy::reversed_empty_ranges, reason = "the point of the test")]
+    let reversed = 5..3;
+    assert!(wal.entries(group, reversed).unwrap().is_empty());
+    assert!(matches!(wal.entries(group, 1..3), Err(WalError::Compacted { .. })));
+    assert!(matches!(wal.entries(group, 3..7), Err(WalError::Unavailable { .. })));
+    assert!(matches!(wal.entries(group, 0..u64::MAX), Err(WalError::Compacted { .. })));
+    assert!(matches!(wal.entries(GroupId(99), 1..2), Err(WalError::GroupNotFound(_))));
+    assert_eq!(wal.entries(group, 3..6).unwrap().len(), 3);
+    assert_eq!(wal.term(group, 2), Some(1));
+    assert_eq!(wal.term(group, 0), None);
+    assert_eq!(wal.term(group, u64::MAX), None);
+    for bad in [0, 1, 2] {
+        let result = block_on(wal.truncate_suffix(group, bad));
+        assert!(matches!(result, Err(WalError::InvalidBatch { .. })), "{result:?}");
+        let mut batch = WriteBatch::new();
+        batch.add_entries(group, bad, [(1, Bytes::new())]);
+        let result = block_on(wal.append(batch));
+        assert!(matches!(result, Err(WalError::InvalidBatch { .. })), "{result:?}");
+    }
+    let mut gap = WriteBatch::new();
+    gap.add_entries(group, 9, [(1, Bytes::new())]);
+    assert!(matches!(block_on(wal.append(gap)), Err(WalError::InvalidBatch { .. })));
+    wal.close().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures while preparing a segment.
+// ---------------------------------------------------------------------------------------------
+
+fn fill_until_error(wal: &Wal, group: GroupId, next: &mut u64, limit: usize) -> Option<WalError> {
+    for _ in 0..limit {
+        match block_on(wal.append(entry_batch(group, *next, 1000))) {
+            Ok(()) => *next += 1,
+            Err(error) => return Some(error),
+        }
+    }
+    None
+}
+
+/// One failed rename while preparing a segment (a transient EIO; not on the write path, so the
+/// log is not poisoned) must not stop rotation for good. The file is handed back to the spares
+/// under the name it was being renamed *to* (`prepare_io`, segments.rs: `give_back(..,
+/// &segment_file_name(seq), ..)`), which does not exist, so every later preparation renames a
+/// missing file and fails: the log can never rotate again.
+#[test]
+#[ignore = "bug: a failed rename while preparing a segment hands the file back under the wrong name; rotation fails forever after"]
+fn a_transient_rename_failure_while_preparing_does_not_stop_rotation_forever() {
+    let disk = SimStorage::new();
+    let config = inline_config(16 << 10);
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    let group = GroupId(1);
+    let mut next = 1;
+    // No compaction: the only renames are the preparation's.
+    disk.fail_all(SimOp::Rename, SimError::Io);
+    let error = fill_until_error(&wal, group, &mut next, 1000).expect("a rotation prepared");
+    assert!(matches!(error, WalError::Io { .. }), "{error}");
+    disk.heal(SimOp::Rename);
+    let mut failures = Vec::new();
+    for _ in 0..100 {
+        match block_on(wal.append(entry_batch(group, next, 1000))) {
+            Ok(()) => next += 1,
+            Err(error) => failures.push(error),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "rotation never recovered: {} failures, first {:?}",
+        failures.len(),
+        failures[0]
+    );
+    let expected = read_back(&wal);
+    wal.close().unwrap();
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    assert_eq!(read_back(&wal), expected);
+}
+
+/// A failed directory sync after the preparation's rename hands the file back as `{N}.seg` while
+/// the sequence number N is not consumed; when a retired spare is used for the retry it is renamed
+/// onto `{N}.seg`, orphaning the handed-back file, which is later prepared as segment N+1 by
+/// renaming `{N}.seg` — now the *other* file, possibly live — away. On the simulated disk the
+/// orphan's inode is gone and the write panics; on a real disk the live segment N is renamed to
+/// N+1 (header mismatch: `Corrupt` at the next open) and rounds are written into an unlinked file.
+#[test]
+#[ignore = "bug: a failed dir sync while preparing leaves '{N}.seg' in the spares; a retry from another spare clobbers it, later preparation renames a live segment"]
+fn a_failed_directory_sync_while_preparing_never_corrupts_the_log() {
+    let disk = SimStorage::new();
+    let config = inline_config(16 << 10);
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    let group = GroupId(1);
+    let mut next = 1;
+    // Three segments of entries, then fail the directory sync of the next preparation.
+    for _ in 0..40 {
+        block_on(wal.append(entry_batch(group, next, 1000))).unwrap();
+        next += 1;
+    }
+    disk.fail_all(SimOp::SyncDir, SimError::Io);
+    let error = fill_until_error(&wal, group, &mut next, 1000).expect("a rotation prepared");
+    assert!(matches!(error, WalError::Io { .. }), "{error}");
+    disk.heal(SimOp::SyncDir);
+    // Compaction retires the old segments: the spares now hold them and the handed-back file.
+    block_on(wal.compact(group, next - 1, 1)).unwrap();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut errors = Vec::new();
+        for _ in 0..150 {
+            match block_on(wal.append(entry_batch(group, next, 1000))) {
+                Ok(()) => next += 1,
+                Err(error) => errors.push(error),
+            }
+        }
+        errors
+    }));
+    let Ok(errors) = outcome else {
+        // A panic inside the inline writer leaves `writing` set: closing would hang.
+        std::mem::forget(wal);
+        panic!("the log panicked while preparing segments");
+    };
+    assert!(errors.is_empty(), "appends failed after the disk healed: {errors:?}");
+    let expected = read_back(&wal);
+    wal.close().unwrap();
+    let reopened = open_sim(&disk, &config);
+    let (wal, _) = reopened.expect("the log does not open");
+    assert_eq!(read_back(&wal), expected);
+}
+
+/// A real directory whose directory syncs can be made to fail (EIO), to see what the failure
+/// above does on a real disk.
+struct FlakyDir {
+    inner: flotilla_wal::io::DirStorage,
+    fail_sync_dir: AtomicBool,
+}
+
+impl flotilla_wal::io::Storage for FlakyDir {
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn open(&self, name: &str) -> std::io::Result<Arc<dyn flotilla_wal::io::StorageFile>> {
+        self.inner.open(name)
+    }
+    fn create_prewritten(
+        &self,
+        name: &str,
+        len: u64,
+    ) -> std::io::Result<Arc<dyn flotilla_wal::io::StorageFile>> {
+        self.inner.create_prewritten(name, len)
+    }
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        self.inner.remove(name)
+    }
+    fn sync_dir(&self) -> std::io::Result<()> {
+        if self.fail_sync_dir.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.sync_dir()
+    }
+    fn lock(&self) -> std::io::Result<()> {
+        self.inner.lock()
+    }
+    fn unlock(&self) {
+        self.inner.unlock();
+    }
+    fn kind(&self) -> &'static str {
+        "dir"
+    }
+}
+
+/// The test above on a real directory: after the failed directory sync and a retry from a
+/// recycled spare, a later preparation renames the live `{N}.seg` away (to `{N+1}.seg`, whose
+/// header says N) and writes rounds into an unlinked file: the next open fails or loses entries.
+#[test]
+#[ignore = "bug: same as a_failed_directory_sync_while_preparing_never_corrupts_the_log, on a real disk: a live segment is renamed and the log is lost"]
+fn a_failed_directory_sync_while_preparing_never_corrupts_a_real_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = inline_config(16 << 10);
+    let flaky = Arc::new(FlakyDir {
+        inner: flotilla_wal::io::DirStorage::new(dir.path()).unwrap(),
+        fail_sync_dir: AtomicBool::new(false),
+    });
+    let (wal, _) = Wal::open_with(Arc::clone(&flaky) as _, config.clone()).unwrap();
+    let group = GroupId(1);
+    let mut next = 1;
+    for _ in 0..40 {
+        block_on(wal.append(entry_batch(group, next, 1000))).unwrap();
+        next += 1;
+    }
+    flaky.fail_sync_dir.store(true, Ordering::SeqCst);
+    let error = fill_until_error(&wal, group, &mut next, 1000).expect("a rotation prepared");
+    assert!(matches!(error, WalError::Io { .. }), "{error}");
+    flaky.fail_sync_dir.store(false, Ordering::SeqCst);
+    block_on(wal.compact(group, next - 1, 1)).unwrap();
+    let mut errors = Vec::new();
+    for _ in 0..150 {
+        match block_on(wal.append(entry_batch(group, next, 1000))) {
+            Ok(()) => next += 1,
+            Err(error) => errors.push(error),
+        }
+    }
+    let expected = read_back(&wal);
+    let closed = wal.close();
+    let reopened = Wal::open(dir.path(), config);
+    let files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(errors.is_empty(), "appends failed after the disk healed: {errors:?}");
+    assert!(closed.is_ok(), "{closed:?}");
+    let (wal, _) =
+        reopened.unwrap_or_else(|e| panic!("the log does not open: {e}; files {files:?}"));
+    assert_eq!(read_back(&wal), expected, "acknowledged entries lost");
+}
+
+/// Sanity: the same failures on the write path's neighbours that do work — a failed create (EIO,
+/// then ENOSPC) while preparing is retried once healed and nothing acknowledged is lost.
+#[test]
+fn a_failed_create_while_preparing_is_retried_once_healed() {
+    for error_kind in [SimError::Io, SimError::NoSpace] {
+        let disk = SimStorage::new();
+        let config = inline_config(16 << 10);
+        let (wal, _) = open_sim(&disk, &config).unwrap();
+        let group = GroupId(1);
+        let mut next = 1;
+        disk.fail_all(SimOp::Create, error_kind);
+        let error = fill_until_error(&wal, group, &mut next, 1000).expect("a rotation prepared");
+        assert!(matches!(error, WalError::Io { .. } | WalError::DiskFull), "{error}");
+        disk.heal(SimOp::Create);
+        // A DiskFull sticks until compaction frees a segment (documented); compact to clear it.
+        if matches!(error, WalError::DiskFull) {
+            block_on(wal.compact(group, next - 1, 1)).unwrap();
+        }
+        for _ in 0..60 {
+            block_on(wal.append(entry_batch(group, next, 1000))).unwrap();
+            next += 1;
+        }
+        let expected = read_back(&wal);
+        wal.close().unwrap();
+        let (wal, _) = open_sim(&disk, &config).unwrap();
+        assert_eq!(read_back(&wal), expected);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads mode: shutdown.
+// ---------------------------------------------------------------------------------------------
+
+/// `close()` while producers are still appending: every future must resolve (written or
+/// `Closed`) and `close` must return. Rounds the writer takes after the closing flush may need a
+/// rotation, but `shutdown` (log/mod.rs) sets `segs.closed` before joining the writer, the
+/// preparer exits, and `take_prepared` (segments.rs) waits on `segs_changed` for a segment that
+/// will never come (it does not look at `closed`): the writer and `close` hang.
+#[test]
+#[ignore = "bug: close() with concurrent producers can hang: the preparer exits on segs.closed while the writer waits in take_prepared"]
+fn close_with_producers_in_flight_returns_and_resolves_every_future() {
+    for attempt in 0..8u64 {
+        let disk = SimStorage::new();
+        // Each round of two batches fills a segment: every round rotates, and the writer needs
+        // the preparer after every rotation.
+        let config = threads_config(8 << 10, (8 << 10) - 104);
+        let (wal, _) = open_sim(&disk, &config).unwrap();
+        let threads = 4u64;
+        let per_thread = 300u64;
+        let mut handles = Vec::new();
+        let resolved = Arc::new(AtomicU64::new(0));
+        for t in 0..threads {
+            let futures: Vec<_> =
+                (1..=per_thread).map(|i| wal.append(entry_batch(GroupId(t), i, 3800))).collect();
+            let resolved = Arc::clone(&resolved);
+            handles.push(std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                for future in futures {
+                    let outcome = block_on_timeout(future, Duration::from_secs(10));
+                    if outcome.is_some() {
+                        resolved.fetch_add(1, Ordering::Relaxed);
+                    }
+                    outcomes.push(outcome);
+                }
+                outcomes
+            }));
+        }
+        // Let them get going, then close under their feet.
+        let started = Instant::now();
+        while resolved.load(Ordering::Relaxed) < 20 + attempt * 10
+            && started.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::yield_now();
+        }
+        let closed = within(Duration::from_secs(10), move || wal.close());
+        assert!(
+            closed.is_some(),
+            "attempt {attempt}: close() hung with producers in flight ({} futures resolved)",
+            resolved.load(Ordering::Relaxed)
+        );
+        let closed = closed.unwrap();
+        assert!(closed.is_ok(), "{closed:?}");
+        for handle in handles {
+            let outcomes = handle.join().unwrap();
+            for outcome in outcomes {
+                let outcome = outcome.expect("a future never resolved after close");
+                assert!(matches!(outcome, Ok(()) | Err(WalError::Closed)), "{outcome:?}");
+            }
+        }
+        let (wal, recovery) = open_sim(&disk, &config).unwrap();
+        assert_eq!(recovery.report.torn_tail, None);
+        drop(wal);
+    }
+}
+
+/// Dropping the log while futures that were created earlier are still unpolled: they resolve
+/// with `Closed`, and nothing hangs.
+#[test]
+fn futures_outliving_the_log_resolve_closed() {
+    for writer in [WriterMode::Threads, WriterMode::Inline] {
+        let disk = SimStorage::new();
+        let config = Config { writer, ..inline_config(64 << 10) };
+        let (wal, _) = open_sim(&disk, &config).unwrap();
+        block_on(wal.append(entry_batch(GroupId(1), 1, 10))).unwrap();
+        let late = wal.append(entry_batch(GroupId(1), 2, 10));
+        drop(wal);
+        let outcome = block_on_timeout(late, Duration::from_secs(5)).expect("hung");
+        assert!(matches!(outcome, Err(WalError::Closed)), "{outcome:?}");
+        let (wal, _) = open_sim(&disk, &config).unwrap();
+        assert_eq!(wal.group_state(GroupId(1)).unwrap().last_index, 1);
+    }
+}
+
+/// `Wal::open` must return the error when the writer thread cannot start its io_uring runtime.
+/// `start_threads` fails, `open_locked` drops the half-built `Wal`, and `Drop` calls `shutdown`,
+/// which waits (`block_on(flush())`) for a writer thread that does not exist: `open` hangs.
+/// Reproduced with a seccomp filter that lets the probe's 8-entry ring through but denies the
+/// runtime's 256-entry ring. Skipped where io_uring is unavailable anyway.
+#[test]
+#[ignore = "bug: Wal::open hangs forever (Drop -> shutdown -> flush with no writer) when the io_uring runtime fails to start"]
+fn open_returns_an_error_when_the_io_uring_runtime_cannot_start() {
+    if let Err(error) = flotilla_wal::probe_io_uring() {
+        eprintln!("skipping: {error}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let opened = within(Duration::from_secs(10), move || {
+        deny_large_io_uring_rings();
+        let config = Config {
+            segment_bytes: 1 << 20,
+            batch_bytes_max: 64 << 10,
+            backend: flotilla_wal::Backend::IoUring,
+            ..Config::default()
+        };
+        Wal::open(&path, config).map(|_| ()).map_err(|e| e.to_string())
+    });
+    let opened = opened.expect("Wal::open hung after the writer failed to start");
+    assert!(opened.is_err(), "the filter should have made the runtime fail: {opened:?}");
+}
+
+/// Denies `io_uring_setup` with EPERM on the calling thread unless it asks for exactly 8 entries
+/// (the probe's ring), so the probe passes and the writer's runtime fails.
+fn deny_large_io_uring_rings() {
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    let nr = u32::try_from(libc::SYS_io_uring_setup).unwrap();
+    let filter = [
+        // Syscall number.
+        libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 },
+        // Not io_uring_setup: allow.
+        libc::sock_filter { code: 0x15, jt: 0, jf: 3, k: nr },
+        // Low half of the first argument (entries).
+        libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 16 },
+        // Eight entries: allow.
+        libc::sock_filter { code: 0x15, jt: 1, jf: 0, k: 8 },
+        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ERRNO | libc::EPERM as u32 },
+        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ALLOW },
+    ];
+    let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+    // SAFETY: plain prctl/seccomp syscalls; `program` and `filter` outlive the call, and the
+    // filter only makes one syscall fail.
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        let rc = libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            std::ptr::from_ref(&program),
+        );
+        assert_eq!(rc, 0, "installing the seccomp filter failed");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads mode: stress on a real disk.
+// ---------------------------------------------------------------------------------------------
+
+/// Eight producers on their own groups (appends, overwrites, compactions, some unsynced), small
+/// segments so rotation, recycling and the forward copy happen all the time, readers checking
+/// every byte they get from `entries()` while segments are retired under them; then close,
+/// reopen, and compare with what was acknowledged.
+#[test]
+fn threads_mode_stress_on_a_real_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        rewrite_entries_max: 64,
+        backend: flotilla_wal::Backend::Portable,
+        ..threads_config(64 << 10, 16 << 10)
+    };
+    let (wal, _) = Wal::open(dir.path(), config.clone()).unwrap();
+    let wal = Arc::new(wal);
+    let producers = 8u64;
+    let per_group = 400usize;
+    let laggard = GroupId(100);
+    // A laggard with a few entries in the first segment: only the forward copy frees it.
+    let mut batch = WriteBatch::new();
+    batch.add_entries(laggard, 1, (1..=3).map(|i| (1, payload(laggard, i, 1, 10))));
+    block_on(wal.append(batch)).unwrap();
+    let workloads: Vec<Vec<(WriteBatch, bool)>> =
+        (0..producers).map(|g| group_batches(GroupId(g), 11, per_group, 700)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|scope| {
+        for reader in 0..2u64 {
+            let wal = Arc::clone(&wal);
+            let stop = Arc::clone(&stop);
+            let reads = Arc::clone(&reads);
+            scope.spawn(move || read_loop(&wal, laggard, producers, reader, &stop, &reads));
+        }
+        let producer_handles: Vec<_> = workloads
+            .iter()
+            .map(|batches| {
+                let wal = Arc::clone(&wal);
+                scope.spawn(move || {
+                    for (batch, sync) in batches {
+                        block_on(wal.append_with(batch.clone(), *sync)).unwrap();
+                    }
+                    block_on(wal.flush()).unwrap();
+                })
+            })
+            .collect();
+        for handle in producer_handles {
+            handle.join().unwrap();
+        }
+        block_on(wal.rewrite_pinning()).unwrap();
+        stop.store(true, Ordering::Relaxed);
+    });
+    let stats = wal.stats();
+    assert!(stats.rotations >= 20, "{stats:?}");
+    assert!(stats.segments_recycled + stats.segments_deleted >= 10, "{stats:?}");
+    assert!(reads.load(Ordering::Relaxed) > 0);
+    let mut expected = Model::default();
+    let mut first = WriteBatch::new();
+    first.add_entries(laggard, 1, (1..=3).map(|i| (1, payload(laggard, i, 1, 10))));
+    expected.apply(&first);
+    for batches in &workloads {
+        for (batch, _) in batches {
+            expected.apply(batch);
+        }
+    }
+    assert_eq!(read_back(&wal), expected);
+    Arc::into_inner(wal).unwrap().close().unwrap();
+    let (wal, recovery) = Wal::open(dir.path(), config).unwrap();
+    assert_eq!(recovery.report.torn_tail, None);
+    assert_eq!(read_back(&wal), expected);
+    eprintln!("stress: {stats:?}");
+}
+
+/// A reader for the stress test: reads whole live ranges of random groups, checks every byte,
+/// and holds some slices a while (their segments must then be deleted, not rewritten).
+fn read_loop(
+    wal: &Wal,
+    laggard: GroupId,
+    producers: u64,
+    reader: u64,
+    stop: &AtomicBool,
+    reads: &AtomicU64,
+) {
+    let mut rng = Rng(reader);
+    let mut held: Vec<(GroupId, flotilla_wal::Entry)> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let group = if rng.below(5) == 0 { laggard } else { GroupId(rng.below(producers)) };
+        let Some(state) = wal.group_state(group) else { continue };
+        if state.last_index < state.first_index {
+            continue;
+        }
+        match wal.entries(group, state.first_index..state.last_index + 1) {
+            Ok(entries) => {
+                for entry in &entries {
+                    check_payload(group, entry.index, entry.term, &entry.payload);
+                }
+                reads.fetch_add(entries.len() as u64, Ordering::Relaxed);
+                if rng.below(4) == 0 {
+                    held.extend(entries.into_iter().map(|entry| (group, entry)));
+                }
+            }
+            // The range moved between the two calls.
+            Err(WalError::Compacted { .. } | WalError::Unavailable { .. }) => {}
+            Err(error) => panic!("read failed: {error}"),
+        }
+        if held.len() > 2000 {
+            for (group, entry) in held.drain(..) {
+                check_payload(group, entry.index, entry.term, &entry.payload);
+            }
+        }
+    }
+    for (group, entry) in held {
+        check_payload(group, entry.index, entry.term, &entry.payload);
+    }
+}
+
+fn is_segment(name: &str) -> bool {
+    flotilla_wal::segment::parse_segment_file_name(name).is_some()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads mode: fault injection and crashes on the simulated disk.
+// ---------------------------------------------------------------------------------------------
+
+/// Four producers in threads mode (synced and unsynced appends, overwrites, compactions) on tiny
+/// segments; the disk dies after a random number of operations (or not), then the machine
+/// crashes with a random treatment of unsynced writes. Every group must recover its state after
+/// a prefix of its batches that includes every batch up to its last acknowledged durable one.
+#[test]
+fn threads_mode_crashes_lose_nothing_acknowledged() {
+    let started = Instant::now();
+    let mut rng = Rng(0x5EED);
+    let mut runs = 0;
+    while runs < 200 && started.elapsed() < Duration::from_secs(6) {
+        runs += 1;
+        let seed = rng.next();
+        let disk = SimStorage::new();
+        let config = Config { rewrite_entries_max: 16, ..threads_config(8 << 10, 2 << 10) };
+        let (wal, _) = open_sim(&disk, &config).unwrap();
+        let wal = Arc::new(wal);
+        let producers = 4u64;
+        let per_group = 120usize;
+        let workloads: Vec<Vec<(WriteBatch, bool)>> =
+            (0..producers).map(|g| group_batches(GroupId(g), seed, per_group, 200)).collect();
+        let die_after = if seed.is_multiple_of(4) { None } else { Some(50 + seed % 1500) };
+        if let Some(n) = die_after {
+            disk.fail_all_after(n);
+        }
+        // Per group: batches submitted, and how many are covered by an acknowledged durable one.
+        let progress: Vec<(Arc<AtomicU64>, Arc<AtomicU64>)> = (0..producers)
+            .map(|_| (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))))
+            .collect();
+        let handles: Vec<_> = workloads
+            .iter()
+            .cloned()
+            .zip(progress.iter().cloned())
+            .map(|(batches, (submitted, acked))| {
+                let wal = Arc::clone(&wal);
+                std::thread::spawn(move || {
+                    for (i, (batch, sync)) in batches.into_iter().enumerate() {
+                        submitted.store(i as u64 + 1, Ordering::SeqCst);
+                        let outcome =
+                            block_on_timeout(wal.append_with(batch, sync), Duration::from_secs(10))
+                                .expect("an append hung");
+                        match outcome {
+                            Ok(()) if sync => acked.store(i as u64 + 1, Ordering::SeqCst),
+                            Ok(()) => {}
+                            Err(_) => break,
+                        }
+                    }
+                })
+            })
+            .collect();
+        if die_after.is_none() {
+            // Crash while they run.
+            std::thread::sleep(Duration::from_micros(200 + seed % 3000));
+        } else {
+            for handle in handles {
+                handle.join().unwrap();
+            }
+            continue_after_death(&wal);
+            let image = crash_and_check(&disk, seed, &workloads, &progress, &config);
+            drop(image);
+            drop_within(wal);
+            continue;
+        }
+        let image = crash_and_check(&disk, seed, &workloads, &progress, &config);
+        drop(image);
+        for handle in handles {
+            handle.join().unwrap();
+        }
+        drop_within(wal);
+    }
+    eprintln!("{runs} crash runs");
+}
+
+/// After the disk died the log must refuse appends (it is poisoned or preparation fails), not
+/// hang.
+fn continue_after_death(wal: &Wal) {
+    let flushed = block_on_timeout(wal.flush(), Duration::from_secs(10));
+    assert!(flushed.is_some(), "a flush on a dead disk hung");
+}
+
+fn drop_within(wal: Arc<Wal>) {
+    let dropped = within(Duration::from_secs(10), move || drop(wal));
+    assert!(dropped.is_some(), "dropping the log hung");
+}
+
+/// Crashes the disk (acknowledgements counted strictly before), recovers the image and checks
+/// every group against its acknowledged prefix.
+fn crash_and_check(
+    disk: &SimStorage,
+    seed: u64,
+    workloads: &[Vec<(WriteBatch, bool)>],
+    progress: &[(Arc<AtomicU64>, Arc<AtomicU64>)],
+    config: &Config,
+) -> SimStorage {
+    let acked: Vec<usize> =
+        progress.iter().map(|(_, a)| a.load(Ordering::SeqCst) as usize).collect();
+    let mode = match seed % 3 {
+        0 => CrashMode::LOSE_UNSYNCED,
+        1 => CrashMode { keep: Keep::Random(seed), tear_last: Some(seed >> 3) },
+        _ => CrashMode::KEEP_UNSYNCED,
+    };
+    let image = disk.crash(mode);
+    // Everything submitted by now (read after the crash: nothing later reaches the image).
+    let submitted: Vec<usize> =
+        progress.iter().map(|(s, _)| s.load(Ordering::SeqCst) as usize).collect();
+    let inline = Config { writer: WriterMode::Inline, ..config.clone() };
+    let (wal, _) = open_sim(&image, &inline)
+        .unwrap_or_else(|error| panic!("seed {seed}: the crash image does not open: {error}"));
+    let recovered = read_back(&wal);
+    for (g, batches) in workloads.iter().enumerate() {
+        // A producer may have been about to submit its next batch when the crash hit.
+        let submitted = (submitted[g] + 1).min(batches.len());
+        check_group_prefix(&recovered, GroupId(g as u64), batches, acked[g], submitted);
+    }
+    wal.close().unwrap();
+    image
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recovery.
+// ---------------------------------------------------------------------------------------------
+
+fn three_segment_log() -> (SimStorage, Config, Vec<String>) {
+    let disk = SimStorage::new();
+    let config = inline_config(16 << 10);
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    for i in 1..=40 {
+        block_on(wal.append(entry_batch(GroupId(1), i, 1000))).unwrap();
+    }
+    wal.close().unwrap();
+    let mut segments: Vec<String> =
+        disk.file_names().into_iter().filter(|n| is_segment(n)).collect();
+    segments.sort();
+    (disk, config, segments)
+}
+
+/// `RecoveryMode::TruncateCorrupt` promises to cut the log at the damage and report it, so the
+/// engine can repair from its peers. Damage to a live segment's header (bit rot in its first 64
+/// bytes) still makes `open` fail with `Corrupt` in that mode: the header check in `recover`
+/// (recovery.rs, before the scan) ignores the mode, and the node cannot restart without an operator.
+#[test]
+#[ignore = "bug (gap): TruncateCorrupt still refuses to open when a segment header is damaged; it neither truncates nor reports"]
+fn truncate_corrupt_also_handles_a_damaged_segment_header() {
+    let (disk, config, segments) = three_segment_log();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let damaged = disk.fork();
+    let mut contents = damaged.contents(&segments[1]).unwrap();
+    contents[40] ^= 1; // a reserved byte of the header
+    damaged.set_contents(&segments[1], contents);
+    let strict = open_sim(&damaged.fork(), &config);
+    assert!(matches!(strict, Err(WalError::Corrupt { .. })), "{strict:?}");
+    let lenient = Config { recovery: RecoveryMode::TruncateCorrupt, ..config };
+    let opened = open_sim(&damaged, &lenient);
+    let (wal, recovery) = opened.expect("TruncateCorrupt refused to open");
+    assert!(recovery.report.corruption_truncated.is_some(), "{:?}", recovery.report);
+    assert!(wal.group_state(GroupId(1)).unwrap().last_index < 40);
+}
+
+/// TruncateCorrupt on damage in the middle of the chain: the log opens, reports the cut, keeps
+/// exactly the rounds before it, and accepts new appends that survive another reopen.
+#[test]
+fn truncate_corrupt_cuts_at_damaged_synced_data_and_keeps_working() {
+    let (disk, config, segments) = three_segment_log();
+    let mut contents = disk.contents(&segments[1]).unwrap();
+    contents[64 + 40] ^= 0x10; // inside the body of the segment's first round
+    disk.set_contents(&segments[1], contents);
+    assert!(matches!(open_sim(&disk.fork(), &config), Err(WalError::Corrupt { .. })));
+    let lenient = Config { recovery: RecoveryMode::TruncateCorrupt, ..config };
+    let (wal, recovery) = open_sim(&disk, &lenient).unwrap();
+    // The first round of the damaged segment is the missing one: the cut is at the end of the
+    // segment before it.
+    let cut = recovery.report.corruption_truncated.clone().expect("reported");
+    assert!(cut.2.contains("claims it synced"), "{cut:?}");
+    let state = wal.group_state(GroupId(1)).unwrap();
+    assert!(state.last_index < 40 && state.last_index > 5, "{state:?}");
+    let last = state.last_index;
+    for i in last + 1..=last + 30 {
+        block_on(wal.append(entry_batch(GroupId(1), i, 1000))).unwrap();
+    }
+    let expected = read_back(&wal);
+    wal.close().unwrap();
+    let (wal, recovery) = open_sim(&disk, &lenient).unwrap();
+    assert_eq!(recovery.report.corruption_truncated, None, "{:?}", recovery.report);
+    assert_eq!(read_back(&wal), expected);
+}
+
+/// Retiring several segments in one pass renames them all and then syncs the directory once
+/// (`retire_pending`, segments.rs). Until that sync, POSIX lets a crash keep any subset of the
+/// renames; keeping a younger segment's rename but not the oldest's leaves a hole in the chain
+/// that the recovery rule calls corruption (later rounds claim the missing ones synced). The
+/// simulated disk makes directory changes durable all at once, so the image is built by hand: the
+/// retirement is held back by failing renames, then only the second-oldest segment is renamed.
+/// (ext4 and XFS journal renames in order, so this is a portability risk, not a Linux one.)
+#[test]
+#[ignore = "risk: a crash that persists a younger retired segment's rename but not an older one's makes open fail with Corrupt"]
+fn a_partially_persisted_retirement_is_not_corruption() {
+    use flotilla_wal::io::Storage;
+    let disk = SimStorage::new();
+    let config = inline_config(16 << 10);
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    let group = GroupId(1);
+    for i in 1..=60 {
+        block_on(wal.append(entry_batch(group, i, 1000))).unwrap();
+    }
+    // The compaction is durable; retiring its segments fails for now.
+    disk.fail_all(SimOp::Rename, SimError::Io);
+    disk.fail_all(SimOp::Remove, SimError::Io);
+    block_on(wal.compact(group, 55, 1)).unwrap();
+    let expected = read_back(&wal);
+    let mut segments: Vec<String> =
+        disk.file_names().into_iter().filter(|n| is_segment(n)).collect();
+    segments.sort();
+    assert!(segments.len() >= 4, "{segments:?}");
+    // The image of a crash in the middle of the retirement pass: the second rename made it.
+    let image = disk.fork();
+    let spare = segments[1].replace(".seg", ".tmp");
+    image.rename(&segments[1], &spare).unwrap();
+    image.sync_dir().unwrap();
+    let opened = open_sim(&image, &config);
+    let (reopened, _) = opened.expect("a crash during retirement made the log unopenable");
+    assert_eq!(read_back(&reopened), expected);
+    drop(reopened);
+    drop(wal);
+}
