@@ -104,7 +104,7 @@ fn main() {
     let mut opens: Vec<(Duration, u64)> = Vec::new();
     let mut index_per_entry = 0.0;
     let mut live_entries = 0;
-    group.bench_function("open_256MiB_1KiB_x1024_groups", |b| {
+    group.bench_function("open_1KiB_x1024_groups", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
