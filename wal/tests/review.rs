@@ -797,7 +797,7 @@ fn threads_mode_crashes_lose_nothing_acknowledged() {
     let started = Instant::now();
     let mut rng = Rng(0x5EED);
     let mut runs = 0;
-    while runs < 200 && started.elapsed() < Duration::from_secs(6) {
+    while runs < 600 && started.elapsed() < Duration::from_secs(6) {
         runs += 1;
         let seed = rng.next();
         let disk = SimStorage::new();
@@ -831,7 +831,12 @@ fn threads_mode_crashes_lose_nothing_acknowledged() {
                         match outcome {
                             Ok(()) if sync => acked.store(i as u64 + 1, Ordering::SeqCst),
                             Ok(()) => {}
-                            Err(_) => break,
+                            Err(error) => {
+                                if std::env::var_os("REVIEW_DEBUG").is_some() {
+                                    eprintln!("batch {i}: {error}");
+                                }
+                                break;
+                            }
                         }
                     }
                 })
@@ -857,8 +862,137 @@ fn threads_mode_crashes_lose_nothing_acknowledged() {
         }
         drop_within(wal);
     }
-    eprintln!("{runs} crash runs");
+    eprintln!(
+        "{runs} crash runs, {} batches acknowledged durable",
+        TOTAL_ACKED.load(Ordering::Relaxed)
+    );
 }
+
+/// A full disk in threads mode with concurrent producers: every producer gets `DiskFull` (typed,
+/// not poisoned, no hang), compaction goes through the reserve and frees segments, appends resume,
+/// and everything acknowledged is there after a reopen.
+#[test]
+fn threads_mode_disk_full_with_concurrent_producers() {
+    let disk = SimStorage::new();
+    let config = threads_config(16 << 10, 4 << 10);
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    disk.set_space(Some(2 * (16 << 10)));
+    let wal = Arc::new(wal);
+    let producers = 4u64;
+    let next: Vec<Arc<AtomicU64>> = (0..producers).map(|_| Arc::new(AtomicU64::new(1))).collect();
+    let mut expected = Model::default();
+    for phase in 0..3 {
+        let handles: Vec<_> = (0..producers)
+            .map(|g| {
+                let wal = Arc::clone(&wal);
+                let next = Arc::clone(&next[g as usize]);
+                std::thread::spawn(move || {
+                    let mut acked = Vec::new();
+                    for _ in 0..2000 {
+                        let index = next.load(Ordering::SeqCst);
+                        let batch = entry_batch(GroupId(g), index, 300);
+                        let outcome =
+                            block_on_timeout(wal.append(batch.clone()), Duration::from_secs(10))
+                                .expect("an append hung on a full disk");
+                        match outcome {
+                            Ok(()) => {
+                                next.store(index + 1, Ordering::SeqCst);
+                                acked.push(batch);
+                            }
+                            Err(WalError::DiskFull) => return (acked, true),
+                            Err(error) => panic!("phase {phase}: {error}"),
+                        }
+                    }
+                    (acked, false)
+                })
+            })
+            .collect();
+        for handle in handles {
+            let (acked, full) = handle.join().unwrap();
+            assert!(full, "phase {phase}: the disk never filled");
+            for batch in &acked {
+                expected.apply(batch);
+            }
+        }
+        // Maintenance still works: compact every group to its end, which frees segments.
+        for g in 0..producers {
+            let last = next[g as usize].load(Ordering::SeqCst) - 1;
+            if last > 0 {
+                let mut batch = WriteBatch::new();
+                batch.compact(GroupId(g), last, 1);
+                // A compaction can fail spuriously with `DiskFull` when the writer's
+                // `fail_pending` takes it down with a round that failed just before (see
+                // `a_maintenance_batch_sharing_a_round_with_entries_still_uses_the_reserve`):
+                // retry a few times.
+                let mut attempts = 0;
+                loop {
+                    let outcome =
+                        block_on_timeout(wal.append(batch.clone()), Duration::from_secs(10))
+                            .expect("a compaction hung on a full disk");
+                    match outcome {
+                        Ok(()) => break,
+                        Err(WalError::DiskFull) if attempts < 5 => attempts += 1,
+                        Err(e) => panic!("phase {phase}: compaction failed: {e}"),
+                    }
+                }
+                expected.apply(&batch);
+            }
+        }
+    }
+    assert_eq!(read_back(&wal), expected);
+    let wal = Arc::into_inner(wal).unwrap();
+    assert!(within(Duration::from_secs(10), move || wal.close()).expect("close hung").is_ok());
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    assert_eq!(read_back(&wal), expected);
+}
+
+/// The reserve is for maintenance batches on a full disk, but a round is maintenance only if
+/// *none* of its batches adds entries (`Round::maintenance`, commit.rs). Group commit puts a
+/// compaction in the same round as whatever other groups appended meanwhile; when that round
+/// needs a rotation on a full disk the whole round fails with `DiskFull` (`write_round` ->
+/// `fail_pending`), compaction included, although the compaction alone would have gone through.
+/// Under sustained load a compaction (the only way out of `DiskFull`) can keep failing. The
+/// writer delay makes the two batches share a round deterministically.
+#[test]
+#[ignore = "bug: a compaction that shares a round with entries fails with DiskFull on a full disk (the round is not maintenance), so it cannot free space under load"]
+fn a_maintenance_batch_sharing_a_round_with_entries_still_uses_the_reserve() {
+    let disk = SimStorage::new();
+    let config = Config { batch_delay_us_max: 300_000, ..threads_config(16 << 10, 4 << 10) };
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    disk.set_space(Some(0));
+    let busy = GroupId(1);
+    let other = GroupId(2);
+    block_on(wal.append(entry_batch(other, 1, 100))).unwrap();
+    let mut next = 1;
+    let full = loop {
+        // Bodies over half a round: the writer does not wait for company.
+        match block_on(wal.append(entry_batch(busy, next, 2100))) {
+            Ok(()) => next += 1,
+            Err(error) => break error,
+        }
+        assert!(next < 10_000, "the disk never filled");
+    };
+    assert!(matches!(full, WalError::DiskFull), "{full}");
+    // One more entries batch and a compaction of the other group, in one round (small enough
+    // that the writer waits for more, too big for the room left, so the round rotates).
+    let mut append = wal.append(entry_batch(busy, next, 1900));
+    let mut compact = wal.compact(other, 1, 1);
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(std::pin::Pin::new(&mut append).poll(&mut cx).is_pending());
+    assert!(std::pin::Pin::new(&mut compact).poll(&mut cx).is_pending());
+    let appended = block_on_timeout(append, Duration::from_secs(10)).expect("hung");
+    let compacted = block_on_timeout(compact, Duration::from_secs(10)).expect("hung");
+    assert!(matches!(appended, Err(WalError::DiskFull)), "{appended:?}");
+    // Alone, the same compaction goes through the reserve.
+    let alone = block_on(wal.compact(other, 1, 1));
+    assert!(alone.is_ok(), "{alone:?}");
+    assert!(
+        compacted.is_ok(),
+        "the compaction failed only because it shared a round with entries: {compacted:?}"
+    );
+}
+
+static TOTAL_ACKED: AtomicU64 = AtomicU64::new(0);
 
 /// After the disk died the log must refuse appends (it is poisoned or preparation fails), not
 /// hang.
@@ -883,6 +1017,7 @@ fn crash_and_check(
 ) -> SimStorage {
     let acked: Vec<usize> =
         progress.iter().map(|(_, a)| a.load(Ordering::SeqCst) as usize).collect();
+    TOTAL_ACKED.fetch_add(acked.iter().sum::<usize>() as u64, Ordering::Relaxed);
     let mode = match seed % 3 {
         0 => CrashMode::LOSE_UNSYNCED,
         1 => CrashMode { keep: Keep::Random(seed), tear_last: Some(seed >> 3) },
