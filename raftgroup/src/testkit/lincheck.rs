@@ -14,6 +14,8 @@
 //! refuses. Configurations (placed operations, model state) already explored are remembered and
 //! never explored again, and one is also skipped when an explored one had the same state and the
 //! same answered operations placed but fewer unknown ones (it could do everything this one can).
+//! A read-only operation the model accepts in the current state is placed at once, without
+//! branching (see `Entries::next_moves`).
 //! The whole search is bounded by [`CheckOptions::max_steps`]: past it the answer is
 //! [`Verdict::Unknown`], never a hang. Dozens of concurrent maybe-applied writes on one key can
 //! still exhaust a reasonable budget: a simulator should resolve what it can with `TookEffect`
@@ -239,6 +241,9 @@ pub struct Exhausted {
     pub partition: Option<String>,
     /// Steps taken in all.
     pub steps: u64,
+    /// Where the search had got furthest in that partition: the longest prefix it linearized
+    /// and the operation it could not place after it (as in [`Violation::explanation`]).
+    pub explanation: String,
 }
 
 impl fmt::Display for Exhausted {
@@ -247,7 +252,7 @@ impl fmt::Display for Exhausted {
         if let Some(partition) = &self.partition {
             write!(f, " in partition {partition}")?;
         }
-        Ok(())
+        write!(f, "; the search got furthest here:{}", self.explanation)
     }
 }
 
@@ -261,7 +266,11 @@ pub fn check<M: Model>(
     let mut steps = 0;
     match search(model, operations, &all, &mut steps, options.max_steps) {
         Search::Linearizable => Verdict::Linearizable,
-        Search::Exhausted => Verdict::Unknown(Exhausted { partition: None, steps }),
+        Search::Exhausted(furthest) => Verdict::Unknown(Exhausted {
+            partition: None,
+            steps,
+            explanation: furthest.explanation,
+        }),
         Search::Failed(failure) => Verdict::NotLinearizable(Box::new(failure.into_violation(None))),
     }
 }
@@ -292,8 +301,8 @@ where
     for (key, members) in &partitions {
         match search(model, operations, members, &mut steps, options.max_steps) {
             Search::Linearizable => {}
-            Search::Exhausted => {
-                exhausted.get_or_insert_with(|| format!("{key:?}"));
+            Search::Exhausted(furthest) => {
+                exhausted.get_or_insert_with(|| (format!("{key:?}"), furthest.explanation));
             }
             Search::Failed(failure) => {
                 let violation = failure.into_violation(Some(format!("{key:?}")));
@@ -303,7 +312,9 @@ where
     }
     match exhausted {
         None => Verdict::Linearizable,
-        Some(partition) => Verdict::Unknown(Exhausted { partition: Some(partition), steps }),
+        Some((partition, explanation)) => {
+            Verdict::Unknown(Exhausted { partition: Some(partition), steps, explanation })
+        }
     }
 }
 
@@ -405,7 +416,8 @@ struct Frame<S> {
 
 enum Search {
     Linearizable,
-    Exhausted,
+    /// The budget ran out; what the search had found furthest.
+    Exhausted(Failure),
     Failed(Failure),
 }
 
@@ -501,6 +513,41 @@ impl Entries {
     }
 }
 
+impl Entries {
+    /// The candidates to try from a configuration, reduced to one when a read can go now.
+    ///
+    /// A read-only operation with a known output that the model accepts in the current state can
+    /// be placed next without loss: in any linearization from here, moving it to the front keeps
+    /// every other operation's state (it changes none) and every real-time order (being a
+    /// candidate, nothing unplaced returned before it was invoked). Placing such reads at once
+    /// keeps the search from trying every order of the writes concurrent with them first.
+    /// Each read tried counts as a step.
+    fn next_moves<M: Model>(
+        &self,
+        model: &M,
+        operations: &[Operation<M::Input, M::Output>],
+        placed: &Bitset,
+        state: &M::State,
+        steps: &mut u64,
+    ) -> Vec<usize> {
+        let mut candidates = self.candidates(placed);
+        let forced = candidates.iter().copied().find(|&index| {
+            let entry = &self.by_invoke[index];
+            let operation = &operations[entry.op];
+            if !entry.definite || !model.is_read_only(&operation.input) {
+                return false;
+            }
+            *steps += 1;
+            model.step(state, &operation.input, operation.output()).is_some()
+        });
+        if let Some(index) = forced {
+            candidates.clear();
+            candidates.push(index);
+        }
+        candidates
+    }
+}
+
 /// The WGL search over the operations `members` of `operations`.
 fn search<M: Model>(
     model: &M,
@@ -522,8 +569,9 @@ fn search<M: Model>(
     let mut path: Vec<usize> = Vec::new();
     let mut longest: Vec<usize> = Vec::new();
     let mut seen = Seen::default();
-    let mut stack =
-        vec![Frame { state: model.init(), candidates: entries.candidates(&placed), next: 0 }];
+    let state = model.init();
+    let candidates = entries.next_moves(model, operations, &placed, &state, steps);
+    let mut stack = vec![Frame { state, candidates, next: 0 }];
     while let Some(frame) = stack.last_mut() {
         let Some(&index) = frame.candidates.get(frame.next) else {
             // Every way on from here failed: undo the placement that led here.
@@ -541,7 +589,7 @@ fn search<M: Model>(
         };
         frame.next += 1;
         if *steps >= max_steps {
-            return Search::Exhausted;
+            return Search::Exhausted(explain(model, operations, &entries, &longest));
         }
         *steps += 1;
         let entry = &entries.by_invoke[index];
@@ -572,7 +620,7 @@ fn search<M: Model>(
         if path.len() > longest.len() {
             longest.clone_from(&path);
         }
-        let candidates = entries.candidates(&placed);
+        let candidates = entries.next_moves(model, operations, &placed, &state, steps);
         stack.push(Frame { state, candidates, next: 0 });
     }
     Search::Failed(explain(model, operations, &entries, &longest))

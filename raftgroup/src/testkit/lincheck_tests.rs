@@ -320,6 +320,8 @@ fn the_search_gives_up_at_its_step_budget() {
         Verdict::Unknown(exhausted) => {
             assert_eq!(exhausted.steps, 1_000);
             assert_eq!(exhausted.partition.as_deref(), Some("120"));
+            // The furthest point reached is explained: the impossible read is the one stuck.
+            assert!(exhausted.explanation.contains("cannot place: #31"), "{exhausted}");
         }
         other => panic!("expected the budget to run out, got {other}"),
     }
