@@ -44,6 +44,7 @@ use workload::{KvOperation, Workload, WorkloadConfig};
 
 /// Seeds that failed once, kept forever: `(seed, what it found)`.
 const REGRESSION_SEEDS: &[(u64, &str)] = &[
+    (236, "core bug, fixed: a stale fetch answer (log overwritten since) refused with BadFetch"),
     (266, "checker budget: writes committed together after an outage, loose TookEffect bounds"),
     (15441, "checker budget: lagging reads among dozens of concurrent unanswered writes"),
     (15878, "checker budget: as 15441"),
@@ -107,7 +108,6 @@ fn scenario(seed: u64, rng: &mut SimRng) -> (ClusterConfig, NetConfig, WorkloadC
         disk_delay_max: rng.between(1, 40),
         fetch_delay_max: rng.between(0, 20),
         raft,
-        strict_stale_fetches: false,
         driver_bug: None,
     };
     let delay_max = rng.between(1, 30);
@@ -148,17 +148,15 @@ fn deliver_responses(cluster: &mut Cluster, workload: &mut Workload) {
     }
 }
 
-/// Runs one seed to the end; panics on any violation. `strict` turns known, reported core issues
-/// back into failures (see `ClusterConfig::strict_stale_fetches`).
-fn run(seed: u64, strict: bool) -> RunReport {
-    run_with(seed, strict, None)
+/// Runs one seed to the end; panics on any violation.
+fn run(seed: u64) -> RunReport {
+    run_with(seed, None)
 }
 
 /// [`run`], with a deliberate driver bug.
-fn run_with(seed: u64, strict: bool, driver_bug: Option<DriverBug>) -> RunReport {
+fn run_with(seed: u64, driver_bug: Option<DriverBug>) -> RunReport {
     let mut rng = SimRng::new(seed);
     let (mut cluster_config, network, workload_config) = scenario(seed, &mut rng);
-    cluster_config.strict_stale_fetches = strict;
     cluster_config.driver_bug = driver_bug;
     let election_units = u64::from(ELECTION_TICKS) * TICK_UNITS;
     let mut cluster = Cluster::new(cluster_config.clone(), network, seed, rng.fork());
@@ -239,8 +237,8 @@ fn run_with(seed: u64, strict: bool, driver_bug: Option<DriverBug>) -> RunReport
 
 /// Runs `seed`, printing how to replay it if it fails; one in [`REPLAY_EVERY`] runs twice and
 /// must leave the same trace.
-fn run_reported(seed: u64, strict: bool) -> RunReport {
-    let report = match catch_unwind(AssertUnwindSafe(|| run(seed, strict))) {
+fn run_reported(seed: u64) -> RunReport {
+    let report = match catch_unwind(AssertUnwindSafe(|| run(seed))) {
         Ok(report) => report,
         Err(panic) => {
             eprintln!(
@@ -252,7 +250,7 @@ fn run_reported(seed: u64, strict: bool) -> RunReport {
         }
     };
     if seed.is_multiple_of(REPLAY_EVERY) {
-        let again = run(seed, strict);
+        let again = run(seed);
         assert_eq!(report.trace, again.trace, "seed {seed} did not replay bit for bit");
         assert_eq!(report.end_time, again.end_time, "seed {seed} did not replay bit for bit");
     }
@@ -280,7 +278,7 @@ fn run_seeds(parity: u64) {
     let (mut operations, mut answered, mut timed_out, mut never_applied) = (0, 0, 0, 0);
     let elapsed = timed(|| {
         for &seed in &seeds {
-            let report = run_reported(seed, false);
+            let report = run_reported(seed);
             assert!(report.operations >= OPERATIONS as u64, "seed {seed}: {}", report.summary);
             // A run where almost nothing succeeded tested almost nothing.
             assert!(
@@ -329,18 +327,8 @@ fn five_replica_clusters_stay_linearizable_under_faults() {
 #[test]
 fn regression_seeds_pass() {
     for &(seed, _found) in REGRESSION_SEEDS {
-        run_reported(seed, false);
+        run_reported(seed);
     }
-}
-
-/// Core bug, reported: a replica answers a fetch it made as leader in term 45 with
-/// `Error::BadFetch` once it is a follower in term 46 whose log has overwritten the entry
-/// (storage still holds the old one, the new one is not durable yet), although `Fetch::term`
-/// promises that stale answers are ignored. Run with `--ignored` once fixed, then un-ignore.
-#[test]
-#[ignore = "core bug: stale fetch answers are refused with BadFetch instead of ignored"]
-fn seed_236_stale_fetch_answers_are_ignored() {
-    run_reported(236, true);
 }
 
 /// Writes the checked history to `$SIM_DUMP_DIR/sim-history-<seed>.txt` if that variable is set,
@@ -368,7 +356,7 @@ fn first_failure(
     expected: &[&str],
 ) -> Option<(u64, String)> {
     seeds.into_iter().find_map(|seed| {
-        let panic = catch_unwind(AssertUnwindSafe(|| run_with(seed, false, Some(bug)))).err()?;
+        let panic = catch_unwind(AssertUnwindSafe(|| run_with(seed, Some(bug)))).err()?;
         let message = panic
             .downcast_ref::<String>()
             .cloned()

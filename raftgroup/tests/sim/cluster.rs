@@ -37,11 +37,6 @@ pub struct ClusterConfig {
     pub fetch_delay_max: u64,
     /// The replicas' Raft settings (`id`, `voters` and `seed` are set per replica).
     pub raft: Config,
-    /// Fail when a replica refuses storage's answer to a fetch it made in an earlier term
-    /// (`Error::BadFetch`, because the entries were overwritten since). `Fetch::term` is
-    /// documented as "stale answers are ignored", so this is a core bug (seed 236); until it is
-    /// fixed the simulation counts these refusals (`ClusterStats::stale_fetch_errors`) instead.
-    pub strict_stale_fetches: bool,
     /// A deliberate driver bug, to prove the simulation catches what it claims to (`None` in
     /// real runs).
     pub driver_bug: Option<DriverBug>,
@@ -102,8 +97,6 @@ pub struct ClusterStats {
     pub disk_stalls: u64,
     /// Leadership transfers started.
     pub transfers: u64,
-    /// Stale fetches refused with an error (see `ClusterConfig::strict_stale_fetches`).
-    pub stale_fetch_errors: u64,
     /// Highest term reached.
     pub max_term: u64,
     /// Entries committed.
@@ -544,15 +537,7 @@ impl Cluster {
                     (index.get(), entry.term.get(), replica.term_at(index).map(Term::get))
                 })
                 .collect();
-            let stale = fetch.term != replica.term();
             if let Err(error) = replica.on_fetched(fetch, entries) {
-                if stale && !self.config.strict_stale_fetches {
-                    // Known core issue (see `strict_stale_fetches`): tolerated, counted.
-                    self.stats.stale_fetch_errors += 1;
-                    self.record(mix(index as u64, 0xBADF));
-                    self.process(index);
-                    continue;
-                }
                 self.fail(&format!(
                     "n{} refused storage's answer to {fetch:?}: {error}; (index, term stored, \
                      term in the replica's log): {terms:?}; {}",
