@@ -108,6 +108,7 @@ fn synced_matrix(settings: &Settings) -> Vec<(usize, usize, usize, bool)> {
     out
 }
 
+#[expect(clippy::too_many_lines, reason = "one linear script per configuration: measure, report")]
 fn synced(
     criterion: &mut Criterion,
     settings: &Settings,
@@ -155,12 +156,16 @@ fn synced(
             let (mut raw_bytes, mut raw_syncs, mut raw_time) = (0u64, 0u64, Duration::ZERO);
             // What the raw loop would need for the log's own fdatasyncs at its own sizes.
             let mut raw_equivalent = Duration::ZERO;
+            // CPU of the whole process while the producers run (the raw loop is outside it).
+            let mut cpu = Duration::ZERO;
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         let sample_before = load.wal.stats();
+                        let cpu_before = flotilla_bench::cpu_time();
                         let took = load.run(appends_each);
+                        cpu += flotilla_bench::cpu_time().saturating_sub(cpu_before);
                         let sample_after = load.wal.stats();
                         total += took;
                         let syncs = sample_after.fdatasyncs - sample_before.fdatasyncs;
@@ -195,7 +200,7 @@ fn synced(
                  {}/fdatasync, fdatasyncs/round={:.3}, rotations={} stalls={} created={} rewritten={} \
                  | raw pwrite+fdatasync interleaved, same bytes/sync: {}, {}syncs/s | ratio {ratio:.2} \
                  (raw time for the same syncs / log time; per-iteration median {:.2}, min {low:.2}, \
-                 max {high:.2}, n={}) | entries copied by the log {}",
+                 max {high:.2}, n={}) | entries copied by the log {} | cpu {:.2} µs/append",
                 if tasks { " (tasks on 1 thread)" } else { " (threads)" },
                 count(measured.entries_per_second()),
                 mb(measured.bytes_per_second()),
@@ -212,6 +217,7 @@ fn synced(
                 median(&ratios),
                 ratios.len(),
                 (after.entries - before.entries).saturating_sub(measured.entries),
+                cpu.as_secs_f64() * 1e6 / measured.entries.max(1) as f64,
             );
             println!("{line}");
             results.push(line);
@@ -331,35 +337,52 @@ fn unsynced(criterion: &mut Criterion, settings: &Settings, results: &mut Vec<St
         .sampling_mode(SamplingMode::Flat)
         .measurement_time(settings.measurement)
         .warm_up_time(settings.warm_up);
-    let producer_counts: &[usize] = if settings.full { &[1, 2] } else { &[1] };
+    // (payload, producers, entries per append, tasks): many entries per append from one thread,
+    // and one entry per append from 256 tasks (the log's CPU cost per append, without the disk).
+    let mut matrix: Vec<(usize, usize, usize, bool)> = Vec::new();
+    for payload in [16, 64, 128] {
+        matrix.push((payload, 1, ENTRIES_EACH, false));
+        if settings.full {
+            matrix.push((payload, 2, ENTRIES_EACH, false));
+        }
+    }
+    matrix.push((128, 256, 1, true));
     for (backend, backend_name) in backends() {
-        for payload in [16, 64, 128] {
-            for &producers in producer_counts {
-                if !selected(&format!("wal_unsynced/{backend_name}/{payload}B/p{producers}")) {
+        for &(payload, producers, entries_each, tasks) in &matrix {
+            {
+                let kind = if tasks { "tasks" } else { "p" };
+                let name = format!("{backend_name}/{payload}B/{kind}{producers}x{entries_each}");
+                if !selected(&format!("wal_unsynced/{name}")) {
                     continue;
                 }
                 let dir = disk::bench_dir("unsynced");
                 let shape = Shape {
                     payload_bytes: payload,
                     producers,
-                    groups: 64,
-                    entries_each: ENTRIES_EACH,
+                    groups: if tasks { 1024 } else { 64 },
+                    entries_each,
                     sync: false,
-                    tasks: false,
+                    tasks,
                 };
                 let load = WalLoad::open(dir.path(), settings.config(backend), shape);
-                let appends_each = 16u64;
+                let appends_each =
+                    if tasks { flotilla_bench::appends_per_producer(producers) } else { 16 };
                 let before = load.wal.stats();
                 let appended_before = load.appended();
                 let mut elapsed = Duration::ZERO;
+                let mut cpu = Duration::ZERO;
                 group.throughput(Throughput::Elements(
-                    appends_each * (producers * ENTRIES_EACH) as u64,
+                    appends_each * (producers * entries_each) as u64,
                 ));
-                let id =
-                    BenchmarkId::new(format!("{backend_name}/{payload}B"), format!("p{producers}"));
+                let id = BenchmarkId::new(
+                    format!("{backend_name}/{payload}B"),
+                    format!("{kind}{producers}x{entries_each}"),
+                );
                 group.bench_function(id, |b| {
                     b.iter_custom(|iters| {
+                        let cpu_before = flotilla_bench::cpu_time();
                         let took = load.run(iters * appends_each);
+                        cpu += flotilla_bench::cpu_time().saturating_sub(cpu_before);
                         elapsed += took;
                         // Untimed: a synced round lets garbage collection recycle segments.
                         block_on(load.wal.flush()).expect("flush");
@@ -370,15 +393,18 @@ fn unsynced(criterion: &mut Criterion, settings: &Settings, results: &mut Vec<St
                 let measured =
                     Measured::between(&before, &after, load.appended() - appended_before, elapsed);
                 let line = format!(
-                    "RESULT wal_unsynced backend={backend_name} payload={payload}B producers={producers} \
-                     entries/append={ENTRIES_EACH}: {}entries/s, {} (records), {:.0} entries/round, \
-                     fdatasyncs={} (flushes between iterations, untimed) rotations={} created={}",
+                    "RESULT wal_unsynced backend={backend_name} payload={payload}B producers={producers}{} \
+                     entries/append={entries_each}: {}entries/s, {} (records), {:.0} entries/round, \
+                     fdatasyncs={} (flushes between iterations, untimed) rotations={} created={} | cpu \
+                     {:.2} µs/entry",
+                    if tasks { " (tasks on 1 thread)" } else { "" },
                     count(measured.entries_per_second()),
                     mb(measured.bytes_per_second()),
                     measured.entries as f64 / measured.rounds.max(1) as f64,
                     measured.fdatasyncs,
                     measured.rotations,
                     measured.segments_created,
+                    cpu.as_secs_f64() * 1e6 / measured.entries.max(1) as f64,
                 );
                 println!("{line}");
                 results.push(line);

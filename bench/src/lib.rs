@@ -75,6 +75,20 @@ pub fn appends_per_producer(producers: usize) -> u64 {
     if quick_mode() { 2 } else { (512 / producers as u64).max(32) }
 }
 
+/// CPU time (user + system) used by this process so far, all threads included.
+pub fn cpu_time() -> Duration {
+    // SAFETY: `getrusage` only writes into the zeroed struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the pointer is valid for the call.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut usage) };
+    assert_eq!(rc, 0, "getrusage");
+    let micros = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.unsigned_abs())
+            + Duration::from_micros(t.tv_usec.unsigned_abs())
+    };
+    micros(usage.ru_utime) + micros(usage.ru_stime)
+}
+
 /// `per_second` of `count` events in `elapsed`.
 pub fn rate(count: f64, elapsed: Duration) -> f64 {
     let secs = elapsed.as_secs_f64();
