@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# TESTING.md S4: a short cargo-fuzz run of every WAL fuzz target, on stable (`--sanitizer none`),
-# from a copy of the committed corpus (the tree is left as it was). Fails on any crash, panic,
-# timeout or allocation of 64 MiB or more (the targets enforce that cap themselves: libFuzzer's
-# -malloc_limit_mb needs a sanitizer's malloc hooks, which --sanitizer none does not have).
+# TESTING.md S4: a short cargo-fuzz run of every fuzz target (WAL, transport, Raft codec, KV), on
+# stable (`--sanitizer none`), from a copy of the committed corpus (the tree is left as it was).
+# Fails on any crash, panic, timeout or allocation of 64 MiB or more (the targets enforce that cap
+# themselves: libFuzzer's -malloc_limit_mb needs a sanitizer's malloc hooks, which --sanitizer
+# none does not have). Ends with an "N passed, N failed" line; exits 1 if any target failed.
 #
 # Usage: bash .ci/fuzz.sh [target...]     (default: every target)
 # Environment: FUZZ_SEED (libFuzzer -seed, default 1: the same run every time for one binary; set
@@ -24,10 +25,28 @@ scale=${FUZZ_SCALE:-1}
 #                      machine but 4-7 min on a loaded one (each input writes a small log, damages
 #                      it, opens it, appends, closes and reopens it), so it stops at 240 s: on a
 #                      busy machine that is ~0.6-0.9 M runs rather than 1 M.
-declare -A runs=([record_decode]=1000000 [batch_roundtrip]=1000000 [recover_image]=1000000)
-declare -A max_time=([record_decode]=240 [batch_roundtrip]=240 [recover_image]=240)
+#
+# The engine's targets (fuzz/src/engine.rs) must together add at most ~4 minutes on this loaded
+# 2-core machine. Measured the same way ("loaded": load average 7-17; "light": ~5):
+#   transport_frame   ~61,000 exec/s CPU, ~28,000-40,000 loaded, ~83,000 light
+#                     -> 3 M runs: 36 s light, stopped at 75 s loaded (~2.1 M runs)
+#   raft_message     ~690,000 exec/s CPU, ~260,000-440,000 loaded, ~710,000 light
+#                     -> 10 M runs: 14 s light, stopped at 20 s loaded (~5 M runs)
+#   kv_command       ~108,000 exec/s CPU, ~47,000-53,000 loaded, ~61,000 light
+#                     -> 3 M runs: 50 s light, stopped at 60 s loaded (~2.8 M runs)
+# So at most 155 s of fuzzing plus ~2 s of start-up each, and ~1 min more of build the first time
+# (the fuzz crate now also builds `flotilla` and its dependencies): under 4 minutes in all. The
+# three together took 104-113 s in two runs of this script at load averages of 5-25.
+declare -A runs=([record_decode]=1000000 [batch_roundtrip]=1000000 [recover_image]=1000000
+    [transport_frame]=3000000 [raft_message]=10000000 [kv_command]=3000000)
+declare -A max_time=([record_decode]=240 [batch_roundtrip]=240 [recover_image]=240
+    [transport_frame]=75 [raft_message]=20 [kv_command]=60)
 
-if [ "$#" -gt 0 ]; then targets=("$@"); else targets=(record_decode batch_roundtrip recover_image); fi
+if [ "$#" -gt 0 ]; then
+    targets=("$@")
+else
+    targets=(record_decode batch_roundtrip recover_image transport_frame raft_message kv_command)
+fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz.sh: installing cargo-fuzz"
@@ -65,7 +84,8 @@ for target in "${targets[@]}"; do
 done
 
 if [ "${#failed[@]}" -gt 0 ]; then
-    echo "fuzz.sh: ${#failed[@]} target(s) failed: ${failed[*]} (logs and inputs kept in $work)"
+    echo "fuzz.sh: failed: ${failed[*]} (logs and inputs kept in $work)"
+    echo "fuzz.sh: $((${#targets[@]} - ${#failed[@]})) passed, ${#failed[@]} failed"
     exit 1
 fi
 rm -rf "$work"

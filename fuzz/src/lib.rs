@@ -525,3 +525,7 @@ pub fn check_recover_image(data: &[u8]) {
 }
 
 // @@ fuzz checks: end @@
+
+/// The checks of the engine's targets (`transport_frame`, `raft_message`, `kv_command`), in a block
+/// of their own shared with `engine/tests/fuzz_corpus.rs`.
+pub mod engine;
