@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 
 use crate::GroupId;
 use crate::error::WalError;
-use crate::index::Bounds;
+use crate::index::{Bounds, InvalidOp};
 use crate::log::Shared;
 use crate::record::{HardState, Op, RECORD_HEADER_LEN, WriteBatch};
 
@@ -205,14 +205,38 @@ impl Queue {
             let invalid = |reason| WalError::InvalidBatch { group, reason };
             match op {
                 Op::Entries { first_index, entries, .. } => {
+                    if entries.is_empty() {
+                        return Err(invalid(InvalidOp::Empty));
+                    }
+                    if *first_index == 0 {
+                        return Err(invalid(InvalidOp::ZeroIndex));
+                    }
+                    // The next index after the last entry must itself fit.
+                    if first_index
+                        .checked_add(entries.len() as u64)
+                        .is_none_or(|next| next == u64::MAX)
+                    {
+                        return Err(invalid(InvalidOp::Overflow { index: *first_index }));
+                    }
                     bounds.check_entries(*first_index, true).map_err(invalid)?;
                     bounds.apply_entries(*first_index, entries.len() as u64);
                 }
                 Op::Truncate { from, .. } => {
+                    if *from == 0 {
+                        return Err(invalid(InvalidOp::ZeroIndex));
+                    }
                     bounds.check_truncate(*from).map_err(invalid)?;
                     bounds.apply_truncate(*from);
                 }
-                Op::Compact { index, .. } => bounds.apply_compact(*index),
+                Op::Compact { index, .. } => {
+                    if *index == 0 {
+                        return Err(invalid(InvalidOp::ZeroIndex));
+                    }
+                    if *index == u64::MAX {
+                        return Err(invalid(InvalidOp::Overflow { index: *index }));
+                    }
+                    bounds.apply_compact(*index);
+                }
                 Op::RemoveGroup { .. } => *bounds = Bounds::new(),
                 Op::HardState { .. } => {}
             }

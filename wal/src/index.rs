@@ -33,6 +33,18 @@ pub enum InvalidOp {
         /// The group's next index.
         next_index: u64,
     },
+    /// An entries operation with no entries.
+    #[error("an entries operation holds no entries")]
+    Empty,
+    /// Index 0 is not a log index (logs start at 1).
+    #[error("index 0 is not a log index")]
+    ZeroIndex,
+    /// The operation would reach past the largest index (`u64::MAX - 1`).
+    #[error("index {index} overflows the index range")]
+    Overflow {
+        /// The first index that does not fit.
+        index: u64,
+    },
     /// The operation touches entries that were compacted away.
     #[error("index {index} is at or below the compaction point {compacted}")]
     Compacted {
@@ -288,7 +300,7 @@ impl Index {
                     index.drop_through(through);
                     index.bounds.apply_compact(through);
                 }
-                if through == index.bounds.compacted {
+                if through == index.bounds.compacted && through > 0 {
                     // Also a re-record of the same point (copied forward): it now lives here.
                     index.compact_term = term;
                     index.compact_seg = Some(seg);

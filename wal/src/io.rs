@@ -313,6 +313,14 @@ pub fn probe_io_uring() -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// Checks that the runtime the writer uses (a tokio-uring runtime with its default ring) starts
+/// here: a kernel or seccomp profile may allow the probe's small ring and refuse a larger one.
+pub fn probe_io_uring_runtime() -> Result<(), ProbeError> {
+    tokio_uring::Runtime::new(&tokio_uring::builder()).map(drop).map_err(|error| ProbeError {
+        reason: format!("cannot start the io_uring runtime: {error}"),
+    })
+}
+
 /// Performs the hot-path IO of the writer thread: one write and (when asked) one fdatasync.
 pub(crate) enum Writer {
     /// Through [`StorageFile`] (portable or simulated).

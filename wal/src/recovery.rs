@@ -159,7 +159,13 @@ pub(crate) fn recover(storage: &dyn Storage, mode: RecoveryMode) -> Result<Recov
     // missing segment shows as a break in the chain of rounds, which a later round's durability
     // claim turns into `Corrupt`.
     let mut segments = Vec::with_capacity(live.len());
+    let mut header_cut: Option<(u64, String)> = None;
     for (seq, name) in &live {
+        if header_cut.is_some() {
+            // After a damaged header under `TruncateCorrupt`: everything later goes too.
+            discard(storage, *seq, name, &mut spares)?;
+            continue;
+        }
         let file = storage.open(name).map_err(|e| WalError::io("opening a segment", e))?;
         let len = file.len().map_err(|e| WalError::io("sizing a segment", e))?;
         let corrupt = |reason: String| WalError::Corrupt { segment: *seq, offset: 0, reason };
@@ -168,20 +174,53 @@ pub(crate) fn recover(storage: &dyn Storage, mode: RecoveryMode) -> Result<Recov
         }
         let mut head = [0u8; SEGMENT_HEADER_LEN];
         file.read_exact_at(&mut head, 0).map_err(|e| WalError::io("reading a header", e))?;
-        let header = SegmentHeader::decode(&head).map_err(|e| corrupt(e.to_string()))?;
-        if header.seq != *seq {
-            return Err(corrupt(format!("header says segment {}", header.seq)));
+        let checked = SegmentHeader::decode(&head).map_err(|e| e.to_string()).and_then(|header| {
+            if header.seq != *seq {
+                Err(format!("header says segment {}", header.seq))
+            } else if header.size != len {
+                Err(format!("file is {len} bytes, header says {}", header.size))
+            } else {
+                Ok(())
+            }
+        });
+        match checked {
+            Ok(()) => segments.push((*seq, file, len)),
+            Err(reason) if mode == RecoveryMode::TruncateCorrupt => {
+                drop(file);
+                discard(storage, *seq, name, &mut spares)?;
+                header_cut = Some((*seq, reason));
+            }
+            Err(reason) => return Err(corrupt(reason)),
         }
-        if header.size != len {
-            return Err(corrupt(format!("file is {len} bytes, header says {}", header.size)));
-        }
-        segments.push((*seq, file, len));
+    }
+    if header_cut.is_some() {
+        storage.sync_dir().map_err(|e| WalError::io("syncing the directory", e))?;
     }
     let count = segments.len();
     let scan = Scan { storage, mode, segments, buffers: vec![None; count] };
     let mut recovered = scan.run(spares)?;
     recovered.max_seq_seen = max_seq_seen;
+    if let Some((seq, reason)) = header_cut
+        && recovered.report.corruption_truncated.is_none()
+    {
+        recovered.report.corruption_truncated = Some((seq, 0, reason));
+    }
     Ok(recovered)
+}
+
+/// Renames live segment `seq` aside as a spare (recovery decided it holds nothing to keep).
+fn discard(
+    storage: &dyn Storage,
+    seq: u64,
+    name: &str,
+    spares: &mut Vec<(String, Arc<dyn StorageFile>, u64)>,
+) -> Result<(), WalError> {
+    let spare = format!("{seq:020}{SPARE_SUFFIX}");
+    storage.rename(name, &spare).map_err(|e| WalError::io("discarding a segment", e))?;
+    let file = storage.open(&spare).map_err(|e| WalError::io("opening a spare", e))?;
+    let size = file.len().map_err(|e| WalError::io("sizing a spare", e))?;
+    spares.push((spare, file, size));
+    Ok(())
 }
 
 /// The sequence number in a spare's header, if it has a readable one (0 otherwise). A spare whose

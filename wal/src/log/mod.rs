@@ -131,8 +131,6 @@ struct Segs {
     next_prepare_seq: u64,
     /// Files free for reuse: `(name, file, size)`.
     recyclable: Vec<(String, Arc<dyn StorageFile>, u64)>,
-    /// Retired files renamed aside but not yet made durable by a directory sync.
-    unsynced_spares: Vec<(String, Arc<dyn StorageFile>, u64)>,
     /// Segments to recycle or delete, with their (detached) read views.
     retire: VecDeque<(u64, ReadView)>,
     /// Files of live segments.
@@ -157,6 +155,9 @@ pub(crate) struct Shared {
     poison: OnceLock<WalError>,
     counters: Counters,
     rewrite_requested: std::sync::atomic::AtomicBool,
+    /// Mirrors `Segs::disk_full` for the append path: while set, batches with new entries are
+    /// refused at once, so rounds hold only maintenance and compaction can always get out.
+    disk_full: std::sync::atomic::AtomicBool,
 }
 
 /// A segmented, group-committed write-ahead log shared by many Raft groups.
@@ -278,6 +279,7 @@ impl Wal {
             poison: OnceLock::new(),
             counters: Counters::default(),
             rewrite_requested: std::sync::atomic::AtomicBool::new(false),
+            disk_full: std::sync::atomic::AtomicBool::new(false),
             config,
         });
         shared.start_writing(last, recovered.active_offset)?;
@@ -485,24 +487,33 @@ impl Wal {
     }
 
     fn shutdown(&self) -> Result<(), WalError> {
-        let sealed = if self.shared.poison.get().is_none() && !self.shared.queue.lock().closed {
-            block_on(self.flush())
-        } else {
-            Ok(())
-        };
-        self.shared.queue.lock().closed = true;
+        {
+            let mut queue = self.shared.queue.lock();
+            if queue.closed {
+                return self.shared.check_poison();
+            }
+            // From here appends fail with `Closed`; what was accepted is still written.
+            queue.closed = true;
+        }
         self.shared.work.notify_all();
+        let mut threads = self.threads.lock();
+        match self.shared.config.writer {
+            WriterMode::Threads => {
+                // The writer drains, writes the seal and exits; only then the preparer may go
+                // (the writer can be waiting for a segment from it).
+                if let Some(writer) = (!threads.is_empty()).then(|| threads.remove(0)) {
+                    let _ = writer.join();
+                }
+            }
+            WriterMode::Inline => self.shared.drain_and_seal_inline(),
+        }
         self.shared.segs.lock().closed = true;
         self.shared.segs_changed.notify_all();
-        for thread in self.threads.lock().drain(..) {
+        for thread in threads.drain(..) {
             let _ = thread.join();
         }
         self.shared.storage.unlock();
-        self.shared.check_poison()?;
-        match sealed {
-            Err(WalError::Closed) => Ok(()),
-            other => other,
-        }
+        self.shared.check_poison()
     }
 }
 
@@ -525,9 +536,10 @@ fn choose_backend(storage: &dyn Storage, config: &Config) -> Result<ActiveBacken
         Backend::Portable => Ok(ActiveBackend::Portable),
         Backend::IoUring => {
             io::probe_io_uring()?;
+            io::probe_io_uring_runtime()?;
             Ok(ActiveBackend::IoUring)
         }
-        _ => match io::probe_io_uring() {
+        _ => match io::probe_io_uring().and_then(|()| io::probe_io_uring_runtime()) {
             Ok(()) => Ok(ActiveBackend::IoUring),
             Err(error) => {
                 tracing::warn!(%error, "io_uring unavailable; using the portable backend");
@@ -645,6 +657,9 @@ impl Shared {
     ) -> Poll<Result<Arc<RoundDone>, WalError>> {
         if let Err(error) = self.check_poison() {
             return Poll::Ready(Err(error));
+        }
+        if !batch.is_maintenance() && self.disk_full.load(std::sync::atomic::Ordering::Relaxed) {
+            return Poll::Ready(Err(WalError::DiskFull));
         }
         let mut queue = self.queue.lock();
         if queue.closed {

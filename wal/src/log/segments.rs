@@ -3,6 +3,7 @@
 //! that pin the oldest segment.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::{Prepared, Shared, bump};
 use crate::config::WriterMode;
@@ -33,6 +34,7 @@ impl Shared {
         let mut segs = self.segs.lock();
         let mut stalled = false;
         loop {
+            self.check_poison()?;
             let reserve = if maintenance { 0 } else { self.config.reserved_segments };
             if segs.prepared.len() > reserve {
                 let prepared = segs.prepared.pop_front().expect("non-empty");
@@ -45,6 +47,10 @@ impl Shared {
             }
             if segs.disk_full && !segs.preparing {
                 return Err(WalError::DiskFull);
+            }
+            if segs.closed {
+                // The preparer is gone: nothing will come.
+                return Err(WalError::Closed);
             }
             if !stalled {
                 stalled = true;
@@ -75,7 +81,7 @@ impl Shared {
             {
                 let mut segs = self.segs.lock();
                 loop {
-                    if segs.closed {
+                    if segs.closed || self.poison.get().is_some() {
                         return;
                     }
                     let target = self.config.prepared_segments + self.config.reserved_segments;
@@ -117,6 +123,7 @@ impl Shared {
                 segs.next_prepare_seq = seq + 1;
                 segs.prepared.push_back(prepared);
                 segs.disk_full = false;
+                self.disk_full.store(false, Ordering::Relaxed);
                 drop(segs);
                 self.segs_changed.notify_all();
                 Ok(())
@@ -135,7 +142,12 @@ impl Shared {
         }
     }
 
-    #[expect(clippy::type_complexity, reason = "the error hands the unused source back")]
+    /// Creates (or reuses) the file, writes and syncs its header and a zeroed first record slot,
+    /// names it `{seq}.seg` and syncs the directory. A full disk is `DiskFull` and a failed create
+    /// just fails; any later failure (a write, an fdatasync, the rename or the directory sync)
+    /// poisons the log: after it the directory's state is unknown, and a retry could rename or
+    /// rewrite the wrong file (fsyncgate applies to directories too).
+    #[expect(clippy::type_complexity, reason = "a failed create hands the unused source back")]
     pub(super) fn prepare_io(
         &self,
         seq: u64,
@@ -154,20 +166,19 @@ impl Shared {
                 (name, file, false)
             }
         };
-        let give_back = |error: WalError, name: &str, file: &Arc<dyn StorageFile>| {
-            (error, Some((name.to_string(), Arc::clone(file), size)))
-        };
         let mut head = vec![0u8; SEGMENT_HEADER_LEN + RECORD_HEADER_LEN];
         head[..SEGMENT_HEADER_LEN].copy_from_slice(&SegmentHeader { seq, size }.encode());
-        file.write_all_at(&head, 0)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| give_back(WalError::io("writing a segment header", e), &name, &file))?;
-        self.storage
-            .rename(&name, &segment_file_name(seq))
-            .and_then(|()| self.storage.sync_dir())
-            .map_err(|e| {
-                give_back(WalError::io("naming a segment", e), &segment_file_name(seq), &file)
-            })?;
+        let steps = file
+            .write_all_at(&head, 0)
+            .map_err(|e| ("write", e))
+            .and_then(|()| file.sync_data().map_err(|e| ("fdatasync", e)))
+            .and_then(|()| {
+                self.storage.rename(&name, &segment_file_name(seq)).map_err(|e| ("rename", e))
+            })
+            .and_then(|()| self.storage.sync_dir().map_err(|e| ("directory fsync", e)));
+        if let Err((op, error)) = steps {
+            return Err((self.poison_with(op, error), None));
+        }
         if recycled {
             bump(&self.counters.segments_recycled, 1);
             metrics::counter!("flotilla_wal_segments_recycled_total").increment(1);
@@ -210,14 +221,17 @@ impl Shared {
     }
 
     /// Recycles retired segments whose map no reader still holds (renamed aside) and deletes
-    /// the others (their maps stay valid for the readers), oldest first. A failure stops the
-    /// pass with the rest still queued, so the live segments never get a hole; a rename counts
-    /// only once a directory sync made it durable (a recycled file is rewritten in place, which
-    /// must never happen while a crash could bring back its old name).
+    /// the others (their maps stay valid for the readers), oldest first, syncing the directory
+    /// after each so retirements become durable in order (a crash never keeps a younger one's
+    /// rename without the older one's). A recycled file is reused only after that sync: it is
+    /// rewritten in place, which must never happen while a crash could bring back its old name.
+    /// A failed rename, unlink or directory sync poisons the log (its directory's state is then
+    /// unknown).
     pub(super) fn retire_pending(&self) {
-        let mut renamed: Vec<(String, Arc<dyn StorageFile>, u64)> = Vec::new();
-        let mut changed = false;
         loop {
+            if self.poison.get().is_some() {
+                return;
+            }
             let Some((seq, view)) = self.segs.lock().retire.pop_front() else { break };
             let liveness = view.liveness();
             let Some(file) = self.segs.lock().files.get(&seq).cloned() else { continue };
@@ -230,54 +244,30 @@ impl Shared {
             let name = segment_file_name(seq);
             let spare = format!("{seq:020}{SPARE_SUFFIX}");
             let recycle = !view_alive && size == self.config.segment_bytes;
-            debug_assert!(
-                !self.segs.lock().recyclable.iter().any(|(n, _, _)| *n == spare),
-                "sequence numbers are never reused, so spare names are unique"
-            );
             let result = if recycle {
-                self.storage.rename(&name, &spare)
+                self.storage.rename(&name, &spare).map_err(|e| ("rename", e))
             } else {
-                self.storage.remove(&name)
-            };
-            match result {
-                Ok(()) => {
-                    changed = true;
-                    self.segs.lock().files.remove(&seq);
-                    if recycle {
-                        renamed.push((spare, file, size));
-                    } else {
-                        bump(&self.counters.segments_deleted, 1);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(seq, %error, "retiring a segment failed; will retry");
-                    let view = Arc::clone(&file).read_view();
-                    match view {
-                        Ok(view) => self.segs.lock().retire.push_front((seq, view)),
-                        Err(error) => tracing::warn!(seq, %error, "cannot map a segment again"),
-                    }
-                    break;
-                }
+                self.storage.remove(&name).map_err(|e| ("unlink", e))
+            }
+            .and_then(|()| self.storage.sync_dir().map_err(|e| ("directory fsync", e)));
+            if let Err((op, error)) = result {
+                self.poison_with(op, error);
+                break;
+            }
+            let mut segs = self.segs.lock();
+            segs.files.remove(&seq);
+            if recycle {
+                debug_assert!(
+                    !segs.recyclable.iter().any(|(n, _, _)| *n == spare),
+                    "sequence numbers are never reused, so spare names are unique"
+                );
+                segs.recyclable.push((spare, file, size));
+                segs.disk_full = false;
+                self.disk_full.store(false, Ordering::Relaxed);
+            } else {
+                bump(&self.counters.segments_deleted, 1);
             }
         }
-        let mut segs = self.segs.lock();
-        segs.unsynced_spares.extend(renamed);
-        if changed || !segs.unsynced_spares.is_empty() {
-            drop(segs);
-            let synced = self.storage.sync_dir();
-            segs = self.segs.lock();
-            match synced {
-                Ok(()) => {
-                    let spares = std::mem::take(&mut segs.unsynced_spares);
-                    if !spares.is_empty() {
-                        segs.disk_full = false;
-                    }
-                    segs.recyclable.extend(spares);
-                }
-                Err(error) => tracing::warn!(%error, "directory sync failed; spares wait"),
-            }
-        }
-        drop(segs);
         self.segs_changed.notify_all();
     }
 

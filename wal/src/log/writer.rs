@@ -14,6 +14,15 @@ use crate::io::{self, Writer};
 use crate::record::{RECORD_HEADER_LEN, encode_header, padded_record_len};
 use crate::segment::SEGMENT_HEADER_LEN;
 
+/// Clears the inline writer's flag when dropped, panic or not.
+struct Writing<'a>(&'a Shared);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.queue.lock().writing = false;
+    }
+}
+
 impl Shared {
     /// Inline mode: the caller writes rounds itself until none is left (unless another caller is
     /// already doing so, in which case that one will write ours too).
@@ -36,8 +45,9 @@ impl Shared {
                     None => return,
                 }
             };
+            // Reset even if writing panics (a bug), so later appends and close do not hang.
+            let _writing = Writing(self);
             self.write_round(&mut writer, round);
-            self.queue.lock().writing = false;
         }
     }
 
@@ -49,9 +59,12 @@ impl Shared {
                     self.work.wait(&mut queue);
                 }
                 if queue.open.is_empty() {
+                    drop(queue);
+                    // Closed and drained: the seal is the last round (see `seal`).
+                    self.seal(&mut writer);
                     return;
                 }
-                if self.config.batch_delay_us_max > 0 {
+                if self.config.batch_delay_us_max > 0 && !queue.closed {
                     let deadline = Instant::now()
                         + std::time::Duration::from_micros(self.config.batch_delay_us_max);
                     while queue.open.body_len() < self.config.batch_bytes_max / 2
@@ -179,13 +192,40 @@ impl Shared {
     /// A round could not be placed (disk full, or preparing a segment failed): it and every round
     /// accepted after it fail, and the accepted bounds fall back to what was written.
     pub(super) fn fail_pending(&self, round: &Round, error: WalError) {
+        if matches!(error, WalError::DiskFull) {
+            self.disk_full.store(true, Ordering::Relaxed);
+        }
+        // The open round is taken before anyone hears of the failure: a batch sent in answer to
+        // it (a compaction, say) goes into a fresh round and is not failed along.
+        let open = {
+            let mut queue = self.queue.lock();
+            let open = queue.take();
+            let read = self.read.read();
+            queue.bounds = read.index.groups.iter().map(|(g, index)| (*g, index.bounds)).collect();
+            open
+        };
         round.done.complete(Err(error.clone()));
-        let mut queue = self.queue.lock();
-        if let Some(open) = queue.take() {
+        if let Some(open) = open {
             open.done.complete(Err(error));
         }
-        let read = self.read.read();
-        queue.bounds = read.index.groups.iter().map(|(g, index)| (*g, index.bounds)).collect();
+    }
+
+    /// Writes the closing seal: an empty synced round claiming every round before it durable,
+    /// so on a cleanly closed log damage to the last data round is refused, not cut as a tail.
+    fn seal(&self, writer: &mut Writer) {
+        if self.poison.get().is_none() {
+            let mut round = Round::new(Vec::new());
+            round.forced = true;
+            round.sync = true;
+            self.write_round(writer, round);
+        }
+    }
+
+    /// Inline mode's close: writes what is queued, then the seal.
+    pub(super) fn drain_and_seal_inline(&self) {
+        self.drive_inline();
+        let mut writer = Writer::Blocking;
+        self.seal(&mut writer);
     }
 
     pub(super) fn rotate(&self, core: &mut WriterCore, maintenance: bool) -> Result<(), WalError> {
