@@ -136,7 +136,10 @@ pub(crate) fn recover(storage: &dyn Storage, mode: RecoveryMode) -> Result<Recov
         } else if name.ends_with(SPARE_SUFFIX) {
             let file = storage.open(&name).map_err(|e| WalError::io("opening a spare", e))?;
             let size = file.len().map_err(|e| WalError::io("sizing a spare", e))?;
-            max_seq_seen = max_seq_seen.max(spare_seq(file.as_ref(), size));
+            // Both the header's number and the name's count: a spare is named after the segment
+            // it was retired from (or is being prepared as), and its header may be unreadable.
+            let named = name.strip_suffix(SPARE_SUFFIX).and_then(|d| d.parse::<u64>().ok());
+            max_seq_seen = max_seq_seen.max(spare_seq(file.as_ref(), size)).max(named.unwrap_or(0));
             spares.push((name, file, size));
         }
     }
@@ -223,9 +226,8 @@ fn discard(
     Ok(())
 }
 
-/// The sequence number in a spare's header, if it has a readable one (0 otherwise). A spare whose
-/// header is unreadable was torn while being prepared; its old rounds belong to a retired segment,
-/// which is numbered below the newest live one.
+/// The sequence number in a spare's header, if it has a readable one (0 otherwise; the number in
+/// its name then still counts).
 fn spare_seq(file: &dyn StorageFile, size: u64) -> u64 {
     if size < SEGMENT_HEADER_LEN as u64 {
         return 0;
