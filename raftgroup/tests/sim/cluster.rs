@@ -85,6 +85,8 @@ pub enum Response {
 pub struct ClusterStats {
     /// Replicas crashed (losing unsynced writes).
     pub crashes: u64,
+    /// Crashes after which more than what was reported durable had landed (maybe torn).
+    pub torn_writes: u64,
     /// Replicas paused.
     pub pauses: u64,
     /// Log compactions.
@@ -319,7 +321,13 @@ impl Cluster {
             return;
         }
         state.replica = None;
-        state.disk.crash();
+        // Half the time the disk had got further than it reported (see `Disk::crash`).
+        let tear = self.rng.percent(50).then(|| self.rng.next_u64());
+        let state = &mut self.nodes[index];
+        if state.disk.crash(tear) {
+            self.stats.torn_writes += 1;
+        }
+        let state = &mut self.nodes[index];
         state.paused = false;
         state.held.clear();
         state.held_requests.clear();

@@ -1,5 +1,6 @@
 //! A simulated disk per replica: what a replica hands out to persist reaches its [`MemStorage`]
-//! only after a delay, in order, and a crash loses every write not yet complete.
+//! only after a delay, in order, and a crash loses every write not yet complete (tearing the one
+//! in progress).
 
 use std::collections::VecDeque;
 
@@ -50,12 +51,7 @@ impl<T> Disk<T> {
             return None;
         }
         let (_, write, then) = self.queue.pop_front().expect("a write is due");
-        match write {
-            Write::Ready(ready) => {
-                let _ = self.durable.persist(&ready);
-            }
-            Write::Compact(snapshot) => self.durable.compact(snapshot),
-        }
+        self.land(write);
         Some(then)
     }
 
@@ -64,9 +60,51 @@ impl<T> Disk<T> {
         self.queue.len()
     }
 
-    /// Power loss: every write not yet complete is lost.
-    pub fn crash(&mut self) {
+    /// Power loss: every write not yet reported complete is lost, except that with
+    /// `tear = Some(random)` the disk had got further than reported: `random` picks a point in
+    /// the entries in the air; the writes before it landed whole, and the write it falls in landed
+    /// up to it, without its hard state (storage writes a Ready's snapshot, entries and hard
+    /// state in that order). A write carrying a snapshot is never torn, only landed whole or not
+    /// at all. Returns true if something not reported landed.
+    pub fn crash(&mut self, tear: Option<u64>) -> bool {
+        let mut landed = false;
+        if let Some(random) = tear {
+            let in_air: u64 = self.queue.iter().map(|(_, write, _)| entry_count(write)).sum();
+            let mut cut = if in_air == 0 { 0 } else { random % in_air };
+            while let Some((_, write, _)) = self.queue.pop_front() {
+                let count = entry_count(&write);
+                if cut >= count {
+                    // Landed whole.
+                    cut -= count;
+                    self.land(write);
+                    landed = true;
+                    continue;
+                }
+                if let Write::Ready(ready) = &write
+                    && ready.snapshot.is_none()
+                    && cut > 0
+                {
+                    let torn = Ready {
+                        entries: ready.entries[..cut as usize].to_vec(),
+                        ..Ready::default()
+                    };
+                    let _ = self.durable.persist(&torn);
+                    landed = true;
+                }
+                break;
+            }
+        }
         self.queue.clear();
+        landed
+    }
+
+    fn land(&mut self, write: Write) {
+        match write {
+            Write::Ready(ready) => {
+                let _ = self.durable.persist(&ready);
+            }
+            Write::Compact(snapshot) => self.durable.compact(snapshot),
+        }
     }
 }
 
@@ -81,5 +119,13 @@ pub fn durable_view(storage: &MemStorage) -> LogView {
             .iter()
             .map(|entry| (entry.term.get(), hash_entry(entry)))
             .collect(),
+    }
+}
+
+/// Entries a write carries (what a tear can cut into).
+fn entry_count(write: &Write) -> u64 {
+    match write {
+        Write::Ready(ready) => ready.entries.len() as u64,
+        Write::Compact(_) => 0,
     }
 }
