@@ -17,9 +17,12 @@
 //! A read-only operation the model accepts in the current state is placed at once, without
 //! branching (see `Entries::next_moves`).
 //! The whole search is bounded by [`CheckOptions::max_steps`]: past it the answer is
-//! [`Verdict::Unknown`], never a hang. Dozens of concurrent maybe-applied writes on one key can
-//! still exhaust a reasonable budget: a simulator should resolve what it can with `TookEffect`
-//! (or leave out requests it knows never took effect).
+//! [`Verdict::Unknown`], never a hang. With maybe-applied operations, a first incomplete search
+//! places them only where they let a refused answered operation go next (finding a
+//! linearization quickly when there is one); if it fails, the complete search decides. Proving a
+//! history with dozens of concurrent maybe-applied writes *not* linearizable can still exhaust a
+//! reasonable budget: a simulator should resolve what it can with `TookEffect` (or leave out
+//! requests it knows never took effect).
 //! Histories of objects whose operations each touch one part (a key) are checked part by part
 //! ([`check_partitioned`]): linearizability is compositional (Herlihy & Wing), and the parts are
 //! exponentially cheaper to search than the whole.
@@ -529,6 +532,7 @@ impl Entries {
         placed: &Bitset,
         state: &M::State,
         steps: &mut u64,
+        enabling_only: bool,
     ) -> Vec<usize> {
         let mut candidates = self.candidates(placed);
         let forced = candidates.iter().copied().find(|&index| {
@@ -543,12 +547,55 @@ impl Entries {
         if let Some(index) = forced {
             candidates.clear();
             candidates.push(index);
+        } else if enabling_only {
+            self.keep_enabling(model, operations, state, steps, &mut candidates);
         }
         candidates
+    }
+
+    /// Drops the unknown-outcome candidates that would not, placed now, let some answered
+    /// candidate the model refuses in `state` go next.
+    fn keep_enabling<M: Model>(
+        &self,
+        model: &M,
+        operations: &[Operation<M::Input, M::Output>],
+        state: &M::State,
+        steps: &mut u64,
+        candidates: &mut Vec<usize>,
+    ) {
+        let refused: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&index| {
+                let entry = &self.by_invoke[index];
+                let operation = &operations[entry.op];
+                *steps += 1;
+                entry.definite && model.step(state, &operation.input, operation.output()).is_none()
+            })
+            .collect();
+        candidates.retain(|&index| {
+            let entry = &self.by_invoke[index];
+            if entry.definite {
+                return true;
+            }
+            *steps += 1;
+            let Some(next) = model.step(state, &operations[entry.op].input, None) else {
+                return false;
+            };
+            refused.iter().any(|&other| {
+                let operation = &operations[self.by_invoke[other].op];
+                *steps += 1;
+                model.step(&next, &operation.input, operation.output()).is_some()
+            })
+        });
     }
 }
 
 /// The WGL search over the operations `members` of `operations`.
+///
+/// With operations of unknown outcome, a first, incomplete search places one only where it lets
+/// a refused answered operation go next. A linearization it finds is a linearization; if it finds
+/// none within half the remaining budget, the complete search decides.
 fn search<M: Model>(
     model: &M,
     operations: &[Operation<M::Input, M::Output>],
@@ -557,6 +604,26 @@ fn search<M: Model>(
     max_steps: u64,
 ) -> Search {
     let entries = Entries::new(model, operations, members);
+    if entries.by_return.len() < entries.by_invoke.len() {
+        let budget = *steps + (max_steps - (*steps).min(max_steps)) / 2;
+        if let Search::Linearizable =
+            search_entries(model, operations, &entries, steps, budget, true)
+        {
+            return Search::Linearizable;
+        }
+    }
+    search_entries(model, operations, &entries, steps, max_steps, false)
+}
+
+/// The search proper; `enabling_only` makes it incomplete (see [`search`]).
+fn search_entries<M: Model>(
+    model: &M,
+    operations: &[Operation<M::Input, M::Output>],
+    entries: &Entries,
+    steps: &mut u64,
+    max_steps: u64,
+    enabling_only: bool,
+) -> Search {
     let count = entries.by_invoke.len();
     let mut unplaced_definite = entries.by_return.len();
     if unplaced_definite == 0 {
@@ -570,7 +637,7 @@ fn search<M: Model>(
     let mut longest: Vec<usize> = Vec::new();
     let mut seen = Seen::default();
     let state = model.init();
-    let candidates = entries.next_moves(model, operations, &placed, &state, steps);
+    let candidates = entries.next_moves(model, operations, &placed, &state, steps, enabling_only);
     let mut stack = vec![Frame { state, candidates, next: 0 }];
     while let Some(frame) = stack.last_mut() {
         let Some(&index) = frame.candidates.get(frame.next) else {
@@ -589,7 +656,7 @@ fn search<M: Model>(
         };
         frame.next += 1;
         if *steps >= max_steps {
-            return Search::Exhausted(explain(model, operations, &entries, &longest));
+            return Search::Exhausted(explain(model, operations, entries, &longest));
         }
         *steps += 1;
         let entry = &entries.by_invoke[index];
@@ -620,10 +687,11 @@ fn search<M: Model>(
         if path.len() > longest.len() {
             longest.clone_from(&path);
         }
-        let candidates = entries.next_moves(model, operations, &placed, &state, steps);
+        let candidates =
+            entries.next_moves(model, operations, &placed, &state, steps, enabling_only);
         stack.push(Frame { state, candidates, next: 0 });
     }
-    Search::Failed(explain(model, operations, &entries, &longest))
+    Search::Failed(explain(model, operations, entries, &longest))
 }
 
 /// Replays the longest prefix found and says why nothing could follow it.

@@ -306,6 +306,28 @@ fn an_unanswered_operation_known_to_have_taken_effect_must_be_placed_in_time() {
     assert_eq!(history.operations()[0].output(), None);
 }
 
+#[test]
+fn reads_of_many_lost_writes_are_explained_cheaply() {
+    // Forty writes lost at once; later reads see some of them, one after another. Each read is
+    // explained by placing the lost write it saw just before it.
+    let mut history: Vec<Op> = (0..40).map(|value| put(value.into(), X, value, Lost(0))).collect();
+    for (position, value) in [3u8, 17, 5, 39, 22, 0, 31].into_iter().enumerate() {
+        let start = 100 + 10 * position as u64;
+        history.push(get(50, X, Some(value), Done(start, start + 5)));
+    }
+    let verdict = check_kv(&history, &CheckOptions { max_steps: 10_000 });
+    assert!(verdict.is_linearizable(), "{verdict}");
+    // Seeing one of them again after another is not linearizable; proving it means trying
+    // every subset of the lost writes, so only with a dozen of them.
+    let mut history: Vec<Op> = (0..12).map(|value| put(value.into(), X, value, Lost(0))).collect();
+    for (position, value) in [3u8, 7, 5, 7].into_iter().enumerate() {
+        let start = 100 + 10 * position as u64;
+        history.push(get(50, X, Some(value), Done(start, start + 5)));
+    }
+    let violation = assert_rejected(&history);
+    assert_eq!(violation.stuck, OpId(15), "{violation}");
+}
+
 // ---- the work bound --------------------------------------------------------------------------------
 
 #[test]
@@ -318,7 +340,9 @@ fn the_search_gives_up_at_its_step_budget() {
     let options = CheckOptions { max_steps: 1_000 };
     match check_kv(&history, &options) {
         Verdict::Unknown(exhausted) => {
-            assert_eq!(exhausted.steps, 1_000);
+            // Choosing the next moves may take a few steps past the budget, one per operation
+            // at most, before the search stops.
+            assert!((1_000..1_000 + 32).contains(&exhausted.steps), "{}", exhausted.steps);
             assert_eq!(exhausted.partition.as_deref(), Some("120"));
             // The furthest point reached is explained: the impossible read is the one stuck.
             assert!(exhausted.explanation.contains("cannot place: #31"), "{exhausted}");
