@@ -75,8 +75,9 @@ fn any_message() -> impl Strategy<Value = Message> {
                 .collect(),
             commit: LogIndex(commit),
         }),
-        (any::<u64>(), any::<u64>())
-            .prop_map(|(seq, sent_tick)| MessageBody::HeartbeatResponse { seq, sent_tick }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(seq, sent_tick, ticks)| {
+            MessageBody::HeartbeatResponse { seq, sent_tick, ticks }
+        }),
         any::<bool>().prop_map(|reject| MessageBody::PreVoteResponse { reject }),
         Just(MessageBody::TimeoutNow),
     ];
