@@ -849,7 +849,9 @@ mod corpus {
     fn allocations_over_the_cap_fail() {
         let layout = Layout::from_size_align(ALLOC_LIMIT, 1).expect("a valid layout");
         // SAFETY: a non-zero-sized layout; the pointer is freed below if the allocation succeeded.
-        let pointer = unsafe { std::alloc::alloc(layout) };
+        // `black_box`: an optimizer may otherwise elide an allocation whose pointer goes unused,
+        // and the allocator would never be asked (release builds did exactly that).
+        let pointer = std::hint::black_box(unsafe { std::alloc::alloc(layout) });
         let refused = pointer.is_null();
         if !refused {
             // SAFETY: allocated just above with this layout.
