@@ -118,6 +118,9 @@ pub fn encode<'m>(
     writer.count()
 }
 
+/// The most items `decode` reserves room for before any has decoded.
+const RESERVE_ITEMS_MAX: usize = 4096;
+
 /// Decodes a whole batch into `out` (cleared first). On error `out` is left empty: a batch is
 /// taken whole or not at all.
 pub fn decode(body: &[u8], out: &mut Vec<(GroupId, Message)>) -> Result<(), BatchError> {
@@ -131,7 +134,10 @@ pub fn decode(body: &[u8], out: &mut Vec<(GroupId, Message)>) -> Result<(), Batc
 
 fn decode_into(body: &[u8], out: &mut Vec<(GroupId, Message)>) -> Result<(), BatchError> {
     let items = RawItems::new(body)?;
-    out.reserve(items.remaining() as usize);
+    // The count is bounded by the body length, but a `(GroupId, Message)` is much larger than the
+    // smallest encoded item: reserving for a maximal frame up front would take ~60 MiB at once.
+    // Reserve a bounded start and let the vector grow with items that actually decode.
+    out.reserve((items.remaining() as usize).min(RESERVE_ITEMS_MAX));
     for (item, raw) in (0..).zip(items) {
         let (group, bytes) = raw?;
         let message =
