@@ -446,31 +446,12 @@ impl<S: StateMachine> ShardCore<S> {
 }
 
 fn collect_group<S: StateMachine>(group: GroupId, slot: &mut Group<S>, out: &mut ShardOutput<S>) {
-    let ready = slot.replica.ready();
+    let mut ready = slot.replica.ready();
     let last = ready.last_entry();
-    if ready.snapshot.is_some() || !ready.entries.is_empty() || ready.hard_state.is_some() {
-        out.persist.push((
-            group,
-            PersistItem {
-                snapshot: ready.snapshot.clone(),
-                entries: ready.entries.clone(),
-                hard_state: ready.hard_state,
-            },
-        ));
-    }
-    if let Some((term, index)) = last {
-        out.persisted.push((group, term, index));
-    }
-    for message in &ready.messages {
-        out.send_now.entry(message.to).or_default().push((group, message.clone()));
-    }
-    for message in ready.persisted_messages.peek() {
-        out.send_after_persist.entry(message.to).or_default().push((group, message.clone()));
-    }
-    for fetch in &ready.fetches {
-        out.fetches.push((group, *fetch));
-    }
-    if let Some(snapshot) = &ready.snapshot {
+    // Everything the driver needs is moved out of the Ready, not cloned: this runs for every dirty
+    // group on every iteration.
+    let snapshot = ready.snapshot.take();
+    if let Some(snapshot) = &snapshot {
         // A snapshot from the leader replaces the state machine; proposals before it are gone.
         if snapshot.meta.index > slot.machine.applied_index() {
             match slot.machine.restore(&snapshot.data) {
@@ -481,6 +462,27 @@ fn collect_group<S: StateMachine>(group: GroupId, slot: &mut Group<S>, out: &mut
             }
         }
     }
+    if snapshot.is_some() || !ready.entries.is_empty() || ready.hard_state.is_some() {
+        out.persist.push((
+            group,
+            PersistItem {
+                snapshot,
+                entries: std::mem::take(&mut ready.entries),
+                hard_state: ready.hard_state,
+            },
+        ));
+    }
+    if let Some((term, index)) = last {
+        out.persisted.push((group, term, index));
+    }
+    for message in ready.messages.drain(..) {
+        out.send_now.entry(message.to).or_default().push((group, message));
+    }
+    let after_persist = std::mem::take(&mut ready.persisted_messages);
+    for message in after_persist.into_messages_after_persist() {
+        out.send_after_persist.entry(message.to).or_default().push((group, message));
+    }
+    out.fetches.extend(ready.fetches.iter().map(|fetch| (group, *fetch)));
     if !ready.committed_entries.is_empty() {
         apply(slot, &ready.committed_entries, out);
     }
