@@ -404,11 +404,6 @@ impl UringWriter {
     }
 }
 
-/// Syncs `file` (used outside the hot path: rotation of a segment that holds unsynced writes).
-pub(crate) fn sync_file(file: &Arc<dyn StorageFile>) -> io::Result<()> {
-    file.sync_data()
-}
-
 /// Whether an IO error means the disk (or quota) is full.
 pub(crate) fn is_disk_full(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))

@@ -10,7 +10,7 @@ use crate::commit::{PendingOp, Round};
 use crate::config::WriterMode;
 use crate::error::WalError;
 use crate::index::IndexOp;
-use crate::io::{self, Writer};
+use crate::io::Writer;
 use crate::record::{RECORD_HEADER_LEN, encode_header, padded_record_len};
 use crate::segment::SEGMENT_HEADER_LEN;
 
@@ -232,7 +232,7 @@ impl Shared {
         if core.active.unsynced {
             // Rounds that rode along unsynced live in the old file: the next round's fdatasync
             // covers only the new one.
-            if let Err(error) = io::sync_file(&core.active.file) {
+            if let Err(error) = core.active.file.sync_data() {
                 return Err(self.poison_with("fdatasync", error));
             }
             bump(&self.counters.fdatasyncs, 1);
