@@ -3,6 +3,8 @@
 //! panic. The test installs such a seccomp filter on a thread of its own (threads it spawns, like
 //! the log's writer, inherit it).
 
+mod common;
+
 use bytes::Bytes;
 use flotilla_wal::{
     ActiveBackend, Backend, Config, GroupId, Wal, WalError, WriteBatch, block_on, probe_io_uring,
@@ -10,8 +12,7 @@ use flotilla_wal::{
 
 /// Denies `io_uring_setup` with EPERM on the calling thread, as a seccomp profile would.
 fn block_io_uring_setup() {
-    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
-    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    use common::{SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO};
     let nr = u32::try_from(libc::SYS_io_uring_setup).unwrap();
     let filter = [
         // Load the syscall number (offset 0 of struct seccomp_data).
@@ -21,19 +22,7 @@ fn block_io_uring_setup() {
         libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ERRNO | libc::EPERM as u32 },
         libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ALLOW },
     ];
-    let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
-    // SAFETY: plain prctl/seccomp syscalls; `program` and `filter` outlive the call, and the
-    // filter only makes one syscall fail.
-    unsafe {
-        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        let rc = libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            0,
-            std::ptr::from_ref(&program),
-        );
-        assert_eq!(rc, 0, "installing the seccomp filter failed");
-    }
+    common::install_seccomp_filter(&filter);
 }
 
 #[test]

@@ -598,8 +598,7 @@ fn open_returns_an_error_when_the_io_uring_runtime_cannot_start() {
 /// Denies `io_uring_setup` with EPERM on the calling thread unless it asks for exactly 8 entries
 /// (the probe's ring), so the probe passes and the writer's runtime fails.
 fn deny_large_io_uring_rings() {
-    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
-    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    use common::{SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO};
     let nr = u32::try_from(libc::SYS_io_uring_setup).unwrap();
     let filter = [
         // Syscall number.
@@ -613,19 +612,7 @@ fn deny_large_io_uring_rings() {
         libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ERRNO | libc::EPERM as u32 },
         libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ALLOW },
     ];
-    let program = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
-    // SAFETY: plain prctl/seccomp syscalls; `program` and `filter` outlive the call, and the
-    // filter only makes one syscall fail.
-    unsafe {
-        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        let rc = libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            0,
-            std::ptr::from_ref(&program),
-        );
-        assert_eq!(rc, 0, "installing the seccomp filter failed");
-    }
+    common::install_seccomp_filter(&filter);
 }
 
 // ---------------------------------------------------------------------------------------------

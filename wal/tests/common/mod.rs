@@ -235,3 +235,28 @@ pub fn run_batches(wal: &Wal, batches: &[WriteBatch]) -> usize {
     }
     acked
 }
+
+/// seccomp return value: fail the syscall with `errno` in the low bits.
+pub const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+/// seccomp return value: allow the syscall.
+pub const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+
+/// Installs a seccomp BPF `filter` on the calling thread (threads it spawns inherit it), as a
+/// container runtime's profile would.
+pub fn install_seccomp_filter(filter: &[libc::sock_filter]) {
+    let program = libc::sock_fprog {
+        len: u16::try_from(filter.len()).unwrap(),
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: plain prctl/seccomp syscalls; `program` and `filter` outlive the call.
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        let rc = libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            std::ptr::from_ref(&program),
+        );
+        assert_eq!(rc, 0, "installing the seccomp filter failed");
+    }
+}
