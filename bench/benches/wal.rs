@@ -443,9 +443,11 @@ fn reads(criterion: &mut Criterion, settings: &Settings, results: &mut Vec<Strin
         let mut out = Vec::with_capacity(ENTRIES as usize);
         wal.entries_into(GroupId(3), 1..ENTRIES + 1, &mut out).expect("read");
         // Zero-copy: consecutive payloads of one round sit at a fixed stride in one mapping
-        // (term and length between them), which separate heap copies would not.
+        // (the entry header: term, length and tag between them), which separate heap copies
+        // would not.
         let stride = out[1].payload.as_ptr() as usize - out[0].payload.as_ptr() as usize;
-        let zero_copy = stride == payload + 12 && out.iter().all(|e| e.payload == data);
+        let zero_copy = stride == payload + flotilla_wal::record::ENTRY_HEADER_LEN
+            && out.iter().all(|e| e.payload == data);
         let mut read_time = Duration::ZERO;
         let mut reads = 0u64;
         group.bench_function(format!("{payload}B_x10000"), |b| {

@@ -11,7 +11,9 @@ use crate::GroupId;
 use crate::record::HardState;
 
 /// Where a payload lives. 12 bytes; the segment is its sequence number's low 32 bits, resolved
-/// against the oldest live segment (live segments never span 2^32 sequence numbers).
+/// against the oldest live segment (live segments never span 2^32 sequence numbers). The entry's
+/// tag is not kept here: it is the byte at `offset - 1` of the segment (the last byte of the
+/// entry's header), read from the mapping along with the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Loc {
     pub seg: u32,

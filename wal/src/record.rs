@@ -24,8 +24,10 @@ const ITEM_REMOVE_GROUP: u8 = 5;
 
 /// Bytes of an entries item before its entries: kind, group, first index, count.
 const ENTRIES_ITEM_HEADER_LEN: usize = 1 + 8 + 8 + 4;
-/// Bytes of each entry before its payload: term, payload length.
-pub(crate) const ENTRY_HEADER_LEN: usize = 8 + 4;
+/// Bytes of each entry before its payload: term (u64), payload length (u32), tag (u8). The tag is
+/// the last byte, so it sits immediately before the payload: a reader holding a payload's offset
+/// finds the tag at `offset - 1`.
+pub const ENTRY_HEADER_LEN: usize = 8 + 4 + 1;
 
 const _: () = assert!(RECORD_HEADER_LEN.is_multiple_of(RECORD_ALIGN));
 
@@ -280,8 +282,8 @@ pub enum Item<'a> {
     },
 }
 
-/// The entries of an [`Item::Entries`], decoded lazily; yields `(term, payload offset within the
-/// body, payload)`. Its bounds were checked when the item was decoded.
+/// The entries of an [`Item::Entries`], decoded lazily; yields `(term, tag, payload offset within
+/// the body, payload)`. Its bounds were checked when the item was decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryIter<'a> {
     body: &'a [u8],
@@ -302,7 +304,7 @@ impl EntryIter<'_> {
 }
 
 impl<'a> Iterator for EntryIter<'a> {
-    type Item = (u64, usize, &'a [u8]);
+    type Item = (u64, u8, usize, &'a [u8]);
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.remaining == 0 {
@@ -311,9 +313,10 @@ impl<'a> Iterator for EntryIter<'a> {
         self.remaining -= 1;
         let term = u64_at(self.body, self.at);
         let len = u32_at(self.body, self.at + 8) as usize;
+        let tag = self.body[self.at + 12];
         let start = self.at + ENTRY_HEADER_LEN;
         self.at = start + len;
-        Some((term, start, &self.body[start..start + len]))
+        Some((term, tag, start, &self.body[start..start + len]))
     }
 }
 
@@ -442,8 +445,9 @@ pub enum Op {
         group: GroupId,
         /// Index of the first entry.
         first_index: u64,
-        /// `(term, payload)` of each entry, in index order; never empty.
-        entries: Vec<(u64, Bytes)>,
+        /// `(term, tag, payload)` of each entry, in index order; never empty. The tag is opaque
+        /// to the log: stored with the entry and returned by reads, never interpreted.
+        entries: Vec<(u64, u8, Bytes)>,
     },
     /// See [`Item::HardState`].
     HardState {
@@ -492,7 +496,7 @@ impl Op {
         match self {
             Op::Entries { entries, .. } => {
                 ENTRIES_ITEM_HEADER_LEN
-                    + entries.iter().map(|(_, p)| ENTRY_HEADER_LEN + p.len()).sum::<usize>()
+                    + entries.iter().map(|(_, _, p)| ENTRY_HEADER_LEN + p.len()).sum::<usize>()
             }
             Op::HardState { .. } => 9 + 24,
             Op::Truncate { .. } => 9 + 8,
@@ -513,10 +517,11 @@ impl Op {
                 out.extend_from_slice(&first_index.to_le_bytes());
                 let count = u32::try_from(entries.len()).expect("entry count fits u32");
                 out.extend_from_slice(&count.to_le_bytes());
-                for (term, payload) in entries {
+                for (term, tag, payload) in entries {
                     out.extend_from_slice(&term.to_le_bytes());
                     let len = u32::try_from(payload.len()).expect("payload fits u32");
                     out.extend_from_slice(&len.to_le_bytes());
+                    out.push(*tag);
                     on_payload(*term, out.len(), payload.len());
                     out.extend_from_slice(payload);
                 }
@@ -552,7 +557,9 @@ impl Op {
             Item::Entries { group, first_index, entries } => Op::Entries {
                 group,
                 first_index,
-                entries: entries.map(|(term, _, p)| (term, Bytes::copy_from_slice(p))).collect(),
+                entries: entries
+                    .map(|(term, tag, _, p)| (term, tag, Bytes::copy_from_slice(p)))
+                    .collect(),
             },
             Item::HardState { group, state } => Op::HardState { group, state },
             Item::Truncate { group, from } => Op::Truncate { group, from },
@@ -575,15 +582,32 @@ impl WriteBatch {
         Self::default()
     }
 
-    /// Adds consecutive entries `(term, payload)` of `group` starting at `first_index`. An empty
-    /// `entries` adds nothing.
+    /// Adds consecutive entries `(term, payload)` of `group` starting at `first_index`, each with
+    /// tag 0. An empty `entries` adds nothing.
     pub fn add_entries(
         &mut self,
         group: GroupId,
         first_index: u64,
         entries: impl IntoIterator<Item = (u64, Bytes)>,
     ) -> &mut Self {
-        let entries: Vec<(u64, Bytes)> = entries.into_iter().collect();
+        self.add_tagged_entries(
+            group,
+            first_index,
+            entries.into_iter().map(|(term, payload)| (term, 0, payload)),
+        )
+    }
+
+    /// Adds consecutive entries `(term, tag, payload)` of `group` starting at `first_index`. The
+    /// tag is opaque to the log, chosen by the caller (the engine stores an entry's kind in it):
+    /// it is stored with the entry and returned by reads ([`crate::Entry::tag`]). An empty
+    /// `entries` adds nothing.
+    pub fn add_tagged_entries(
+        &mut self,
+        group: GroupId,
+        first_index: u64,
+        entries: impl IntoIterator<Item = (u64, u8, Bytes)>,
+    ) -> &mut Self {
+        let entries: Vec<(u64, u8, Bytes)> = entries.into_iter().collect();
         if !entries.is_empty() {
             self.push(Op::Entries { group, first_index, entries });
         }
@@ -683,6 +707,7 @@ mod tests {
         let mut batch = WriteBatch::new();
         batch
             .add_entries(GroupId(7), 1, [(1, Bytes::from_static(b"a")), (1, Bytes::new())])
+            .add_tagged_entries(GroupId(8), 3, [(2, 0xA5, Bytes::from_static(b"t"))])
             .set_hard_state(GroupId(7), HardState { term: 1, vote: 2, commit: 1 })
             .truncate_suffix(GroupId(9), 4)
             .compact(GroupId(7), 1, 1)
@@ -734,6 +759,70 @@ mod tests {
             }
         }
         assert!(validate_body(&body[..body.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn entry_tags_round_trip_and_sit_just_before_the_payload() {
+        let mut batch = WriteBatch::new();
+        batch
+            .add_tagged_entries(
+                GroupId(5),
+                10,
+                [
+                    (3, 1, Bytes::from_static(b"membership")),
+                    (3, 2, Bytes::new()),
+                    (4, 0xFF, Bytes::from_static(b"x")),
+                ],
+            )
+            .add_entries(GroupId(6), 1, [(1, Bytes::from_static(b"untagged"))]);
+        assert_eq!(
+            batch.ops()[1],
+            Op::Entries {
+                group: GroupId(6),
+                first_index: 1,
+                entries: vec![(1, 0, Bytes::from_static(b"untagged"))],
+            },
+            "add_entries writes tag 0"
+        );
+        let body = batch.encode_body();
+        assert_eq!(body.len(), batch.encoded_len());
+        // The first entry's header, byte for byte: term, length, tag; then the payload.
+        let first = ENTRIES_ITEM_HEADER_LEN;
+        assert_eq!(&body[first..first + 8], &3u64.to_le_bytes());
+        assert_eq!(&body[first + 8..first + 12], &10u32.to_le_bytes());
+        assert_eq!(body[first + 12], 1);
+        assert_eq!(&body[first + ENTRY_HEADER_LEN..first + ENTRY_HEADER_LEN + 10], b"membership");
+
+        let mut seen = Vec::new();
+        for item in items(&body) {
+            let Item::Entries { group, entries, .. } = item.unwrap() else {
+                panic!("only entries were written")
+            };
+            for (term, tag, offset, payload) in entries {
+                assert_eq!(body[offset - 1], tag, "the tag is the last byte before the payload");
+                assert_eq!(&body[offset..offset + payload.len()], payload);
+                seen.push((group.0, term, tag, payload.to_vec()));
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (5, 3, 1, b"membership".to_vec()),
+                (5, 3, 2, Vec::new()),
+                (5, 4, 0xFF, b"x".to_vec()),
+                (6, 1, 0, b"untagged".to_vec()),
+            ]
+        );
+        assert_eq!(WriteBatch::decode_body(&body).unwrap(), batch);
+
+        let mut record = Vec::new();
+        encode_record(&mut record, 9, 2, 1, &body);
+        let (_, decoded) = decode_record(&record, 9).unwrap();
+        assert_eq!(WriteBatch::decode_body(decoded).unwrap(), batch);
+        // The tag is covered by the body checksum.
+        let tag_at = RECORD_HEADER_LEN + first + 12;
+        record[tag_at] ^= 0x80;
+        assert_eq!(decode_record(&record, 9), Err(DecodeError::BodyChecksum));
     }
 
     #[test]

@@ -469,7 +469,7 @@ fn replay(index: &mut Index, body: &[u8], seq: u64, body_offset: u64) -> Result<
             Item::Entries { group, first_index, entries } => IndexOp::Entries {
                 group,
                 first_index,
-                entries: entries.map(|(term, offset, payload)| (term, offset, payload.len())),
+                entries: entries.map(|(term, _tag, offset, payload)| (term, offset, payload.len())),
             },
             Item::HardState { group, state } => IndexOp::HardState { group, state },
             Item::Truncate { group, from } => IndexOp::Truncate { group, from },

@@ -10,8 +10,9 @@ use crate::io::StorageFile;
 pub const SEGMENT_HEADER_LEN: usize = 64;
 /// Magic bytes at the start of every segment.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"FLOTWAL\0";
-/// Format version written by this code.
-pub const FORMAT_VERSION: u16 = 1;
+/// Format version written by this code, the only one it reads. Version 2 added a one-byte tag to
+/// every entry's header; segments of version 1 are refused (`HeaderError::Version`).
+pub const FORMAT_VERSION: u16 = 2;
 /// Checksum kind: CRC-32 (IEEE, crc32fast) with a per-segment seed.
 pub const CHECKSUM_CRC32_SEEDED: u8 = 1;
 /// Suffix of a live segment's file name (`{seq:020}.seg`).
@@ -164,6 +165,31 @@ impl ReadView {
         }
     }
 
+    /// The payload at `offset..offset + len` of an entry and its tag: the byte just before the
+    /// payload, the last of the entry's header (see `FORMAT.md`). Zero-copy like [`Self::slice`]
+    /// on a mapped view.
+    pub(crate) fn entry(&self, offset: usize, len: usize) -> std::io::Result<(u8, Bytes)> {
+        let out_of_range = || {
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end of a segment")
+        };
+        let header_end = offset.checked_sub(1).ok_or_else(out_of_range)?;
+        match self {
+            ReadView::Mapped { bytes, .. } => {
+                let end = offset.checked_add(len).filter(|&end| end <= bytes.len());
+                match end {
+                    Some(end) => Ok((bytes[header_end], bytes.slice(offset..end))),
+                    None => Err(out_of_range()),
+                }
+            }
+            ReadView::Copied(file) => {
+                let mut buf = vec![0u8; len + 1];
+                file.read_exact_at(&mut buf, header_end as u64)?;
+                let tag = buf[0];
+                Ok((tag, Bytes::from(buf).slice(1..)))
+            }
+        }
+    }
+
     /// A handle that says whether any slice of a mapped view is still alive once every [`ReadView`]
     /// has been dropped (`None` for views that copy).
     pub fn liveness(&self) -> Option<Weak<()>> {
@@ -188,6 +214,15 @@ mod tests {
             damaged[bit / 8] ^= 1 << (bit % 8);
             assert!(SegmentHeader::decode(&damaged).is_err(), "bit {bit}");
         }
+    }
+
+    #[test]
+    fn a_version_1_header_is_refused() {
+        let mut bytes = SegmentHeader { seq: 3, size: 1 << 20 }.encode();
+        bytes[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[0..60]);
+        bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(SegmentHeader::decode(&bytes), Err(HeaderError::Version(1)));
     }
 
     #[test]

@@ -165,7 +165,8 @@ fn check_body(body: &[u8]) {
             Ok(Item::Entries { entries, .. }) => {
                 let claimed = entries.len();
                 let mut seen = 0;
-                for (_term, offset, payload) in entries {
+                for (_term, tag, offset, payload) in entries {
+                    assert_eq!(body[offset - 1], tag, "the tag is the byte before the payload");
                     assert_eq!(&body[offset..offset + payload.len()], payload);
                     seen += 1;
                 }
@@ -191,8 +192,10 @@ fn check_body(body: &[u8]) {
     }
 }
 
-/// Reads a batch description: up to 32 operations, each a kind byte and its fields; indexes are
-/// kept valid (`first_index >= 1` without overflow, `from >= 1`), everything else is as read.
+/// Reads a batch description: up to 32 operations, each a kind byte and its fields (entries: a
+/// count byte, the first index, then per entry its term, tag byte, length byte and payload);
+/// indexes are kept valid (`first_index >= 1` without overflow, `from >= 1`), everything else is
+/// as read.
 pub fn read_batch(cursor: &mut Cursor<'_>) -> WriteBatch {
     let mut batch = WriteBatch::new();
     while !cursor.is_empty() && batch.ops().len() < 32 {
@@ -205,8 +208,9 @@ pub fn read_batch(cursor: &mut Cursor<'_>) -> WriteBatch {
                 let entries = (0..count)
                     .map(|_| {
                         let term = cursor.u64();
+                        let tag = cursor.u8();
                         let len = usize::from(cursor.u8());
-                        (term, Bytes::copy_from_slice(cursor.take(len)))
+                        (term, tag, Bytes::copy_from_slice(cursor.take(len)))
                     })
                     .collect();
                 Op::Entries { group, first_index, entries }
@@ -271,11 +275,12 @@ pub fn check_batch_roundtrip(data: &[u8]) {
 type Image = Vec<(String, Vec<u8>)>;
 
 /// A log written by a deterministic workload, as its files looked before and after `close`, with
-/// every entry it appended (each `(group, index)` is written once: no overwrites).
+/// every entry it appended as `(term, tag, payload)` (each `(group, index)` is written once: no
+/// overwrites).
 struct Workload {
     unsealed: Image,
     sealed: Image,
-    originals: BTreeMap<(GroupId, u64), (u64, Bytes)>,
+    originals: BTreeMap<(GroupId, u64), (u64, u8, Bytes)>,
     states: BTreeMap<GroupId, GroupState>,
 }
 
@@ -317,7 +322,8 @@ fn materialize(image: &Image) -> SimStorage {
 }
 
 /// 1–3 groups (copied forward when there is one), 6–29 rounds of 1–3 distinct entries of 0–299
-/// bytes, hard states, and for odd seeds a compaction of group 1 two thirds of the way through.
+/// bytes with tags (0 among them), hard states, and for odd seeds a compaction of group 1 two
+/// thirds of the way through.
 fn run_workload(seed: u8) -> Workload {
     let mut rng = u64::from(seed) ^ 0xF107_111A;
     let groups = 1 + splitmix(&mut rng) % 3;
@@ -333,16 +339,19 @@ fn run_workload(seed: u8) -> Workload {
         let term = 1 + round / 8;
         let mut batch = WriteBatch::new();
         let count = 1 + splitmix(&mut rng) % 3;
-        let entries: Vec<(u64, Bytes)> = (0..count)
+        let entries: Vec<(u64, u8, Bytes)> = (0..count)
             .map(|k| {
                 let len = (splitmix(&mut rng) % 300) as usize;
                 let mut payload = format!("g{}i{} ", group.0, first + k).into_bytes();
                 payload.extend((0..len).map(|_| splitmix(&mut rng) as u8));
-                originals.insert((group, first + k), (term, Bytes::from(payload.clone())));
-                (term, Bytes::from(payload))
+                // Not drawn from `rng`: the workload's shape does not depend on the tags.
+                let tag = ((group.0 + first + k) % 5 * 60) as u8;
+                let payload = Bytes::from(payload);
+                originals.insert((group, first + k), (term, tag, payload.clone()));
+                (term, tag, payload)
             })
             .collect();
-        batch.add_entries(group, first, entries);
+        batch.add_tagged_entries(group, first, entries);
         next.insert(group, first + count);
         if splitmix(&mut rng).is_multiple_of(3) {
             batch.set_hard_state(group, HardState { term, vote: group.0, commit: first });
@@ -437,10 +446,11 @@ fn forged(original: &Image, damaged: &Image) -> bool {
     })
 }
 
-/// Reads every group back and checks each entry against what was written at its index.
+/// Reads every group back and checks each entry (term, tag, payload) against what was written at
+/// its index.
 fn check_entries(
     wal: &Wal,
-    originals: &BTreeMap<(GroupId, u64), (u64, Bytes)>,
+    originals: &BTreeMap<(GroupId, u64), (u64, u8, Bytes)>,
     forged: &mut dyn FnMut() -> bool,
 ) {
     for group in wal.groups() {
@@ -454,14 +464,15 @@ fn check_entries(
         assert_eq!(entries.len() as u64, state.last_index - state.first_index + 1);
         for (entry, index) in entries.iter().zip(state.first_index..) {
             assert_eq!(entry.index, index);
-            let right = originals
-                .get(&(group, index))
-                .is_some_and(|(term, payload)| entry.term == *term && entry.payload == *payload);
+            let right = originals.get(&(group, index)).is_some_and(|(term, tag, payload)| {
+                entry.term == *term && entry.tag == *tag && entry.payload == *payload
+            });
             assert!(
                 right || forged(),
-                "recovery returned wrong bytes: group {group} index {index} term {} payload {:?}, \
-                 written: {:?}",
+                "recovery returned wrong bytes: group {group} index {index} term {} tag {} \
+                 payload {:?}, written: {:?}",
                 entry.term,
+                entry.tag,
                 entry.payload,
                 originals.get(&(group, index)),
             );
@@ -505,9 +516,10 @@ pub fn check_recover_image(data: &[u8]) {
     let group = GroupId(1 << 40);
     let payload = Bytes::from_static(b"appended after recovery");
     let mut batch = WriteBatch::new();
-    batch.add_entries(group, 1, [(7, payload.clone())]);
+    batch.add_tagged_entries(group, 1, [(7, 0xC3, payload.clone())]);
     wal.append_blocking(batch).expect("a recovered log takes an append");
-    assert_eq!(wal.entries(group, 1..2).expect("the append reads back")[0].payload, payload);
+    let appended = &wal.entries(group, 1..2).expect("the append reads back")[0];
+    assert_eq!((appended.tag, &appended.payload), (0xC3, &payload));
     wal.close().expect("a recovered log closes");
 
     let reopened = Wal::open_with(Arc::new(materialize(&snapshot(&disk))), config);
@@ -518,7 +530,7 @@ pub fn check_recover_image(data: &[u8]) {
         }
     };
     let mut originals = workload.originals.clone();
-    originals.insert((group, 1), (7, payload));
+    originals.insert((group, 1), (7, 0xC3, payload));
     check_entries(&wal, &originals, &mut is_forged);
     assert_eq!(wal.group_state(group).map(|s| s.last_index), Some(1), "the append survives");
 }
@@ -612,7 +624,11 @@ mod corpus {
     fn sample_batch() -> WriteBatch {
         let mut batch = WriteBatch::new();
         batch
-            .add_entries(GroupId(7), 1, [(1, Bytes::from_static(b"a")), (1, Bytes::new())])
+            .add_tagged_entries(
+                GroupId(7),
+                1,
+                [(1, 1, Bytes::from_static(b"a")), (1, 0, Bytes::new())],
+            )
             .set_hard_state(GroupId(7), HardState { term: 1, vote: 2, commit: 1 })
             .truncate_suffix(GroupId(9), 4)
             .compact(GroupId(7), 1, 1)
@@ -629,7 +645,11 @@ mod corpus {
     fn record_decode_seeds() -> Vec<(&'static str, Vec<u8>)> {
         let seeded = |seq: u64, rest: &[u8]| [&seq.to_le_bytes()[..], rest].concat();
         let mut entries = WriteBatch::new();
-        entries.add_entries(GroupId(1), 5, (0..4).map(|i| (2, Bytes::from(vec![i; 40]))));
+        entries.add_tagged_entries(
+            GroupId(1),
+            5,
+            (0..4).map(|i| (2, i * 85, Bytes::from(vec![i; 40]))),
+        );
         let mut two = record(5, 3, &entries);
         two.extend(record(5, 4, &sample_batch()));
         let header = SegmentHeader { seq: 7, size: 4096 }.encode();
@@ -654,7 +674,8 @@ mod corpus {
         ]
     }
 
-    /// Encodes a batch the way `read_batch` reads it (entries: at most 8, payloads < 256 bytes).
+    /// Encodes a batch the way `read_batch` reads it (entries: at most 8, payloads < 256 bytes;
+    /// each entry's term, tag, payload length and payload).
     fn encode_batch(batch: &WriteBatch) -> Vec<u8> {
         let mut out = Vec::new();
         for op in batch.ops() {
@@ -671,8 +692,9 @@ mod corpus {
                 Op::Entries { first_index, entries, .. } => {
                     out.push(u8::try_from(entries.len() - 1).expect("at most 8 entries"));
                     out.extend(first_index.to_le_bytes());
-                    for (term, payload) in entries {
+                    for (term, tag, payload) in entries {
                         out.extend(term.to_le_bytes());
+                        out.push(*tag);
                         out.push(u8::try_from(payload.len()).expect("a short payload"));
                         out.extend_from_slice(payload);
                     }
@@ -709,13 +731,13 @@ mod corpus {
 
     fn batch_roundtrip_seeds() -> Vec<(&'static str, Vec<u8>)> {
         let mut big = WriteBatch::new();
-        big.add_entries(
+        big.add_tagged_entries(
             GroupId(u64::MAX),
             u64::MAX - 8,
-            (0..8).map(|i| (i, Bytes::from(vec![i as u8; 200]))),
+            (0..8).map(|i| (i, 255 - i as u8, Bytes::from(vec![i as u8; 200]))),
         );
         let mut entries = WriteBatch::new();
-        entries.add_entries(GroupId(1), 1, [(1, Bytes::from_static(b"hello"))]);
+        entries.add_tagged_entries(GroupId(1), 1, [(1, 2, Bytes::from_static(b"hello"))]);
         let mut each = Vec::new();
         for op in sample_batch().ops() {
             let mut batch = WriteBatch::new();

@@ -124,6 +124,72 @@ fn live_slices_survive_recycling(backend: Backend) {
     assert_eq!(read_back(&wal), model);
 }
 
+/// Tags written with the entries come back unchanged: from the live log, after a group pinning
+/// the oldest segment was copied forward (the copy reads each tag from the old segment's mapping
+/// and writes it again), and after close and reopen (recovery).
+fn tags_survive_rewrite_and_reopen(backend: Backend) {
+    if !available(backend) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), config(backend)).unwrap();
+    let laggard = GroupId(1);
+    let busy = GroupId(2);
+    let laggard_entries: Vec<(u64, u8, Bytes)> = vec![
+        (1, 0, Bytes::from_static(b"normal")),
+        (1, 1, Bytes::from_static(b"membership")),
+        (2, 2, Bytes::new()),
+        (2, 0xFF, Bytes::from_static(b"last")),
+    ];
+    let mut batch = WriteBatch::new();
+    batch.add_tagged_entries(laggard, 1, laggard_entries.clone());
+    batch.add_entries(laggard, 5, [(2, Bytes::from_static(b"untagged"))]);
+    block_on(wal.append(batch)).unwrap();
+    let check_laggard = |wal: &Wal, when: &str| {
+        let read = wal.entries(laggard, 1..6).unwrap();
+        let got: Vec<(u64, u64, u8, Bytes)> =
+            read.into_iter().map(|e| (e.index, e.term, e.tag, e.payload)).collect();
+        let mut expected: Vec<(u64, u64, u8, Bytes)> = laggard_entries
+            .iter()
+            .zip(1..)
+            .map(|((term, tag, payload), index)| (index, *term, *tag, payload.clone()))
+            .collect();
+        expected.push((5, 2, 0, Bytes::from_static(b"untagged")));
+        assert_eq!(got, expected, "{when}");
+    };
+    check_laggard(&wal, "as written");
+
+    // The busy group fills segments with tagged entries and compacts as it goes, so only the
+    // laggard pins the first segment; rotations then copy it forward.
+    let busy_tag = |index: u64| (index % 7 * 40) as u8;
+    let mut next = 1u64;
+    for _ in 0..20 {
+        for _ in 0..20 {
+            let mut batch = WriteBatch::new();
+            let payload = Bytes::from(vec![(next % 251) as u8; 4000]);
+            batch.add_tagged_entries(busy, next, [(3, busy_tag(next), payload)]);
+            block_on(wal.append(batch)).unwrap();
+            next += 1;
+        }
+        block_on(wal.compact(busy, next - 2, 3)).unwrap();
+    }
+    block_on(wal.rewrite_pinning()).unwrap();
+    block_on(wal.flush()).unwrap();
+    let stats = wal.stats();
+    assert!(stats.groups_rewritten >= 1, "the laggard was never copied forward: {stats:?}");
+    let first_segment = dir.path().join(flotilla_wal::segment::segment_file_name(1));
+    assert!(!first_segment.exists(), "the laggard's first segment is still live: {stats:?}");
+    check_laggard(&wal, "after the copy forward");
+    let busy_left = wal.entries(busy, next - 1..next).unwrap();
+    assert_eq!(busy_left[0].tag, busy_tag(next - 1));
+
+    let model: Model = read_back(&wal);
+    wal.close().unwrap();
+    let (wal, _) = Wal::open(dir.path(), config(backend)).unwrap();
+    check_laggard(&wal, "after reopen");
+    assert_eq!(read_back(&wal), model, "tags (and all else) survive recovery");
+}
+
 macro_rules! on_both_backends {
     ($($test:ident),*) => {
         mod io_uring {
@@ -135,7 +201,37 @@ macro_rules! on_both_backends {
     };
 }
 
-on_both_backends!(concurrent_producers, live_slices_survive_recycling);
+on_both_backends!(
+    concurrent_producers,
+    live_slices_survive_recycling,
+    tags_survive_rewrite_and_reopen
+);
+
+/// Format version 1 (entries without a tag byte) is not read: its segments are refused as
+/// corrupt rather than misread.
+#[test]
+fn a_version_1_segment_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), config(Backend::Portable)).unwrap();
+    let mut batch = WriteBatch::new();
+    batch.add_entries(GroupId(1), 1, [(1, Bytes::from_static(b"x"))]);
+    block_on(wal.append(batch)).unwrap();
+    wal.close().unwrap();
+    let path = dir.path().join(flotilla_wal::segment::segment_file_name(1));
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes[8..10], flotilla_wal::segment::FORMAT_VERSION.to_le_bytes());
+    assert_eq!(flotilla_wal::segment::FORMAT_VERSION, 2);
+    bytes[8..10].copy_from_slice(&1u16.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[0..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    match Wal::open(dir.path(), config(Backend::Portable)) {
+        Err(WalError::Corrupt { segment: 1, offset: 0, reason }) => {
+            assert!(reason.contains("version 1"), "{reason}");
+        }
+        other => panic!("a version-1 segment was not refused: {other:?}"),
+    }
+}
 
 #[test]
 fn a_second_open_of_the_same_directory_is_refused() {

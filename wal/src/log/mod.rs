@@ -35,6 +35,10 @@ pub struct Entry {
     pub index: u64,
     /// Its term.
     pub term: u64,
+    /// Its tag: opaque to the WAL, chosen by the caller when the entry was written
+    /// ([`WriteBatch::add_tagged_entries`]); 0 for entries added with
+    /// [`WriteBatch::add_entries`].
+    pub tag: u8,
     /// Its payload.
     pub payload: Bytes,
 }
@@ -402,10 +406,12 @@ impl Wal {
             let loc = index.loc(at).expect("live index has a location");
             let seq = resolve_seq(base, loc.seg);
             let view = read.segments.get(&seq).expect("a live entry's segment is live");
-            let payload = view
-                .slice(loc.offset as usize, loc.len as usize)
+            // The tag is the byte before the payload (the end of the entry's header), read from
+            // the same mapping: the index keeps no copy of it.
+            let (tag, payload) = view
+                .entry(loc.offset as usize, loc.len as usize)
                 .map_err(|e| WalError::io("reading an entry", e))?;
-            out.push(Entry { index: at, term, payload });
+            out.push(Entry { index: at, term, tag, payload });
         }
         Ok(())
     }

@@ -309,12 +309,12 @@ impl Shared {
                 let at = index.first_index + i as u64;
                 let seq = resolve_seq(oldest, loc.seg);
                 let view = read.segments.get(&seq).expect("a live entry's segment is live");
-                let Ok(payload) = view.slice(loc.offset as usize, loc.len as usize) else {
+                let Ok((tag, payload)) = view.entry(loc.offset as usize, loc.len as usize) else {
                     return;
                 };
-                entries.push((index.term(at).expect("live index has a term"), payload));
+                entries.push((index.term(at).expect("live index has a term"), tag, payload));
             }
-            copy.add_entries(*group, index.first_index, entries);
+            copy.add_tagged_entries(*group, index.first_index, entries);
             if let Some(state) = index.hard_state {
                 copy.set_hard_state(*group, state);
             }

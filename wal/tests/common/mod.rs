@@ -16,7 +16,8 @@ use flotilla_wal::{
 /// One group as the model sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelGroup {
-    pub entries: BTreeMap<u64, (u64, Bytes)>,
+    /// `index -> (term, tag, payload)`.
+    pub entries: BTreeMap<u64, (u64, u8, Bytes)>,
     pub hard_state: Option<HardState>,
     pub compacted: Option<(u64, u64)>,
 }
@@ -53,8 +54,9 @@ impl Model {
                 Op::Entries { group, first_index, entries } => {
                     let g = self.groups.entry(*group).or_default();
                     g.entries.retain(|i, _| i < first_index);
-                    for (offset, (term, payload)) in entries.iter().enumerate() {
-                        g.entries.insert(first_index + offset as u64, (*term, payload.clone()));
+                    for (offset, (term, tag, payload)) in entries.iter().enumerate() {
+                        g.entries
+                            .insert(first_index + offset as u64, (*term, *tag, payload.clone()));
                     }
                 }
                 Op::HardState { group, state } => {
@@ -92,7 +94,7 @@ pub fn read_back(wal: &Wal) -> Model {
         };
         if state.last_index >= state.first_index {
             for entry in wal.entries(group, state.first_index..state.last_index + 1).unwrap() {
-                g.entries.insert(entry.index, (entry.term, entry.payload));
+                g.entries.insert(entry.index, (entry.term, entry.tag, entry.payload));
             }
         }
         // The log's own report must agree with what it returns.
@@ -192,14 +194,17 @@ pub fn scripted_batches(seed: u64, rounds: usize) -> Vec<WriteBatch> {
             let overwrite = next > first + 3 && rng.below(8) == 0;
             let start = if overwrite { next - 1 - rng.below(3) } else { next };
             let count = 1 + rng.below(3);
-            let entries: Vec<(u64, Bytes)> = (0..count)
+            let entries: Vec<(u64, u8, Bytes)> = (0..count)
                 .map(|k| {
                     let len = rng.below(300) as usize;
                     let byte = (i as u64 * 7 + k) as u8;
-                    (term, Bytes::from(vec![byte; len]))
+                    // Tags vary (0 included) without drawing from `rng`, so the workload is the
+                    // same as before tags existed.
+                    let tag = byte.wrapping_mul(31) % 4;
+                    (term, tag, Bytes::from(vec![byte; len]))
                 })
                 .collect();
-            batch.add_entries(group, start, entries);
+            batch.add_tagged_entries(group, start, entries);
             batch.set_hard_state(group, HardState { term, vote: group.0, commit: start });
         }
         model.apply(&batch);
