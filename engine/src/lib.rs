@@ -5,9 +5,18 @@
 //! The engine joins [`flotilla_wal`] (one log per shard) and [`flotilla_raftgroup`] (one replica
 //! per group member) into a node that hosts thousands of groups.
 
+mod engine;
 pub mod kv;
 pub mod shard;
 pub mod transport;
 
 pub use flotilla_raftgroup as raftgroup;
 pub use flotilla_wal as wal;
+
+pub use engine::{
+    Applied, Consistency, Engine, EngineConfig, Error, GroupStatus, MachineFactory, shard_of,
+};
+pub use flotilla_raftgroup::{LogIndex, NodeId};
+pub use flotilla_wal::GroupId;
+pub use transport::ClusterId;
+pub use transport::faults::{Faults, LinkFault};

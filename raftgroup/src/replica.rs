@@ -560,6 +560,17 @@ impl Replica {
         HardState { term: self.term, vote: self.vote, commit: self.log.commit }
     }
 
+    /// Ticks since this replica last heard from the leader of its term: 0 on the leader itself
+    /// (which steps down once a quorum stops answering, with `check_quorum`), `None` when no
+    /// leader is known. It bounds how stale a read served from the local state machine can be.
+    pub fn leader_contact_ticks(&self) -> Option<u32> {
+        match (self.role, self.leader) {
+            (Role::Leader, _) => Some(0),
+            (Role::Follower, Some(_)) => Some(self.election_elapsed),
+            _ => None,
+        }
+    }
+
     /// A summary of the replica's state.
     pub fn status(&self) -> Status {
         Status {

@@ -282,6 +282,16 @@ impl AppendFuture {
     }
 }
 
+impl AppendFuture {
+    /// Whether the batch has joined the log's queue. Appends join in the order they are first
+    /// polled, except that one finding the open round full joins only when polled again after
+    /// the writer took the round: a caller keeping several appends in flight polls them in
+    /// order and starts a new one only once every earlier one has joined.
+    pub fn joined(&self) -> bool {
+        !matches!(self.state, AppendState::Queued { .. })
+    }
+}
+
 impl std::fmt::Debug for AppendFuture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {

@@ -439,6 +439,43 @@ impl<S: StateMachine> ShardCore<S> {
         worked
     }
 
+    /// Answers `query` from this replica's state machine without a quorum round, if the replica
+    /// heard from its group's leader within `max_lag_ticks` (see
+    /// [`Replica::leader_contact_ticks`]): the answer may miss the most recent writes, by at most
+    /// that lag, but never shows an uncommitted one. Returns the applied index it reflects.
+    pub fn stale_read(
+        &self,
+        group: GroupId,
+        query: &S::Query,
+        max_lag_ticks: u32,
+    ) -> Result<(LogIndex, S::QueryResult), RequestError> {
+        let slot = self.groups.get(&group).ok_or(RequestError::GroupNotFound(group))?;
+        match slot.replica.leader_contact_ticks() {
+            Some(age) if age <= max_lag_ticks => {
+                Ok((slot.machine.applied_index(), slot.machine.query(query)))
+            }
+            _ => Err(RequestError::NotLeader { leader_hint: slot.replica.leader() }),
+        }
+    }
+
+    /// Snapshots every group that applied at least `min_entries` entries since its last
+    /// snapshot and compacts its replica's log, pushing the snapshots onto `out`: the log store
+    /// must make each durable before it drops the entries it covers.
+    pub fn compact_due(&mut self, min_entries: u64, out: &mut Vec<(GroupId, Snapshot)>) {
+        for (group, slot) in &mut self.groups {
+            let applied = slot.machine.applied_index();
+            let since = applied.0.saturating_sub(slot.replica.status().snapshot_index.0);
+            if since < min_entries.max(1) {
+                continue;
+            }
+            let data = slot.machine.snapshot();
+            // Not yet durable here, or already compacted: try again on a later call.
+            if let Ok(meta) = slot.replica.compact(applied, data.clone()) {
+                out.push((*group, Snapshot { meta, data }));
+            }
+        }
+    }
+
     /// Whether this shard's replica of `group` leads it.
     pub fn is_leader(&self, group: GroupId) -> bool {
         self.replica(group).is_some_and(|replica| replica.role() == Role::Leader)

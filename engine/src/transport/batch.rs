@@ -11,6 +11,7 @@
 //! the bytes left could hold that many items). A batch decodes whole or not at all, so a damaged
 //! or hostile frame changes no Raft state: the caller steps nothing and closes the connection.
 
+use bytes::Bytes;
 use flotilla_raftgroup::Message;
 use flotilla_raftgroup::codec::{self, DecodeError};
 use flotilla_wal::GroupId;
@@ -132,7 +133,26 @@ pub fn decode(body: &[u8], out: &mut Vec<(GroupId, Message)>) -> Result<(), Batc
     result
 }
 
+/// Like [`decode`], but the messages' payloads are slices of `body` (no copy): what a receiver
+/// uses on a frame body it owns.
+pub fn decode_shared(body: &Bytes, out: &mut Vec<(GroupId, Message)>) -> Result<(), BatchError> {
+    out.clear();
+    let result = decode_into_with(body, out, |bytes| codec::decode_shared(&body.slice_ref(bytes)));
+    if result.is_err() {
+        out.clear();
+    }
+    result
+}
+
 fn decode_into(body: &[u8], out: &mut Vec<(GroupId, Message)>) -> Result<(), BatchError> {
+    decode_into_with(body, out, codec::decode)
+}
+
+fn decode_into_with(
+    body: &[u8],
+    out: &mut Vec<(GroupId, Message)>,
+    decode_message: impl Fn(&[u8]) -> Result<Message, DecodeError>,
+) -> Result<(), BatchError> {
     let items = RawItems::new(body)?;
     // The count is bounded by the body length, but a `(GroupId, Message)` is much larger than the
     // smallest encoded item: reserving for a maximal frame up front would take ~60 MiB at once.
@@ -141,7 +161,7 @@ fn decode_into(body: &[u8], out: &mut Vec<(GroupId, Message)>) -> Result<(), Bat
     for (item, raw) in (0..).zip(items) {
         let (group, bytes) = raw?;
         let message =
-            codec::decode(bytes).map_err(|error| BatchError::Message { item, group, error })?;
+            decode_message(bytes).map_err(|error| BatchError::Message { item, group, error })?;
         out.push((group, message));
     }
     Ok(())

@@ -49,6 +49,7 @@ use std::fmt;
 
 pub mod batch;
 pub mod connection;
+pub mod faults;
 pub mod frame;
 pub mod handshake;
 

@@ -1,0 +1,942 @@
+//! The thin IO driver around [`ShardCore`]: one thread per shard, with its own current-thread
+//! runtime. It owns the shard's [`ShardStore`] (WAL, snapshots, catalog), its outbound
+//! connections (one writer task per peer node) and the readers of the connections handed to it,
+//! and runs the loop of DESIGN.md §2:
+//!
+//! ```text
+//! wait for: a request or frame in the inbox | a tick | the oldest WAL append completing
+//! drain the inbox (bounded) → ShardCore::collect → answer fetches from the WAL →
+//! ONE WAL append for every group's entries and hard state (polled at once, so appends queue in
+//! order) → one frame per peer of the messages that may go now → complete requests →
+//! when an append is durable: send the messages that waited for it, ShardCore::on_persisted
+//! ```
+//!
+//! Appends are pipelined: the loop keeps stepping groups while earlier rounds are in the WAL's
+//! writer; they complete in order, so "after the append" means "after every append before it".
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flotilla_raftgroup::{
+    Config, Entry, LogIndex, Message, NodeId, RecoveredState, Snapshot, Term,
+};
+use flotilla_wal::{ActiveBackend, AppendFuture, GroupId, WalError, WriteBatch};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::core::{Completion, RequestError, ShardCore, ShardOutput, Token};
+use super::store::{ShardStore, StoreError};
+use crate::engine::{
+    Applied, Consistency, EngineConfig, Error, GroupStatus, MachineFactory, shard_of,
+};
+use crate::kv::StateMachine;
+use crate::transport::batch::{self, BatchWriter};
+use crate::transport::connection::{Connection, ConnectionConfig};
+use crate::transport::faults::{Faults, Verdict};
+use crate::transport::handshake::Identity;
+
+/// Inbox requests handled per loop iteration before the loop collects, so ticks and WAL
+/// completions are never starved by a flood.
+const DRAIN_MAX: usize = 4096;
+/// Frames queued per peer writer; more are dropped (Raft resends what matters).
+const PEER_QUEUE_FRAMES: usize = 1024;
+/// A frame body is cut at this size; the transport's limit is far above it.
+const FRAME_BODY_TARGET: usize = 1 << 20;
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A closure run on a shard thread with its core (see [`crate::Engine::inspect`]).
+pub(crate) type Inspector<S> = Box<dyn FnOnce(&ShardCore<S>) + Send>;
+
+/// What reaches a shard's inbox.
+pub(crate) enum Request<S: StateMachine> {
+    Propose {
+        group: GroupId,
+        payload: Bytes,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<Applied<S::Response>, Error>>,
+    },
+    Read {
+        group: GroupId,
+        query: S::Query,
+        consistency: Consistency,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<S::QueryResult, Error>>,
+    },
+    CreateGroup {
+        group: GroupId,
+        voters: Vec<NodeId>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    RemoveGroup {
+        group: GroupId,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Status {
+        group: GroupId,
+        reply: oneshot::Sender<Result<GroupStatus, Error>>,
+    },
+    Inspect(Inspector<S>),
+    /// Raft messages from a peer, for groups of this shard.
+    Messages(NodeId, Vec<(GroupId, Message)>),
+    /// An accepted connection for this shard to read.
+    Accepted(std::net::TcpStream),
+}
+
+/// What a shard thread shares with the node.
+pub(crate) struct ShardContext<S: StateMachine> {
+    pub index: usize,
+    pub config: Arc<EngineConfig>,
+    pub routes: Arc<[mpsc::Sender<Request<S>>]>,
+    pub factory: MachineFactory<S>,
+}
+
+enum Pending<S: StateMachine> {
+    Propose {
+        group: GroupId,
+        deadline: Instant,
+        started: Instant,
+        reply: oneshot::Sender<Result<Applied<S::Response>, Error>>,
+    },
+    Read {
+        group: GroupId,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<S::QueryResult, Error>>,
+    },
+}
+
+impl<S: StateMachine> Pending<S> {
+    fn deadline(&self) -> Instant {
+        match self {
+            Pending::Propose { deadline, .. } | Pending::Read { deadline, .. } => *deadline,
+        }
+    }
+
+    fn group(&self) -> GroupId {
+        match self {
+            Pending::Propose { group, .. } | Pending::Read { group, .. } => *group,
+        }
+    }
+
+    fn fail(self, error: Error) {
+        // A caller that stopped waiting does not need the answer.
+        match self {
+            Pending::Propose { reply, .. } => drop(reply.send(Err(error))),
+            Pending::Read { reply, .. } => drop(reply.send(Err(error))),
+        }
+    }
+}
+
+/// One WAL append and what waits for it.
+struct InFlight {
+    append: AppendFuture,
+    done: Option<Result<(), WalError>>,
+    persisted: Vec<(GroupId, Term, LogIndex)>,
+    after: BTreeMap<NodeId, Vec<(GroupId, Message)>>,
+    reply: Option<oneshot::Sender<Result<(), Error>>>,
+    started: Instant,
+}
+
+struct Metrics {
+    proposals: metrics::Counter,
+    proposals_failed: metrics::Counter,
+    reads: metrics::Counter,
+    applied: metrics::Counter,
+    propose_seconds: metrics::Histogram,
+    wal_appends: metrics::Counter,
+    wal_batch_entries: metrics::Histogram,
+    wal_append_seconds: metrics::Histogram,
+    frames_sent: metrics::Counter,
+    messages_sent: metrics::Counter,
+    inbox_depth: metrics::Gauge,
+    leaders: metrics::Gauge,
+    groups: metrics::Gauge,
+}
+
+impl Metrics {
+    fn new(shard: usize, backend: ActiveBackend) -> Self {
+        let label = shard.to_string();
+        metrics::gauge!("flotilla_wal_backend", "shard" => label.clone(), "backend" => format!("{backend:?}"))
+            .set(1.0);
+        Self {
+            proposals: metrics::counter!("flotilla_proposals_total", "shard" => label.clone()),
+            proposals_failed: metrics::counter!("flotilla_proposals_failed_total", "shard" => label.clone()),
+            reads: metrics::counter!("flotilla_reads_total", "shard" => label.clone()),
+            applied: metrics::counter!("flotilla_proposals_applied_total", "shard" => label.clone()),
+            propose_seconds: metrics::histogram!("flotilla_propose_seconds", "shard" => label.clone()),
+            wal_appends: metrics::counter!("flotilla_wal_appends_total", "shard" => label.clone()),
+            wal_batch_entries: metrics::histogram!("flotilla_wal_batch_entries", "shard" => label.clone()),
+            wal_append_seconds: metrics::histogram!("flotilla_wal_append_seconds", "shard" => label.clone()),
+            frames_sent: metrics::counter!("flotilla_frames_sent_total", "shard" => label.clone()),
+            messages_sent: metrics::counter!("flotilla_messages_sent_total", "shard" => label.clone()),
+            inbox_depth: metrics::gauge!("flotilla_inbox_depth", "shard" => label.clone()),
+            leaders: metrics::gauge!("flotilla_leaders", "shard" => label.clone()),
+            groups: metrics::gauge!("flotilla_groups", "shard" => label),
+        }
+    }
+}
+
+/// The shard thread's body: starts the runtime, recovers, reports through `started`, serves until
+/// `stop`, then drains and closes the WAL.
+pub(crate) fn run<S>(
+    context: ShardContext<S>,
+    inbox: mpsc::Receiver<Request<S>>,
+    listener: Option<std::net::TcpListener>,
+    stop: Arc<Notify>,
+    started: std::sync::mpsc::Sender<Result<ActiveBackend, Error>>,
+) -> Result<(), Error>
+where
+    S: StateMachine + 'static,
+    S::Query: Send + 'static,
+    S::Response: Send + 'static,
+    S::QueryResult: Send + 'static,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            let error = Error::Config(format!("starting a shard runtime: {error}"));
+            let _ = started.send(Err(error.clone()));
+            return Err(error);
+        }
+    };
+    // Opened outside the runtime: the WAL's io_uring probe runs (and drops) a runtime of its own.
+    let shard = match Shard::open(context, inbox) {
+        Ok(shard) => shard,
+        Err(error) => {
+            let _ = started.send(Err(error.clone()));
+            return Err(error);
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        if let Some(listener) = listener {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    tokio::task::spawn_local(accept_loop(
+                        listener,
+                        Arc::clone(&shard.context.routes),
+                    ));
+                }
+                Err(error) => {
+                    let error = Error::Config(format!("listener: {error}"));
+                    let _ = started.send(Err(error.clone()));
+                    return Err(error);
+                }
+            }
+        }
+        let _ = started.send(Ok(shard.store.wal().backend()));
+        shard.serve(stop).await
+    })
+}
+
+struct Shard<S: StateMachine> {
+    context: ShardContext<S>,
+    core: ShardCore<S>,
+    store: ShardStore,
+    out: ShardOutput<S>,
+    inbox: mpsc::Receiver<Request<S>>,
+    pending: HashMap<Token, Pending<S>>,
+    next_token: Token,
+    inflight: VecDeque<InFlight>,
+    peers: BTreeMap<NodeId, mpsc::Sender<Vec<u8>>>,
+    fetched: Vec<Entry>,
+    snapshots: Vec<(GroupId, Snapshot)>,
+    failed: Option<Error>,
+    ticks: u64,
+    metrics: Metrics,
+}
+
+impl<S> Shard<S>
+where
+    S: StateMachine + 'static,
+    S::Query: Send + 'static,
+    S::Response: Send + 'static,
+    S::QueryResult: Send + 'static,
+{
+    fn open(context: ShardContext<S>, inbox: mpsc::Receiver<Request<S>>) -> Result<Self, Error> {
+        let config = &context.config;
+        let dir = config.data_dir.join(format!("shard-{}", context.index));
+        let (store, recovery) =
+            ShardStore::open(&dir, config.wal.clone()).map_err(storage_error)?;
+        tracing::info!(shard = context.index, report = ?recovery.report, "shard log recovered");
+        let mut core = ShardCore::new(config.node);
+        let groups: Vec<(GroupId, Vec<NodeId>)> =
+            store.groups().map(|(group, voters)| (group, voters.to_vec())).collect();
+        for (group, voters) in groups {
+            let recovered = store.recover_group(group).map_err(storage_error)?;
+            let machine = restore_machine(&context.factory, group, &recovered)?;
+            let replica_config = replica_config(config, group, voters);
+            core.create_group(group, replica_config, recovered, machine).map_err(|error| {
+                Error::Storage(format!("recovering group {group}: {error}").into())
+            })?;
+        }
+        let metrics = Metrics::new(context.index, store.wal().backend());
+        metrics.groups.set(core.groups().count() as f64);
+        Ok(Self {
+            context,
+            core,
+            store,
+            out: ShardOutput::default(),
+            inbox,
+            pending: HashMap::new(),
+            next_token: 1,
+            inflight: VecDeque::new(),
+            peers: BTreeMap::new(),
+            fetched: Vec::new(),
+            snapshots: Vec::new(),
+            failed: None,
+            ticks: 0,
+            metrics,
+        })
+    }
+
+    async fn serve(mut self, stop: Arc<Notify>) -> Result<(), Error> {
+        let mut ticker = tokio::time::interval(self.context.config.tick);
+        // Missed ticks are delivered in a burst: a lease is only as good as the ticks (see
+        // `flotilla_raftgroup::Config::lease_reads`).
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let stopped = stop.notified();
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut stopped => break,
+                () = poll_fn(|cx| poll_inflight(&mut self.inflight, cx)) => {}
+                request = self.inbox.recv() => match request {
+                    Some(request) => self.handle(request),
+                    None => break,
+                },
+                _ = ticker.tick() => self.on_tick(),
+            }
+            for _ in 0..DRAIN_MAX {
+                match self.inbox.try_recv() {
+                    Ok(request) => self.handle(request),
+                    Err(_) => break,
+                }
+            }
+            self.retire_done().await;
+            self.pump().await;
+            self.retire_done().await;
+        }
+        self.close().await
+    }
+
+    /// Fails what is pending, waits for the appends in flight and closes the WAL.
+    async fn close(mut self) -> Result<(), Error> {
+        let tokens: Vec<Token> = self.pending.keys().copied().collect();
+        self.core.fail_requests(|token| tokens.contains(&token), &mut self.out);
+        self.out.completions.clear();
+        for (_, pending) in self.pending.drain() {
+            pending.fail(Error::ShuttingDown);
+        }
+        while let Some(mut front) = self.inflight.pop_front() {
+            let result = match front.done.take() {
+                Some(result) => result,
+                None => (&mut front.append).await,
+            };
+            if let Some(reply) = front.reply.take() {
+                let _ = reply.send(result.map_err(|error| storage_error(error.into())));
+            }
+        }
+        self.inbox.close();
+        while let Ok(request) = self.inbox.try_recv() {
+            refuse(request, &Error::ShuttingDown);
+        }
+        if let Some(error) = self.failed {
+            return Err(error);
+        }
+        self.store.close().map_err(storage_error)
+    }
+
+    fn token(&mut self) -> Token {
+        let token = self.next_token;
+        self.next_token += 1;
+        token
+    }
+
+    fn handle(&mut self, request: Request<S>) {
+        if let Some(error) = &self.failed {
+            refuse(request, &error.clone());
+            return;
+        }
+        match request {
+            Request::Propose { group, payload, deadline, reply } => {
+                self.metrics.proposals.increment(1);
+                let token = self.token();
+                match self.core.propose(group, payload, token) {
+                    Ok(()) => {
+                        let started = Instant::now();
+                        self.pending
+                            .insert(token, Pending::Propose { group, deadline, started, reply });
+                    }
+                    Err(error) => {
+                        self.metrics.proposals_failed.increment(1);
+                        let _ = reply.send(Err(request_error(error)));
+                    }
+                }
+            }
+            Request::Read { group, query, consistency, deadline, reply } => {
+                self.metrics.reads.increment(1);
+                match consistency {
+                    Consistency::Stale { max_lag } => {
+                        let tick = self.context.config.tick.as_nanos().max(1);
+                        let lag_ticks =
+                            u32::try_from(max_lag.as_nanos() / tick).unwrap_or(u32::MAX);
+                        let answer = self.core.stale_read(group, &query, lag_ticks);
+                        let _ = reply.send(answer.map(|(_, result)| result).map_err(request_error));
+                    }
+                    // Lease reads use the lease when the replicas were configured for it.
+                    Consistency::Linearizable | Consistency::Lease => {
+                        let token = self.token();
+                        match self.core.read(group, query, token) {
+                            Ok(()) => {
+                                self.pending
+                                    .insert(token, Pending::Read { group, deadline, reply });
+                            }
+                            Err(error) => drop(reply.send(Err(request_error(error)))),
+                        }
+                    }
+                }
+            }
+            Request::CreateGroup { group, voters, reply } => {
+                let _ = reply.send(self.create_group(group, voters));
+            }
+            Request::RemoveGroup { group, reply } => self.remove_group(group, reply),
+            Request::Status { group, reply } => {
+                let status = self.core.replica(group).map(|replica| {
+                    let status = replica.status();
+                    GroupStatus {
+                        role: status.role,
+                        leader: status.leader,
+                        term: status.term,
+                        commit: status.commit,
+                        applied: status.applied,
+                        last_index: status.last_index,
+                    }
+                });
+                let _ = reply.send(status.ok_or(Error::GroupNotFound(group)));
+            }
+            Request::Inspect(f) => f(&self.core),
+            Request::Messages(from, messages) => {
+                if let Some(faults) = &self.context.config.faults
+                    && faults.verdict(from, self.context.config.node) == Verdict::Drop
+                {
+                    return;
+                }
+                for (group, message) in messages {
+                    self.core.step(group, message);
+                }
+            }
+            Request::Accepted(stream) => match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    tokio::task::spawn_local(read_connection(
+                        stream,
+                        Arc::clone(&self.context.config),
+                        Arc::clone(&self.context.routes),
+                    ));
+                }
+                Err(error) => tracing::warn!(%error, "could not adopt an accepted connection"),
+            },
+        }
+    }
+
+    fn create_group(&mut self, group: GroupId, voters: Vec<NodeId>) -> Result<(), Error> {
+        let config = Arc::clone(&self.context.config);
+        let mut sorted = voters.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != voters.len() || voters.is_empty() || voters.len() > 64 {
+            return Err(Error::InvalidArgument(format!("voters {voters:?}: 1–64 distinct nodes")));
+        }
+        if !voters.contains(&config.node) {
+            return Err(Error::InvalidArgument(format!(
+                "voters {voters:?} do not include this node"
+            )));
+        }
+        if let Some(unknown) =
+            voters.iter().find(|v| **v != config.node && !config.peers.contains_key(v))
+        {
+            return Err(Error::InvalidArgument(format!("voter {unknown} is not a known peer")));
+        }
+        if self.core.replica(group).is_some() || self.store.contains(group) {
+            return Err(Error::GroupExists(group));
+        }
+        if self.store.wal().group_state(group).is_some() {
+            // Leftovers of a removal that did not finish: start clean.
+            let removal = self.store.remove_group(group).map_err(storage_error)?;
+            self.start_append(removal, None);
+        }
+        self.store.add_group(group, &voters).map_err(storage_error)?;
+        let machine = (self.context.factory)(group);
+        let replica_config = replica_config(&config, group, voters);
+        self.core
+            .create_group(group, replica_config, RecoveredState::default(), machine)
+            .map_err(request_error)?;
+        self.metrics.groups.set(self.core.groups().count() as f64);
+        Ok(())
+    }
+
+    fn remove_group(&mut self, group: GroupId, reply: oneshot::Sender<Result<(), Error>>) {
+        if !self.core.remove_group(group, &mut self.out) {
+            let _ = reply.send(Err(Error::GroupNotFound(group)));
+            return;
+        }
+        self.metrics.groups.set(self.core.groups().count() as f64);
+        match self.store.remove_group(group) {
+            Ok(append) => self.start_append(append, Some(reply)),
+            Err(error) => {
+                let error = storage_error(error);
+                let _ = reply.send(Err(error.clone()));
+                self.fail(error);
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.ticks += 1;
+        self.core.tick();
+        let now = Instant::now();
+        if self.pending.values().any(|pending| pending.deadline() <= now) {
+            let expired: Vec<Token> = self
+                .pending
+                .iter()
+                .filter(|(_, pending)| pending.deadline() <= now)
+                .map(|(token, _)| *token)
+                .collect();
+            self.core.fail_requests(|token| expired.contains(&token), &mut self.out);
+            // The core's own reasons are not what a caller at its deadline needs to hear.
+            self.out.completions.clear();
+            for token in expired {
+                let pending = self.pending.remove(&token).expect("listed");
+                let error = match self
+                    .core
+                    .replica(pending.group())
+                    .and_then(flotilla_raftgroup::Replica::leader)
+                {
+                    None => Error::NoQuorum,
+                    Some(leader) if leader == self.context.config.node => Error::Timeout,
+                    Some(leader) => Error::NotLeader { leader_hint: Some(leader) },
+                };
+                if matches!(pending, Pending::Propose { .. }) {
+                    self.metrics.proposals_failed.increment(1);
+                }
+                pending.fail(error);
+            }
+        }
+        // Every 64 ticks: snapshot groups that applied enough, and publish gauges.
+        if self.ticks.is_multiple_of(64) {
+            self.metrics
+                .inbox_depth
+                .set((self.inbox.max_capacity() - self.inbox.capacity()) as f64);
+            let leaders = self.core.groups().filter(|group| self.core.is_leader(*group)).count();
+            self.metrics.leaders.set(leaders as f64);
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        self.snapshots.clear();
+        let mut snapshots = std::mem::take(&mut self.snapshots);
+        self.core.compact_due(self.context.config.snapshot_entries, &mut snapshots);
+        for (group, snapshot) in snapshots.drain(..) {
+            match self.store.compact(group, &snapshot) {
+                Ok(append) => self.start_append(append, None),
+                Err(error) => {
+                    self.fail(storage_error(error));
+                    break;
+                }
+            }
+        }
+        self.snapshots = snapshots;
+    }
+
+    /// Queues an append behind the ones in flight. It is polled at once if every earlier one
+    /// has joined the WAL's queue (appends must join in the order they were made); otherwise
+    /// [`poll_inflight`] joins it in turn.
+    fn start_append(
+        &mut self,
+        mut append: AppendFuture,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    ) {
+        let mut done = None;
+        if self.inflight.iter().all(|earlier| earlier.done.is_some() || earlier.append.joined()) {
+            // The loop polls it again with its own waker before sleeping.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready(result) = Pin::new(&mut append).poll(&mut cx) {
+                done = Some(result);
+            }
+        }
+        self.metrics.wal_appends.increment(1);
+        self.inflight.push_back(InFlight {
+            append,
+            done,
+            persisted: Vec::new(),
+            after: BTreeMap::new(),
+            reply,
+            started: Instant::now(),
+        });
+    }
+
+    /// Pops every finished append at the front: sends what waited for it, tells the replicas.
+    async fn retire_done(&mut self) {
+        // Registers this task's waker with every append in flight (and joins waiting ones).
+        poll_fn(|cx| {
+            let _ = poll_inflight(&mut self.inflight, cx);
+            Poll::Ready(())
+        })
+        .await;
+        while self.inflight.front().is_some_and(|front| front.done.is_some()) {
+            let mut front = self.inflight.pop_front().expect("checked");
+            self.metrics.wal_append_seconds.record(front.started.elapsed().as_secs_f64());
+            let result = front.done.take().expect("checked");
+            if let Some(reply) = front.reply.take() {
+                let _ = reply.send(result.clone().map_err(|error| storage_error(error.into())));
+            }
+            if let Err(error) = result {
+                self.fail(storage_error(error.into()));
+                return;
+            }
+            for (group, term, index) in front.persisted.drain(..) {
+                self.core.on_persisted(group, term, index);
+            }
+            let mut after = std::mem::take(&mut front.after);
+            self.send_messages(&mut after);
+        }
+    }
+
+    /// Collects every dirty group until nothing is left to do this iteration.
+    async fn pump(&mut self) {
+        while self.failed.is_none() {
+            self.core.collect(&mut self.out);
+            let mut fetches = std::mem::take(&mut self.out.fetches);
+            for (group, fetch) in &fetches {
+                self.fetched.clear();
+                if let Err(error) = self.store.fetch(*group, fetch, &mut self.fetched) {
+                    self.fail(storage_error(error));
+                    return;
+                }
+                self.core.on_fetched(*group, *fetch, std::mem::take(&mut self.fetched));
+            }
+            let again = !fetches.is_empty();
+            fetches.clear();
+            self.out.fetches = fetches;
+
+            if self.out.persist.is_empty() {
+                // Nothing new to write, but these may still wait for writes in flight.
+                if let Some(last) = self.inflight.back_mut() {
+                    last.persisted.append(&mut self.out.persisted);
+                    for (peer, messages) in &mut self.out.send_after_persist {
+                        last.after.entry(*peer).or_default().append(messages);
+                    }
+                } else {
+                    for (group, term, index) in std::mem::take(&mut self.out.persisted) {
+                        self.core.on_persisted(group, term, index);
+                    }
+                    let mut after = std::mem::take(&mut self.out.send_after_persist);
+                    self.send_messages(&mut after);
+                    self.out.send_after_persist = after;
+                }
+            } else {
+                let mut batch = WriteBatch::new();
+                if let Err(error) = self.store.stage(&mut self.out.persist, &mut batch) {
+                    self.fail(storage_error(error));
+                    return;
+                }
+                let entries: usize = batch
+                    .ops()
+                    .iter()
+                    .map(|op| match op {
+                        flotilla_wal::Op::Entries { entries, .. } => entries.len(),
+                        _ => 0,
+                    })
+                    .sum();
+                self.metrics.wal_batch_entries.record(entries as f64);
+                let append = self.store.wal().append(batch);
+                self.start_append(append, None);
+                let last = self.inflight.back_mut().expect("just pushed");
+                last.persisted = std::mem::take(&mut self.out.persisted);
+                last.after = std::mem::take(&mut self.out.send_after_persist);
+            }
+            let mut now = std::mem::take(&mut self.out.send_now);
+            self.send_messages(&mut now);
+            self.out.send_now = now;
+            let completions = std::mem::take(&mut self.out.completions);
+            for completion in completions {
+                self.complete(completion);
+            }
+            self.out.clear();
+            if !again {
+                break;
+            }
+        }
+        // Let the WAL's writer see the appends before the loop sleeps.
+        tokio::task::yield_now().await;
+    }
+
+    fn complete(&mut self, completion: Completion<S>) {
+        match completion {
+            Completion::Applied { token, index, response } => {
+                if let Some(Pending::Propose { reply, started, .. }) = self.pending.remove(&token) {
+                    self.metrics.applied.increment(1);
+                    self.metrics.propose_seconds.record(started.elapsed().as_secs_f64());
+                    let _ = reply.send(Ok(Applied { index, response }));
+                }
+            }
+            Completion::Read { token, result, .. } => {
+                if let Some(Pending::Read { reply, .. }) = self.pending.remove(&token) {
+                    let _ = reply.send(Ok(result));
+                }
+            }
+            Completion::Failed { token, error } => {
+                if let Some(pending) = self.pending.remove(&token) {
+                    if matches!(pending, Pending::Propose { .. }) {
+                        self.metrics.proposals_failed.increment(1);
+                    }
+                    pending.fail(request_error(error));
+                }
+            }
+        }
+    }
+
+    /// Sends one frame per peer (cut at [`FRAME_BODY_TARGET`]) and empties the lists.
+    fn send_messages(&mut self, messages: &mut BTreeMap<NodeId, Vec<(GroupId, Message)>>) {
+        for (peer, list) in messages.iter_mut() {
+            if list.is_empty() {
+                continue;
+            }
+            let Some(sender) = self.peer(*peer) else {
+                list.clear();
+                continue;
+            };
+            let mut items = list.drain(..).peekable();
+            while items.peek().is_some() {
+                let mut body = Vec::with_capacity(4096);
+                let mut writer = BatchWriter::new(&mut body);
+                while writer.len_bytes() < FRAME_BODY_TARGET {
+                    let Some((group, message)) = items.next() else { break };
+                    writer.push(group, &message);
+                }
+                self.metrics.messages_sent.increment(u64::from(writer.count()));
+                self.metrics.frames_sent.increment(1);
+                // A full queue means the peer is slow or gone: Raft resends what matters.
+                let _ = sender.try_send(body);
+            }
+        }
+    }
+
+    fn peer(&mut self, peer: NodeId) -> Option<mpsc::Sender<Vec<u8>>> {
+        if let Some(sender) = self.peers.get(&peer) {
+            return Some(sender.clone());
+        }
+        let config = &self.context.config;
+        let Some(addr) = config.peers.get(&peer).copied() else {
+            tracing::debug!(%peer, "message for an unknown node dropped");
+            return None;
+        };
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_FRAMES);
+        let identity = Identity { cluster: config.cluster, node: config.node };
+        tokio::task::spawn_local(write_connection(identity, peer, addr, rx, config.faults.clone()));
+        self.peers.insert(peer, tx.clone());
+        Some(tx)
+    }
+
+    /// The shard's storage failed: it refuses everything from now on (nothing is retried).
+    fn fail(&mut self, error: Error) {
+        tracing::error!(shard = self.context.index, %error, "shard storage failed; refusing work");
+        for (_, pending) in self.pending.drain() {
+            pending.fail(error.clone());
+        }
+        self.failed = Some(error);
+    }
+}
+
+/// Polls the appends in flight in order: joins those still waiting to join (stopping at the
+/// first that cannot yet, so the order holds) and records the ones that finished. Ready once the
+/// oldest has finished.
+fn poll_inflight(inflight: &mut VecDeque<InFlight>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+    for item in inflight.iter_mut() {
+        if item.done.is_some() {
+            continue;
+        }
+        if let Poll::Ready(result) = Pin::new(&mut item.append).poll(cx) {
+            item.done = Some(result);
+        } else if !item.append.joined() {
+            break;
+        }
+    }
+    match inflight.front() {
+        Some(front) if front.done.is_some() => Poll::Ready(()),
+        _ => Poll::Pending,
+    }
+}
+
+fn refuse<S: StateMachine>(request: Request<S>, error: &Error) {
+    let error = error.clone();
+    match request {
+        Request::Propose { reply, .. } => drop(reply.send(Err(error))),
+        Request::Read { reply, .. } => drop(reply.send(Err(error))),
+        Request::CreateGroup { reply, .. } | Request::RemoveGroup { reply, .. } => {
+            drop(reply.send(Err(error)));
+        }
+        Request::Status { reply, .. } => drop(reply.send(Err(error))),
+        Request::Inspect(_) | Request::Messages(..) | Request::Accepted(_) => {}
+    }
+}
+
+#[allow(clippy::needless_pass_by_value)] // used as `map_err(storage_error)`
+fn storage_error(error: StoreError) -> Error {
+    Error::Storage(error.to_string().into())
+}
+
+fn request_error(error: RequestError) -> Error {
+    match error {
+        RequestError::GroupNotFound(group) => Error::GroupNotFound(group),
+        RequestError::NotLeader { leader_hint: None } => Error::NoQuorum,
+        RequestError::NotLeader { leader_hint } => Error::NotLeader { leader_hint },
+        RequestError::ProposalDropped => Error::ProposalDropped,
+        RequestError::Busy => Error::Busy,
+        RequestError::Rejected(reason) => Error::Rejected(reason),
+    }
+}
+
+fn replica_config(config: &EngineConfig, group: GroupId, voters: Vec<NodeId>) -> Config {
+    let mut replica = Config::new(config.node, voters);
+    replica.election_ticks = config.election_ticks;
+    replica.heartbeat_ticks = config.heartbeat_ticks;
+    replica.lease_reads = config.lease_reads;
+    replica.seed = group.0.rotate_left(17) ^ config.node.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    replica
+}
+
+fn restore_machine<S: StateMachine>(
+    factory: &MachineFactory<S>,
+    group: GroupId,
+    recovered: &RecoveredState,
+) -> Result<S, Error> {
+    let mut machine = factory(group);
+    if let Some(snapshot) = &recovered.snapshot {
+        machine.restore(&snapshot.data).map_err(|error| {
+            Error::Storage(format!("group {group}: snapshot does not restore: {error}").into())
+        })?;
+    }
+    Ok(machine)
+}
+
+/// Accepts peers' connections and hands them to the shards in turn.
+async fn accept_loop<S: StateMachine>(
+    listener: tokio::net::TcpListener,
+    routes: Arc<[mpsc::Sender<Request<S>>]>,
+) {
+    let mut next = 0usize;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of descriptors, usually: wait a little rather than spin.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(stream) = stream.into_std() else { continue };
+        let shard = &routes[next % routes.len()];
+        next = next.wrapping_add(1);
+        if shard.send(Request::Accepted(stream)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one accepted connection: handshake, then frames whose messages go to the shards that
+/// own their groups. Any error closes the connection; the peer reconnects.
+async fn read_connection<S: StateMachine>(
+    stream: tokio::net::TcpStream,
+    config: Arc<EngineConfig>,
+    routes: Arc<[mpsc::Sender<Request<S>>]>,
+) {
+    let identity = Identity { cluster: config.cluster, node: config.node };
+    let members = config.peers.keys().copied().filter(|id| *id != config.node).collect();
+    let accepted = Connection::accept(stream, members, ConnectionConfig::new(identity)).await;
+    // A refused or failed handshake was logged by `Connection::accept`.
+    let Ok(mut connection) = accepted else { return };
+    let peer = connection.peer();
+    let mut messages = Vec::new();
+    let mut per_shard: Vec<Vec<(GroupId, Message)>> = vec![Vec::new(); routes.len()];
+    loop {
+        let frame = match connection.recv().await {
+            Ok(frame) => frame,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "peer connection closed");
+                return;
+            }
+        };
+        if let Err(error) = batch::decode_shared(&frame.body, &mut messages) {
+            tracing::warn!(%peer, %error, "bad batch from a peer; closing its connection");
+            return;
+        }
+        for (group, message) in messages.drain(..) {
+            per_shard[shard_of(group, routes.len())].push((group, message));
+        }
+        for (shard, list) in per_shard.iter_mut().enumerate() {
+            if !list.is_empty()
+                && routes[shard].send(Request::Messages(peer, std::mem::take(list))).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Sends frames to one peer, connecting when there is something to send (with backoff after a
+/// failure: a dead peer costs only its failed connects). Frames that arrive while the peer is
+/// unreachable are dropped; Raft resends.
+async fn write_connection(
+    identity: Identity,
+    peer: NodeId,
+    addr: SocketAddr,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+    faults: Option<Arc<Faults>>,
+) {
+    let mut connection: Option<Connection> = None;
+    let mut backoff = BACKOFF_MIN;
+    let mut next_attempt = Instant::now();
+    while let Some(body) = frames.recv().await {
+        match faults.as_ref().map_or(Verdict::Deliver, |f| f.verdict(identity.node, peer)) {
+            Verdict::Deliver => {}
+            Verdict::Drop => continue,
+            Verdict::Delay(delay) => tokio::time::sleep(delay).await,
+        }
+        if connection.is_none() {
+            if Instant::now() < next_attempt {
+                continue;
+            }
+            let config = ConnectionConfig::new(identity);
+            match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(addr, peer, config))
+                .await
+            {
+                Ok(Ok(established)) => {
+                    connection = Some(established);
+                    backoff = BACKOFF_MIN;
+                }
+                _ => {
+                    next_attempt = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+        }
+        let live = connection.as_mut().expect("connected above");
+        if let Err(error) = live.send(&body).await {
+            tracing::debug!(%peer, %error, "peer connection lost");
+            connection = None;
+            next_attempt = Instant::now();
+        }
+    }
+}

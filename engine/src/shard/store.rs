@@ -1,0 +1,617 @@
+//! `ShardStore`: the durable side of one shard — its WAL (Raft entries and hard state of every
+//! group on the shard), one snapshot file per group, and the catalog of the groups it hosts.
+//!
+//! Directory layout under the shard's directory:
+//!
+//! ```text
+//! wal/                 the shard's flotilla-wal log (see wal/FORMAT.md)
+//! catalog              the groups hosted here and their initial voters
+//! snapshots/<group>    the latest state-machine snapshot of each group (16 hex digits)
+//! ```
+//!
+//! Entries keep their [`EntryKind`] in the WAL's per-entry tag byte ([`tag_of`]), so reads stay
+//! zero-copy. Small files (catalog, snapshots) are replaced atomically: written to a temporary
+//! name, `fsync`'d, renamed, and the directory `fsync`'d. Their layout (all integers
+//! little-endian):
+//!
+//! ```text
+//! catalog:  magic "FLCT" | version u16 | reserved u16 | count u32 |
+//!           count × (group u64 | voter count u32 | voters u64 …) | crc32 of everything before
+//! snapshot: magic "FLSN" | version u16 | reserved u16 | group u64 | index u64 | term u64 |
+//!           membership length u32 | membership (raftgroup's encoding) |
+//!           data length u64 | data | crc32 of everything before
+//! ```
+//!
+//! A snapshot file is made durable before the WAL drops the entries it covers, so after a crash
+//! the snapshot is at or past the WAL's compaction point; [`ShardStore::recover_group`] repairs
+//! the other direction (a snapshot whose compaction record was lost) before the group starts.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use flotilla_raftgroup::{
+    Entry, EntryKind, Fetch, HardState, LogIndex, Membership, NodeId, RecoveredState, Snapshot,
+    SnapshotMeta, Term,
+};
+use flotilla_wal::{AppendFuture, GroupId, Recovery, Wal, WalError, WriteBatch};
+
+use super::core::PersistItem;
+
+/// The WAL tag of a normal entry.
+pub const TAG_NORMAL: u8 = 0;
+/// The WAL tag of a membership entry.
+pub const TAG_MEMBERSHIP: u8 = 1;
+/// The WAL tag of a leader's no-op entry.
+pub const TAG_EMPTY: u8 = 2;
+
+const CATALOG_MAGIC: &[u8; 4] = b"FLCT";
+const SNAPSHOT_MAGIC: &[u8; 4] = b"FLSN";
+const FILE_VERSION: u16 = 1;
+/// Voters per group a catalog record may list: Raft groups have a handful; this bounds what a
+/// damaged file can make us allocate.
+const VOTERS_MAX: u32 = 64;
+/// Entries read from the WAL per step while answering a fetch, so a byte limit stops the read
+/// early without first collecting a huge range.
+const FETCH_CHUNK: u64 = 256;
+/// Entries handed to a recovering replica with its term starts, to warm its cache.
+const RECOVERED_TAIL_ENTRIES: usize = 1024;
+
+/// The WAL tag that stores `kind`.
+pub fn tag_of(kind: EntryKind) -> u8 {
+    match kind {
+        EntryKind::Normal => TAG_NORMAL,
+        EntryKind::Membership => TAG_MEMBERSHIP,
+        EntryKind::Empty => TAG_EMPTY,
+    }
+}
+
+/// The entry kind a WAL tag stands for; `None` for a tag this version never writes.
+pub fn kind_of(tag: u8) -> Option<EntryKind> {
+    match tag {
+        TAG_NORMAL => Some(EntryKind::Normal),
+        TAG_MEMBERSHIP => Some(EntryKind::Membership),
+        TAG_EMPTY => Some(EntryKind::Empty),
+        _ => None,
+    }
+}
+
+/// Why the shard's durable state could not be read or written. Every variant is fatal for the
+/// shard: like the WAL, the store never retries a failed write.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The WAL failed (it is poisoned if the failure was a write or an fsync).
+    #[error("wal: {0}")]
+    Wal(#[from] WalError),
+    /// A file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A file's bytes are not what this version writes (bad magic, checksum or field).
+    #[error("corrupt {path}: {detail}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A WAL entry carries a kind tag this version does not know.
+    #[error("group {group}: entry {index} has unknown kind tag {tag}")]
+    UnknownTag {
+        /// The group.
+        group: GroupId,
+        /// The entry's index.
+        index: u64,
+        /// The tag.
+        tag: u8,
+    },
+}
+
+/// The durable state of one shard.
+#[derive(Debug)]
+pub struct ShardStore {
+    dir: PathBuf,
+    wal: Wal,
+    /// Group → its initial voters (what `create_group` was given).
+    catalog: BTreeMap<GroupId, Vec<NodeId>>,
+}
+
+impl ShardStore {
+    /// Opens (or creates) the shard directory `dir`, recovering the WAL with `wal_config`.
+    pub fn open(
+        dir: &Path,
+        wal_config: flotilla_wal::Config,
+    ) -> Result<(Self, Recovery), StoreError> {
+        fs::create_dir_all(dir.join("snapshots")).map_err(io_error("creating", dir))?;
+        let (wal, recovery) = Wal::open(dir.join("wal"), wal_config)?;
+        let catalog = read_catalog(&dir.join("catalog"))?;
+        Ok((Self { dir: dir.to_path_buf(), wal, catalog }, recovery))
+    }
+
+    /// The shard's log.
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    /// Closes the log after a final synced round; everything acknowledged stays durable either way.
+    pub fn close(self) -> Result<(), StoreError> {
+        self.wal.close()?;
+        Ok(())
+    }
+
+    /// The groups hosted here, with their initial voters.
+    pub fn groups(&self) -> impl Iterator<Item = (GroupId, &[NodeId])> + '_ {
+        self.catalog.iter().map(|(group, voters)| (*group, voters.as_slice()))
+    }
+
+    /// Whether `group` is in the catalog.
+    pub fn contains(&self, group: GroupId) -> bool {
+        self.catalog.contains_key(&group)
+    }
+
+    /// Records durably that this shard hosts `group`, created with `voters`.
+    pub fn add_group(&mut self, group: GroupId, voters: &[NodeId]) -> Result<(), StoreError> {
+        let previous = self.catalog.insert(group, voters.to_vec());
+        if let Err(error) = self.write_catalog() {
+            match previous {
+                Some(voters) => self.catalog.insert(group, voters),
+                None => self.catalog.remove(&group),
+            };
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Forgets `group`: the catalog first (so a crash in between leaves a harmless orphan, not a
+    /// group without a log), then its snapshot; the returned future completes once the WAL
+    /// recorded the removal.
+    pub fn remove_group(&mut self, group: GroupId) -> Result<AppendFuture, StoreError> {
+        if let Some(voters) = self.catalog.remove(&group)
+            && let Err(error) = self.write_catalog()
+        {
+            self.catalog.insert(group, voters);
+            return Err(error);
+        }
+        let path = self.snapshot_path(group);
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.dir.join("snapshots"))?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(io_error("removing", &path)(error)),
+        }
+        let mut batch = WriteBatch::new();
+        batch.remove_group(group);
+        Ok(self.wal.append(batch))
+    }
+
+    /// What `group` recovers from: its snapshot (restore the state machine from it; `applied`
+    /// is its index) and the log after it. If the snapshot is newer than the WAL's compaction
+    /// point — a crash between writing the snapshot file and the WAL's compaction record — the
+    /// compaction is written (and synced) first, so the WAL and the replica agree on where the
+    /// log starts.
+    pub fn recover_group(&self, group: GroupId) -> Result<RecoveredState, StoreError> {
+        let snapshot = self.load_snapshot(group)?;
+        let snapshot_index = snapshot.as_ref().map_or(0, |s| s.meta.index.0);
+        if let Some(snapshot) = &snapshot {
+            let compacted = self
+                .wal
+                .group_state(group)
+                .and_then(|state| state.compacted)
+                .map_or(0, |(index, _)| index);
+            if compacted < snapshot_index {
+                let mut batch = WriteBatch::new();
+                self.compact_to(group, &snapshot.meta, &mut batch);
+                flotilla_wal::block_on(self.wal.append(batch))?;
+            }
+        }
+        let Some(state) = self.wal.group_state(group) else {
+            return Ok(RecoveredState {
+                applied: LogIndex(snapshot_index),
+                hard_state: HardState {
+                    commit: LogIndex(snapshot_index),
+                    term: snapshot.as_ref().map_or(Term(0), |s| s.meta.term),
+                    vote: None,
+                },
+                last_index: LogIndex(snapshot_index),
+                snapshot,
+                ..RecoveredState::default()
+            });
+        };
+        let first = state.first_index.max(snapshot_index + 1);
+        let mut entries = Vec::new();
+        if state.last_index >= first {
+            let mut raw = Vec::new();
+            self.wal.entries_into(group, first..state.last_index + 1, &mut raw)?;
+            entries.reserve(raw.len());
+            for entry in raw {
+                entries.push(to_raft_entry(group, entry)?);
+            }
+        }
+        let mut hard_state = state.hard_state.map_or_else(HardState::default, |hs| HardState {
+            term: Term(hs.term),
+            vote: (hs.vote != 0).then_some(NodeId(hs.vote)),
+            commit: LogIndex(hs.commit),
+        });
+        hard_state.commit = hard_state.commit.max(LogIndex(snapshot_index));
+        if let Some(snapshot) = &snapshot {
+            hard_state.term = hard_state.term.max(snapshot.meta.term);
+        }
+        let mut term_starts: Vec<(LogIndex, Term)> = Vec::new();
+        for entry in &entries {
+            if term_starts.last().is_none_or(|&(_, term)| term != entry.term) {
+                term_starts.push((entry.index, entry.term));
+            }
+        }
+        // The replica keeps what its cache allows and fetches the rest: hand it the tail only.
+        entries.drain(..entries.len().saturating_sub(RECOVERED_TAIL_ENTRIES));
+        Ok(RecoveredState {
+            hard_state,
+            last_index: LogIndex(state.last_index.max(snapshot_index)),
+            applied: LogIndex(snapshot_index),
+            snapshot,
+            entries,
+            term_starts,
+            membership: None,
+        })
+    }
+
+    /// Adds what `items` ask to persist to `batch` (one WAL round for the whole shard). A
+    /// snapshot in an item is written to its file (durably, now) before its compaction enters
+    /// the batch.
+    pub fn stage(
+        &self,
+        items: &mut [(GroupId, PersistItem)],
+        batch: &mut WriteBatch,
+    ) -> Result<(), StoreError> {
+        for (group, item) in items {
+            let group = *group;
+            if let Some(snapshot) = item.snapshot.take() {
+                self.save_snapshot(group, &snapshot)?;
+                self.compact_to(group, &snapshot.meta, batch);
+            }
+            let entries = std::mem::take(&mut item.entries);
+            if let Some(first) = entries.first() {
+                let first_index = first.index.0;
+                batch.add_tagged_entries(
+                    group,
+                    first_index,
+                    entries.into_iter().map(|e| (e.term.0, tag_of(e.kind), e.payload)),
+                );
+            }
+            if let Some(hs) = item.hard_state {
+                batch.set_hard_state(group, wal_hard_state(hs));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the WAL drop `group`'s entries through `meta.index`, keeping later ones only if the
+    /// entry at `meta.index` has the snapshot's term (Raft's rule for installing a snapshot).
+    fn compact_to(&self, group: GroupId, meta: &SnapshotMeta, batch: &mut WriteBatch) {
+        let index = meta.index.0;
+        let matches = self.wal.term(group, index) == Some(meta.term.0);
+        let state = self.wal.group_state(group);
+        let compacted = state.and_then(|s| s.compacted).map_or(0, |(i, _)| i);
+        if index > compacted {
+            batch.compact(group, index, meta.term.0);
+        }
+        if !matches && state.is_some_and(|s| s.last_index > index) {
+            batch.truncate_suffix(group, index + 1);
+        }
+    }
+
+    /// Records that the application compacted `group` into `snapshot` (from
+    /// [`flotilla_raftgroup::Replica::compact`]): the snapshot file is made durable now; the
+    /// returned future completes when the WAL dropped the entries.
+    pub fn compact(&self, group: GroupId, snapshot: &Snapshot) -> Result<AppendFuture, StoreError> {
+        self.save_snapshot(group, snapshot)?;
+        let mut batch = WriteBatch::new();
+        self.compact_to(group, &snapshot.meta, &mut batch);
+        Ok(self.wal.append(batch))
+    }
+
+    /// Answers `fetch` from the WAL into `out`: entries from `fetch.low`, at most
+    /// `fetch.max_bytes` of them (at least one), none if they were compacted.
+    pub fn fetch(
+        &self,
+        group: GroupId,
+        fetch: &Fetch,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), StoreError> {
+        let mut raw = Vec::new();
+        let mut bytes = 0;
+        let mut at = fetch.low.0;
+        while at <= fetch.high.0 {
+            let end = fetch.high.0.min(at + FETCH_CHUNK - 1) + 1;
+            raw.clear();
+            match self.wal.entries_into(group, at..end, &mut raw) {
+                Ok(()) => {}
+                // Compacted or not (yet) there: the replica asks again or sends a snapshot.
+                Err(
+                    WalError::Compacted { .. }
+                    | WalError::Unavailable { .. }
+                    | WalError::GroupNotFound(_),
+                ) => return Ok(()),
+                Err(error) => return Err(error.into()),
+            }
+            for entry in raw.drain(..) {
+                let entry = to_raft_entry(group, entry)?;
+                bytes += entry.size_bytes();
+                if bytes > fetch.max_bytes && !out.is_empty() {
+                    return Ok(());
+                }
+                out.push(entry);
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
+    fn snapshot_path(&self, group: GroupId) -> PathBuf {
+        self.dir.join("snapshots").join(format!("{:016x}", group.0))
+    }
+
+    /// Writes `snapshot` as `group`'s snapshot file, durably.
+    pub fn save_snapshot(&self, group: GroupId, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let membership = snapshot.meta.membership.encode();
+        let mut out = Vec::with_capacity(64 + membership.len() + snapshot.data.len());
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&FILE_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&group.0.to_le_bytes());
+        out.extend_from_slice(&snapshot.meta.index.0.to_le_bytes());
+        out.extend_from_slice(&snapshot.meta.term.0.to_le_bytes());
+        out.extend_from_slice(&(membership.len() as u32).to_le_bytes());
+        out.extend_from_slice(&membership);
+        out.extend_from_slice(&(snapshot.data.len() as u64).to_le_bytes());
+        out.extend_from_slice(&snapshot.data);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        write_atomically(&self.snapshot_path(group), &out)
+    }
+
+    /// Reads `group`'s snapshot file, if any.
+    pub fn load_snapshot(&self, group: GroupId) -> Result<Option<Snapshot>, StoreError> {
+        let path = self.snapshot_path(group);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(io_error("reading", &path)(error)),
+        };
+        decode_snapshot(&bytes, group)
+            .map(Some)
+            .map_err(|detail| StoreError::Corrupt { path, detail })
+    }
+
+    fn write_catalog(&self) -> Result<(), StoreError> {
+        let mut out = Vec::new();
+        out.extend_from_slice(CATALOG_MAGIC);
+        out.extend_from_slice(&FILE_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&(self.catalog.len() as u32).to_le_bytes());
+        for (group, voters) in &self.catalog {
+            out.extend_from_slice(&group.0.to_le_bytes());
+            out.extend_from_slice(&(voters.len() as u32).to_le_bytes());
+            for voter in voters {
+                out.extend_from_slice(&voter.0.to_le_bytes());
+            }
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        write_atomically(&self.dir.join("catalog"), &out)
+    }
+}
+
+fn to_raft_entry(group: GroupId, entry: flotilla_wal::Entry) -> Result<Entry, StoreError> {
+    let kind = kind_of(entry.tag).ok_or(StoreError::UnknownTag {
+        group,
+        index: entry.index,
+        tag: entry.tag,
+    })?;
+    Ok(Entry { index: LogIndex(entry.index), term: Term(entry.term), kind, payload: entry.payload })
+}
+
+fn wal_hard_state(hs: HardState) -> flotilla_wal::HardState {
+    flotilla_wal::HardState {
+        term: hs.term.0,
+        vote: hs.vote.map_or(0, |n| n.0),
+        commit: hs.commit.0,
+    }
+}
+
+fn io_error<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { op, path: path.to_path_buf(), source }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("syncing directory", dir))
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::File::create(&tmp).map_err(io_error("creating", &tmp))?;
+    file.write_all(bytes).map_err(io_error("writing", &tmp))?;
+    file.sync_all().map_err(io_error("syncing", &tmp))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(io_error("renaming", &tmp))?;
+    sync_dir(path.parent().expect("a file in a directory"))
+}
+
+/// A little-endian reader over untrusted bytes: every read is bounds-checked.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|&end| end <= self.bytes.len());
+        let end = end.ok_or_else(|| format!("truncated at {} (wanted {n} bytes)", self.at))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+}
+
+/// Checks the magic, version and trailing checksum; returns the bytes between header and crc.
+fn check_file(bytes: &[u8], magic: [u8; 4]) -> Result<Reader<'_>, String> {
+    if bytes.len() < 12 {
+        return Err(format!("{} bytes is too short", bytes.len()));
+    }
+    let (content, crc) = bytes.split_at(bytes.len() - 4);
+    let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+    if crc32fast::hash(content) != stored {
+        return Err("checksum mismatch".into());
+    }
+    let mut reader = Reader { bytes: content, at: 0 };
+    if reader.take(4)? != magic.as_slice() {
+        return Err("bad magic".into());
+    }
+    let version = reader.u16()?;
+    if version != FILE_VERSION {
+        return Err(format!("unsupported version {version}"));
+    }
+    if reader.u16()? != 0 {
+        return Err("reserved bytes set".into());
+    }
+    Ok(reader)
+}
+
+fn read_catalog(path: &Path) -> Result<BTreeMap<GroupId, Vec<NodeId>>, StoreError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(error) => return Err(io_error("reading", path)(error)),
+    };
+    decode_catalog(&bytes)
+        .map_err(|detail| StoreError::Corrupt { path: path.to_path_buf(), detail })
+}
+
+fn decode_catalog(bytes: &[u8]) -> Result<BTreeMap<GroupId, Vec<NodeId>>, String> {
+    let mut reader = check_file(bytes, *CATALOG_MAGIC)?;
+    let count = reader.u32()?;
+    let mut catalog = BTreeMap::new();
+    for _ in 0..count {
+        let group = GroupId(reader.u64()?);
+        let voters = reader.u32()?;
+        if voters > VOTERS_MAX {
+            return Err(format!("group {group} lists {voters} voters"));
+        }
+        let voters =
+            (0..voters).map(|_| reader.u64().map(NodeId)).collect::<Result<Vec<_>, _>>()?;
+        if catalog.insert(group, voters).is_some() {
+            return Err(format!("group {group} listed twice"));
+        }
+    }
+    if reader.at != reader.bytes.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok(catalog)
+}
+
+fn decode_snapshot(bytes: &Bytes, group: GroupId) -> Result<Snapshot, String> {
+    let mut reader = check_file(bytes, *SNAPSHOT_MAGIC)?;
+    let stored_group = reader.u64()?;
+    if stored_group != group.0 {
+        return Err(format!("holds group {stored_group}"));
+    }
+    let index = LogIndex(reader.u64()?);
+    let term = Term(reader.u64()?);
+    let membership_len = reader.u32()? as usize;
+    let membership = Membership::decode(reader.take(membership_len)?)
+        .map_err(|error| format!("membership: {error}"))?;
+    let data_len = usize::try_from(reader.u64()?).map_err(|_| "data length overflows")?;
+    let start = reader.at;
+    reader.take(data_len)?;
+    if reader.at != reader.bytes.len() {
+        return Err("trailing bytes".into());
+    }
+    Ok(Snapshot {
+        meta: SnapshotMeta { index, term, membership },
+        data: bytes.slice(start..start + data_len),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_round_trip_and_unknown_tags_are_refused() {
+        for kind in [EntryKind::Normal, EntryKind::Membership, EntryKind::Empty] {
+            assert_eq!(kind_of(tag_of(kind)), Some(kind));
+        }
+        assert_eq!(kind_of(3), None);
+        assert_eq!(kind_of(u8::MAX), None);
+    }
+
+    #[test]
+    fn damaged_catalog_and_snapshot_bytes_are_refused_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = flotilla_wal::Config {
+            segment_bytes: 1 << 20,
+            batch_bytes_max: 64 << 10,
+            writer: flotilla_wal::WriterMode::Inline,
+            ..flotilla_wal::Config::default()
+        };
+        let (mut store, _) = ShardStore::open(dir.path(), config).unwrap();
+        store.add_group(GroupId(7), &[NodeId(1), NodeId(2), NodeId(3)]).unwrap();
+        let snapshot = Snapshot {
+            meta: SnapshotMeta {
+                index: LogIndex(5),
+                term: Term(2),
+                membership: Membership { voters: vec![NodeId(1)], ..Membership::default() },
+            },
+            data: Bytes::from_static(b"state"),
+        };
+        store.save_snapshot(GroupId(7), &snapshot).unwrap();
+        assert_eq!(store.load_snapshot(GroupId(7)).unwrap(), Some(snapshot));
+
+        let catalog = fs::read(dir.path().join("catalog")).unwrap();
+        assert_eq!(decode_catalog(&catalog).unwrap().len(), 1);
+        let snap = Bytes::from(fs::read(store.snapshot_path(GroupId(7))).unwrap());
+        // Every truncation and every single-bit flip is refused with a reason.
+        for len in 0..catalog.len() {
+            assert!(decode_catalog(&catalog[..len]).is_err());
+        }
+        for len in 0..snap.len() {
+            assert!(decode_snapshot(&snap.slice(..len), GroupId(7)).is_err());
+        }
+        for bit in 0..catalog.len() * 8 {
+            let mut damaged = catalog.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode_catalog(&damaged).is_err(), "bit {bit}");
+        }
+        for bit in 0..snap.len() * 8 {
+            let mut damaged = snap.to_vec();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode_snapshot(&Bytes::from(damaged), GroupId(7)).is_err(), "bit {bit}");
+        }
+        // A snapshot file under another group's name is refused too.
+        assert!(decode_snapshot(&snap, GroupId(8)).is_err());
+    }
+}

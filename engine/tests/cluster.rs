@@ -1,0 +1,315 @@
+//! Three engines in one process on loopback TCP, 64 groups (issue 4): writes and linearizable
+//! reads succeed; a dropped engine does not stop the others; it restarts from its data directory
+//! and catches up; a partition leaves the majority serving and the minority refusing promptly;
+//! after healing, no acknowledged write is missing and every replica holds the same state.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flotilla::kv::{Command, KvStateMachine, Query, QueryResult, Request};
+use flotilla::{Consistency, Engine, EngineConfig, Error, Faults, GroupId, NodeId};
+
+const NODES: u64 = 3;
+const GROUPS: u64 = 64;
+/// Longest any step below may take; far above what it needs, so a slow CI machine passes.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+struct Cluster {
+    dirs: Vec<tempfile::TempDir>,
+    addrs: BTreeMap<NodeId, SocketAddr>,
+    faults: Arc<Faults>,
+    engines: Vec<Option<Engine>>,
+}
+
+fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let addrs: BTreeMap<NodeId, SocketAddr> =
+            (1..=NODES).map(|id| (NodeId(id), free_addr())).collect();
+        let dirs = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut cluster =
+            Self { dirs, addrs, faults: Arc::new(Faults::new()), engines: Vec::new() };
+        for id in 1..=NODES {
+            let engine = cluster.open(NodeId(id));
+            cluster.engines.push(Some(engine));
+        }
+        cluster
+    }
+
+    fn config(&self, node: NodeId) -> EngineConfig {
+        let dir = self.dirs[(node.0 - 1) as usize].path();
+        let mut config = EngineConfig::new(node, self.addrs[&node], dir);
+        config.peers = self.addrs.clone();
+        config.shards = 2;
+        config.faults = Some(Arc::clone(&self.faults));
+        config.request_timeout = Duration::from_secs(3);
+        // Small segments: the test also exercises rotation.
+        config.wal.segment_bytes = 8 << 20;
+        config.wal.batch_bytes_max = 1 << 20;
+        config
+    }
+
+    fn open(&self, node: NodeId) -> Engine {
+        Engine::open_kv(self.config(node)).unwrap()
+    }
+
+    fn engine(&self, node: NodeId) -> &Engine {
+        self.engines[(node.0 - 1) as usize].as_ref().expect("node is running")
+    }
+
+    fn running(&self) -> impl Iterator<Item = &Engine> {
+        self.engines.iter().flatten()
+    }
+
+    /// Puts `key = value` in `group` through whichever running node leads it, following leader
+    /// hints and retrying through elections; panics after [`PATIENCE`].
+    async fn put(&self, group: GroupId, key: &str, value: &str, through: &[NodeId]) {
+        let started = Instant::now();
+        let mut node = through[0];
+        let mut attempt = 0usize;
+        loop {
+            let command = Command::Put {
+                key: Bytes::from(key.to_owned()),
+                value: Bytes::from(value.to_owned()),
+            };
+            match self.engine(node).propose_kv(group, Request::Unsessioned(command)).await {
+                Ok(applied) => {
+                    assert!(applied.response.is_ok(), "{:?}", applied.response);
+                    return;
+                }
+                Err(Error::NotLeader { leader_hint: Some(hint) }) if through.contains(&hint) => {
+                    node = hint;
+                }
+                Err(
+                    Error::NotLeader { .. }
+                    | Error::NoQuorum
+                    | Error::Timeout
+                    | Error::ProposalDropped
+                    | Error::Busy,
+                ) => {
+                    attempt += 1;
+                    node = through[attempt % through.len()];
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(other) => panic!("put {group}/{key}: {other}"),
+            }
+            assert!(started.elapsed() < PATIENCE, "put {group}/{key} never succeeded");
+        }
+    }
+
+    /// A linearizable read of `key` in `group` through one of `through`, retried like `put`.
+    async fn get(&self, group: GroupId, key: &str, through: &[NodeId]) -> Option<Bytes> {
+        let started = Instant::now();
+        let mut attempt = 0usize;
+        loop {
+            let node = through[attempt % through.len()];
+            let query = Query::Get { key: Bytes::from(key.to_owned()) };
+            match self.engine(node).read(group, query, Consistency::Linearizable).await {
+                Ok(QueryResult::Value(value)) => return value,
+                Ok(other) => panic!("unexpected answer {other:?}"),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            assert!(started.elapsed() < PATIENCE, "get {group}/{key} never succeeded");
+        }
+    }
+
+    /// The running node that leads the most groups.
+    async fn busiest_leader(&self) -> NodeId {
+        let mut counts = BTreeMap::new();
+        for engine in self.running() {
+            for group in (1..=GROUPS).map(GroupId) {
+                if let Ok(status) = engine.status(group).await
+                    && status.leader == Some(engine.node())
+                    && status.role == flotilla::raftgroup::Role::Leader
+                {
+                    *counts.entry(engine.node()).or_insert(0) += 1;
+                }
+            }
+        }
+        eprintln!("leaders per node: {counts:?}");
+        counts.into_iter().max_by_key(|(_, count)| *count).map(|(node, _)| node).expect("leaders")
+    }
+
+    /// Waits until every running replica of every group holds `expected` (key → value).
+    async fn converge(&self, expected: &BTreeMap<(GroupId, String), String>) {
+        let started = Instant::now();
+        loop {
+            let mut behind = 0;
+            for engine in self.running() {
+                for group in (1..=GROUPS).map(GroupId) {
+                    let contents = contents(engine, group).await;
+                    let wanted: BTreeMap<Bytes, Bytes> = expected
+                        .iter()
+                        .filter(|((g, _), _)| *g == group)
+                        .map(|((_, k), v)| (Bytes::from(k.clone()), Bytes::from(v.clone())))
+                        .collect();
+                    if contents != wanted {
+                        behind += 1;
+                    }
+                }
+            }
+            if behind == 0 {
+                return;
+            }
+            assert!(started.elapsed() < PATIENCE, "{behind} replicas never converged");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn contents(engine: &Engine, group: GroupId) -> BTreeMap<Bytes, Bytes> {
+    engine
+        .inspect(group, |machine: &KvStateMachine| {
+            machine.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>()
+        })
+        .await
+        .unwrap()
+        .expect("group hosted")
+}
+
+async fn write_all(
+    cluster: &Cluster,
+    round: &str,
+    through: &[NodeId],
+    acknowledged: &mut BTreeMap<(GroupId, String), String>,
+) {
+    // One writer per group, all at once: the shards batch them.
+    let writes = (1..=GROUPS).map(|group| {
+        let value = format!("{round}-{group}");
+        async move {
+            cluster.put(GroupId(group), "key", &value, through).await;
+            (GroupId(group), value)
+        }
+    });
+    for (group, value) in join_all(writes).await {
+        acknowledged.insert((group, "key".to_owned()), value);
+    }
+}
+
+/// Runs futures concurrently on the current task (the test needs no extra crate for this).
+async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    outputs.into_iter().map(|output| output.expect("all ready")).collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn three_engines_serve_64_groups_through_failure_restart_and_partition() {
+    let mut cluster = Cluster::start();
+    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+    for engine in cluster.running() {
+        for group in 1..=GROUPS {
+            engine.create_group(GroupId(group), &all).await.unwrap();
+        }
+    }
+    let mut acknowledged = BTreeMap::new();
+
+    // Writes and linearizable reads, through every node.
+    write_all(&cluster, "first", &all, &mut acknowledged).await;
+    for group in (1..=GROUPS).map(GroupId) {
+        let node = all[(group.0 % NODES) as usize];
+        let value = cluster.get(group, "key", &[node]).await;
+        assert_eq!(value.as_deref(), Some(format!("first-{}", group.0).as_bytes()));
+    }
+
+    // The node leading the most groups goes away: the other two keep serving every group.
+    let victim = cluster.busiest_leader().await;
+    drop(cluster.engines[(victim.0 - 1) as usize].take());
+    let survivors: Vec<NodeId> = all.iter().copied().filter(|n| *n != victim).collect();
+    let started = Instant::now();
+    write_all(&cluster, "second", &survivors, &mut acknowledged).await;
+    eprintln!("64 groups served again {:?} after {victim} was dropped", started.elapsed());
+
+    // It comes back from its data directory and catches up.
+    cluster.engines[(victim.0 - 1) as usize] = Some(cluster.open(victim));
+    cluster.converge(&acknowledged).await;
+
+    // The busiest leader is cut off: the majority serves, the minority refuses promptly.
+    let isolated = cluster.busiest_leader().await;
+    cluster.faults.isolate(isolated);
+    let majority: Vec<NodeId> = all.iter().copied().filter(|n| *n != isolated).collect();
+    let started = Instant::now();
+    write_all(&cluster, "third", &majority, &mut acknowledged).await;
+    eprintln!(
+        "64 groups served by the majority {:?} after {isolated} was cut off",
+        started.elapsed()
+    );
+    // By now the isolated node has noticed (check-quorum): a leader steps down within an election timeout.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for group in (1..=GROUPS).map(GroupId) {
+        let asked = Instant::now();
+        let command = Command::Put { key: "key".into(), value: "lost".into() };
+        let result =
+            cluster.engine(isolated).propose_kv(group, Request::Unsessioned(command)).await;
+        assert!(
+            matches!(result, Err(Error::NoQuorum | Error::NotLeader { .. })),
+            "group {group} on the minority: {result:?}"
+        );
+        assert!(asked.elapsed() < Duration::from_millis(500), "the minority answered slowly");
+        let query = Query::Get { key: "key".into() };
+        let read = cluster.engine(isolated).read(group, query, Consistency::Linearizable).await;
+        assert!(read.is_err(), "a linearizable read on the minority must fail: {read:?}");
+    }
+
+    // Healed: every replica converges on exactly the acknowledged writes.
+    cluster.faults.heal();
+    cluster.converge(&acknowledged).await;
+    for engine in cluster.engines.iter_mut().filter_map(Option::take) {
+        engine.shutdown().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn create_group_validates_its_arguments_and_refuses_duplicates() {
+    let cluster = Cluster::start();
+    let engine = cluster.engine(NodeId(1));
+    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+    for bad in
+        [vec![], vec![NodeId(2), NodeId(3)], vec![NodeId(1), NodeId(1)], vec![NodeId(1), NodeId(9)]]
+    {
+        let result = engine.create_group(GroupId(5), &bad).await;
+        assert!(matches!(result, Err(Error::InvalidArgument(_))), "{bad:?}: {result:?}");
+    }
+    engine.create_group(GroupId(5), &all).await.unwrap();
+    assert!(matches!(engine.create_group(GroupId(5), &all).await, Err(Error::GroupExists(_))));
+    assert!(matches!(engine.status(GroupId(6)).await, Err(Error::GroupNotFound(_))));
+    let command = Command::Put { key: "k".into(), value: "v".into() };
+    let result = engine.propose_kv(GroupId(6), Request::Unsessioned(command)).await;
+    assert!(matches!(result, Err(Error::GroupNotFound(_))), "{result:?}");
+    engine.remove_group(GroupId(5)).await.unwrap();
+    assert!(matches!(engine.status(GroupId(5)).await, Err(Error::GroupNotFound(_))));
+}
+
+#[test]
+fn a_data_directory_refuses_another_shard_count() {
+    let cluster = Cluster::start();
+    let mut config = cluster.config(NodeId(1));
+    drop(cluster.engines);
+    config.shards = 3;
+    config.listen = free_addr();
+    let error = Engine::open_kv(config).unwrap_err();
+    assert!(matches!(error, Error::Config(_)), "{error}");
+}
