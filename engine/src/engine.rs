@@ -130,6 +130,24 @@ pub struct GroupStatus {
     pub last_index: LogIndex,
 }
 
+/// What one shard has done since the node started: for tools, benchmarks and tests.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ShardStats {
+    /// The WAL backend it runs on.
+    pub backend: ActiveBackend,
+    /// Its WAL's counters (rounds, entries, fdatasyncs, …).
+    pub wal: flotilla_wal::Stats,
+    /// Groups it hosts.
+    pub groups: usize,
+    /// Groups whose replica here leads.
+    pub leaders: usize,
+    /// Frames sent to peers (one per peer per flush, cut at 1 MiB).
+    pub frames_sent: u64,
+    /// Raft messages those frames carried.
+    pub messages_sent: u64,
+}
+
 /// How a node runs. [`EngineConfig::new`] gives working defaults for a node on one machine.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -409,8 +427,11 @@ where
     }
 
     fn submit(&self, group: GroupId, request: Request<S>) -> Result<(), Error> {
-        let shard = &self.inner.shards[shard_of(group, self.inner.shards.len())];
-        shard.inbox.try_send(request).map_err(|error| match error {
+        self.submit_to(shard_of(group, self.inner.shards.len()), request)
+    }
+
+    fn submit_to(&self, shard: usize, request: Request<S>) -> Result<(), Error> {
+        self.inner.shards[shard].inbox.try_send(request).map_err(|error| match error {
             mpsc::error::TrySendError::Full(_) => Error::Busy,
             mpsc::error::TrySendError::Closed(_) => Error::ShuttingDown,
         })
@@ -492,6 +513,17 @@ where
             }))
         })
         .await
+    }
+
+    /// Every shard's counters, in shard order.
+    pub async fn shard_stats(&self) -> Result<Vec<ShardStats>, Error> {
+        let mut all = Vec::with_capacity(self.inner.shards.len());
+        for shard in 0..self.inner.shards.len() {
+            let (reply, answer) = oneshot::channel();
+            self.submit_to(shard, Request::Stats(reply))?;
+            all.push(answer.await.map_err(|_| Error::ShuttingDown)??);
+        }
+        Ok(all)
     }
 
     /// Stops the node: pending requests fail with [`Error::ShuttingDown`], every shard waits for

@@ -14,7 +14,8 @@ pub use flotilla_raftgroup as raftgroup;
 pub use flotilla_wal as wal;
 
 pub use engine::{
-    Applied, Consistency, Engine, EngineConfig, Error, GroupStatus, MachineFactory, shard_of,
+    Applied, Consistency, Engine, EngineConfig, Error, GroupStatus, MachineFactory, ShardStats,
+    shard_of,
 };
 pub use flotilla_raftgroup::{LogIndex, NodeId};
 pub use flotilla_wal::GroupId;

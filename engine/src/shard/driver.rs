@@ -32,7 +32,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::core::{Completion, RequestError, ShardCore, ShardOutput, Token};
 use super::store::{ShardStore, StoreError};
 use crate::engine::{
-    Applied, Consistency, EngineConfig, Error, GroupStatus, MachineFactory, shard_of,
+    Applied, Consistency, EngineConfig, Error, GroupStatus, MachineFactory, ShardStats, shard_of,
 };
 use crate::kv::StateMachine;
 use crate::transport::batch::{self, BatchWriter};
@@ -84,6 +84,7 @@ pub(crate) enum Request<S: StateMachine> {
         reply: oneshot::Sender<Result<GroupStatus, Error>>,
     },
     Inspect(Inspector<S>),
+    Stats(oneshot::Sender<Result<ShardStats, Error>>),
     /// Raft messages from a peer, for groups of this shard.
     Messages(NodeId, Vec<(GroupId, Message)>),
     /// An accepted connection for this shard to read.
@@ -250,6 +251,8 @@ struct Shard<S: StateMachine> {
     snapshots: Vec<(GroupId, Snapshot)>,
     failed: Option<Error>,
     ticks: u64,
+    frames_sent: u64,
+    messages_sent: u64,
     metrics: Metrics,
 }
 
@@ -293,6 +296,8 @@ where
             snapshots: Vec::new(),
             failed: None,
             ticks: 0,
+            frames_sent: 0,
+            messages_sent: 0,
             metrics,
         })
     }
@@ -424,6 +429,18 @@ where
                 let _ = reply.send(status.ok_or(Error::GroupNotFound(group)));
             }
             Request::Inspect(f) => f(&self.core),
+            Request::Stats(reply) => {
+                let leaders =
+                    self.core.groups().filter(|group| self.core.is_leader(*group)).count();
+                let _ = reply.send(Ok(ShardStats {
+                    backend: self.store.wal().backend(),
+                    wal: self.store.wal().stats(),
+                    groups: self.core.groups().count(),
+                    leaders,
+                    frames_sent: self.frames_sent,
+                    messages_sent: self.messages_sent,
+                }));
+            }
             Request::Messages(from, messages) => {
                 if let Some(faults) = &self.context.config.faults
                     && faults.verdict(from, self.context.config.node) == Verdict::Drop
@@ -725,6 +742,8 @@ where
                 }
                 self.metrics.messages_sent.increment(u64::from(writer.count()));
                 self.metrics.frames_sent.increment(1);
+                self.messages_sent += u64::from(writer.count());
+                self.frames_sent += 1;
                 // A full queue means the peer is slow or gone: Raft resends what matters.
                 let _ = sender.try_send(body);
             }
@@ -786,6 +805,7 @@ fn refuse<S: StateMachine>(request: Request<S>, error: &Error) {
             drop(reply.send(Err(error)));
         }
         Request::Status { reply, .. } => drop(reply.send(Err(error))),
+        Request::Stats(reply) => drop(reply.send(Err(error))),
         Request::Inspect(_) | Request::Messages(..) | Request::Accepted(_) => {}
     }
 }
