@@ -21,6 +21,7 @@ struct Cluster {
     dirs: Vec<tempfile::TempDir>,
     addrs: BTreeMap<NodeId, SocketAddr>,
     faults: Arc<Faults>,
+    adjust: Box<dyn Fn(&mut EngineConfig)>,
     engines: Vec<Option<Engine>>,
 }
 
@@ -31,11 +32,20 @@ fn free_addr() -> SocketAddr {
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    fn start_with(adjust: impl Fn(&mut EngineConfig) + 'static) -> Self {
         let addrs: BTreeMap<NodeId, SocketAddr> =
             (1..=NODES).map(|id| (NodeId(id), free_addr())).collect();
         let dirs = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
-        let mut cluster =
-            Self { dirs, addrs, faults: Arc::new(Faults::new()), engines: Vec::new() };
+        let mut cluster = Self {
+            dirs,
+            addrs,
+            faults: Arc::new(Faults::new()),
+            adjust: Box::new(adjust),
+            engines: Vec::new(),
+        };
         for id in 1..=NODES {
             let engine = cluster.open(NodeId(id));
             cluster.engines.push(Some(engine));
@@ -53,6 +63,7 @@ impl Cluster {
         // Small segments: the test also exercises rotation.
         config.wal.segment_bytes = 8 << 20;
         config.wal.batch_bytes_max = 1 << 20;
+        (self.adjust)(&mut config);
         config
     }
 
@@ -312,4 +323,75 @@ fn a_data_directory_refuses_another_shard_count() {
     config.listen = free_addr();
     let error = Engine::open_kv(config).unwrap_err();
     assert!(matches!(error, Error::Config(_)), "{error}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn snapshots_compact_the_log_catch_up_a_lagging_node_and_survive_restart() {
+    let mut cluster = Cluster::start_with(|config| config.snapshot_entries = 50);
+    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+    let group = GroupId(9);
+    for engine in cluster.running() {
+        engine.create_group(group, &all).await.unwrap();
+    }
+    let mut acknowledged = BTreeMap::new();
+    // Node 3 misses everything: the others compact their logs past what it has.
+    let lagging = NodeId(3);
+    cluster.faults.isolate(lagging);
+    let majority = [NodeId(1), NodeId(2)];
+    for i in 0..300 {
+        let key = format!("k{}", i % 40);
+        let value = format!("v{i}");
+        cluster.put(group, &key, &value, &majority).await;
+        acknowledged.insert((group, key), value);
+    }
+    // Compaction runs every 64 ticks: wait until both healthy nodes wrote a snapshot.
+    let started = Instant::now();
+    while !majority.iter().all(|node| has_snapshot(&cluster, *node, group)) {
+        assert!(started.elapsed() < PATIENCE, "no snapshot was taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.faults.heal();
+    converge_group(&cluster, group, &acknowledged).await;
+    assert!(has_snapshot(&cluster, lagging, group), "the lagging node installed a snapshot");
+
+    // Every node restarts from its snapshot plus the log after it.
+    for node in &all {
+        let index = (node.0 - 1) as usize;
+        drop(cluster.engines[index].take());
+        cluster.engines[index] = Some(cluster.open(*node));
+    }
+    converge_group(&cluster, group, &acknowledged).await;
+    cluster.put(group, "after", "restart", &all).await;
+    acknowledged.insert((group, "after".to_owned()), "restart".to_owned());
+    converge_group(&cluster, group, &acknowledged).await;
+}
+
+fn has_snapshot(cluster: &Cluster, node: NodeId, group: GroupId) -> bool {
+    let dir = cluster.dirs[(node.0 - 1) as usize].path();
+    let shard = flotilla::shard_of(group, 2);
+    dir.join(format!("shard-{shard}/snapshots/{:016x}", group.0)).exists()
+}
+
+async fn converge_group(
+    cluster: &Cluster,
+    group: GroupId,
+    expected: &BTreeMap<(GroupId, String), String>,
+) {
+    let wanted: BTreeMap<Bytes, Bytes> = expected
+        .iter()
+        .filter(|((g, _), _)| *g == group)
+        .map(|((_, k), v)| (Bytes::from(k.clone()), Bytes::from(v.clone())))
+        .collect();
+    let started = Instant::now();
+    loop {
+        let mut agree = true;
+        for engine in cluster.running() {
+            agree &= contents(engine, group).await == wanted;
+        }
+        if agree {
+            return;
+        }
+        assert!(started.elapsed() < PATIENCE, "group {group} never converged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -458,11 +458,25 @@ impl<S: StateMachine> ShardCore<S> {
         }
     }
 
-    /// Snapshots every group that applied at least `min_entries` entries since its last
-    /// snapshot and compacts its replica's log, pushing the snapshots onto `out`: the log store
-    /// must make each durable before it drops the entries it covers.
-    pub fn compact_due(&mut self, min_entries: u64, out: &mut Vec<(GroupId, Snapshot)>) {
+    /// Snapshots up to `max_groups` groups that applied at least `min_entries` entries since
+    /// their last snapshot (skipping those `skip` names) and compacts their replicas' logs,
+    /// pushing the snapshots onto `out`: the log store must make each durable before it drops
+    /// the entries it covers.
+    pub fn compact_due(
+        &mut self,
+        min_entries: u64,
+        max_groups: usize,
+        skip: impl Fn(GroupId) -> bool,
+        out: &mut Vec<(GroupId, Snapshot)>,
+    ) {
+        let limit = out.len() + max_groups;
         for (group, slot) in &mut self.groups {
+            if out.len() >= limit {
+                return;
+            }
+            if skip(*group) {
+                continue;
+            }
             let applied = slot.machine.applied_index();
             let since = applied.0.saturating_sub(slot.replica.status().snapshot_index.0);
             if since < min_entries.max(1) {

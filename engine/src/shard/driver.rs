@@ -14,7 +14,7 @@
 //! Appends are pipelined: the loop keeps stepping groups while earlier rounds are in the WAL's
 //! writer; they complete in order, so "after the append" means "after every append before it".
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla_raftgroup::{
-    Config, Entry, LogIndex, Message, NodeId, RecoveredState, Snapshot, Term,
+    Config, Entry, LogIndex, Message, NodeId, RecoveredState, Snapshot, SnapshotMeta, Term,
 };
 use flotilla_wal::{ActiveBackend, AppendFuture, GroupId, WalError, WriteBatch};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::core::{Completion, RequestError, ShardCore, ShardOutput, Token};
-use super::store::{ShardStore, StoreError};
+use super::store::{ShardStore, StoreError, write_snapshot};
 use crate::engine::{
     Applied, Consistency, EngineConfig, Error, GroupStatus, MachineFactory, ShardStats, shard_of,
 };
@@ -51,6 +51,9 @@ const FRAME_BODY_TARGET: usize = 1 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Snapshot files being written at once per shard: bounds the memory of snapshot images held
+/// and the disk bandwidth taken from the WAL.
+const SNAPSHOTS_IN_FLIGHT_MAX: usize = 2;
 
 /// A closure run on a shard thread with its core (see [`crate::Engine::inspect`]).
 pub(crate) type Inspector<S> = Box<dyn FnOnce(&ShardCore<S>) + Send>;
@@ -89,6 +92,12 @@ pub(crate) enum Request<S: StateMachine> {
     Messages(NodeId, Vec<(GroupId, Message)>),
     /// An accepted connection for this shard to read.
     Accepted(std::net::TcpStream),
+    /// A snapshot file was written (or failed to be) off the shard thread.
+    SnapshotSaved {
+        group: GroupId,
+        meta: SnapshotMeta,
+        result: Result<(), Error>,
+    },
 }
 
 /// What a shard thread shares with the node.
@@ -249,6 +258,8 @@ struct Shard<S: StateMachine> {
     peers: BTreeMap<NodeId, mpsc::Sender<Vec<u8>>>,
     fetched: Vec<Entry>,
     snapshots: Vec<(GroupId, Snapshot)>,
+    /// Groups whose snapshot file is being written: not removed or re-created meanwhile.
+    snapshotting: HashSet<GroupId>,
     failed: Option<Error>,
     ticks: u64,
     frames_sent: u64,
@@ -294,6 +305,7 @@ where
             peers: BTreeMap::new(),
             fetched: Vec::new(),
             snapshots: Vec::new(),
+            snapshotting: HashSet::new(),
             failed: None,
             ticks: 0,
             frames_sent: 0,
@@ -451,6 +463,9 @@ where
                     self.core.step(group, message);
                 }
             }
+            Request::SnapshotSaved { group, meta, result } => {
+                self.on_snapshot_saved(group, &meta, result);
+            }
             Request::Accepted(stream) => match tokio::net::TcpStream::from_std(stream) {
                 Ok(stream) => {
                     tokio::task::spawn_local(read_connection(
@@ -485,6 +500,9 @@ where
         if self.core.replica(group).is_some() || self.store.contains(group) {
             return Err(Error::GroupExists(group));
         }
+        if self.snapshotting.contains(&group) {
+            return Err(Error::Busy);
+        }
         if self.store.wal().group_state(group).is_some() {
             // Leftovers of a removal that did not finish: start clean.
             let removal = self.store.remove_group(group).map_err(storage_error)?;
@@ -501,6 +519,11 @@ where
     }
 
     fn remove_group(&mut self, group: GroupId, reply: oneshot::Sender<Result<(), Error>>) {
+        // Its snapshot file is being written: removing now could leave that file behind.
+        if self.snapshotting.contains(&group) {
+            let _ = reply.send(Err(Error::Busy));
+            return;
+        }
         if !self.core.remove_group(group, &mut self.out) {
             let _ = reply.send(Err(Error::GroupNotFound(group)));
             return;
@@ -558,20 +581,49 @@ where
         }
     }
 
+    /// Snapshots groups that applied enough since their last snapshot. The image is taken here
+    /// (the replica's log is compacted in memory at once); the file is written on a blocking
+    /// thread, and only once it is durable does the WAL drop the entries (`SnapshotSaved`).
     fn compact(&mut self) {
-        self.snapshots.clear();
+        let room = SNAPSHOTS_IN_FLIGHT_MAX.saturating_sub(self.snapshotting.len());
+        if room == 0 {
+            return;
+        }
         let mut snapshots = std::mem::take(&mut self.snapshots);
-        self.core.compact_due(self.context.config.snapshot_entries, &mut snapshots);
+        let busy = &self.snapshotting;
+        let min_entries = self.context.config.snapshot_entries;
+        self.core.compact_due(min_entries, room, |group| busy.contains(&group), &mut snapshots);
         for (group, snapshot) in snapshots.drain(..) {
-            match self.store.compact(group, &snapshot) {
-                Ok(append) => self.start_append(append, None),
-                Err(error) => {
-                    self.fail(storage_error(error));
-                    break;
-                }
-            }
+            self.snapshotting.insert(group);
+            let path = self.store.snapshot_path(group);
+            let inbox = self.context.routes[self.context.index].clone();
+            tokio::task::spawn_local(async move {
+                let meta = snapshot.meta.clone();
+                let write = move || write_snapshot(&path, group, &snapshot);
+                let result = match tokio::task::spawn_blocking(write).await {
+                    Ok(result) => result.map_err(storage_error),
+                    Err(error) => Err(Error::Storage(format!("snapshot writer: {error}").into())),
+                };
+                // The shard may be stopping: then recovery redoes the compaction from the file.
+                let _ = inbox.send(Request::SnapshotSaved { group, meta, result }).await;
+            });
         }
         self.snapshots = snapshots;
+    }
+
+    fn on_snapshot_saved(
+        &mut self,
+        group: GroupId,
+        meta: &SnapshotMeta,
+        result: Result<(), Error>,
+    ) {
+        self.snapshotting.remove(&group);
+        if let Err(error) = result {
+            self.fail(error);
+            return;
+        }
+        let append = self.store.compact_log(group, meta);
+        self.start_append(append, None);
     }
 
     /// Queues an append behind the ones in flight. It is polled at once if every earlier one
@@ -806,7 +858,10 @@ fn refuse<S: StateMachine>(request: Request<S>, error: &Error) {
         }
         Request::Status { reply, .. } => drop(reply.send(Err(error))),
         Request::Stats(reply) => drop(reply.send(Err(error))),
-        Request::Inspect(_) | Request::Messages(..) | Request::Accepted(_) => {}
+        Request::Inspect(_)
+        | Request::Messages(..)
+        | Request::Accepted(_)
+        | Request::SnapshotSaved { .. } => {}
     }
 }
 

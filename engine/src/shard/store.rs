@@ -181,12 +181,7 @@ impl ShardStore {
             self.catalog.insert(group, voters);
             return Err(error);
         }
-        let path = self.snapshot_path(group);
-        match fs::remove_file(&path) {
-            Ok(()) => sync_dir(&self.dir.join("snapshots"))?,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(io_error("removing", &path)(error)),
-        }
+        self.delete_snapshot(group)?;
         let mut batch = WriteBatch::new();
         batch.remove_group(group);
         Ok(self.wal.append(batch))
@@ -313,9 +308,15 @@ impl ShardStore {
     /// returned future completes when the WAL dropped the entries.
     pub fn compact(&self, group: GroupId, snapshot: &Snapshot) -> Result<AppendFuture, StoreError> {
         self.save_snapshot(group, snapshot)?;
+        Ok(self.compact_log(group, &snapshot.meta))
+    }
+
+    /// The WAL half of [`ShardStore::compact`], for a caller that made the snapshot file durable
+    /// itself (off the shard thread, with [`write_snapshot`] at [`ShardStore::snapshot_path`]).
+    pub fn compact_log(&self, group: GroupId, meta: &SnapshotMeta) -> AppendFuture {
         let mut batch = WriteBatch::new();
-        self.compact_to(group, &snapshot.meta, &mut batch);
-        Ok(self.wal.append(batch))
+        self.compact_to(group, meta, &mut batch);
+        self.wal.append(batch)
     }
 
     /// Answers `fetch` from the WAL into `out`: entries from `fetch.low`, at most
@@ -355,27 +356,24 @@ impl ShardStore {
         Ok(())
     }
 
-    fn snapshot_path(&self, group: GroupId) -> PathBuf {
+    /// Where `group`'s snapshot file lives.
+    pub fn snapshot_path(&self, group: GroupId) -> PathBuf {
         self.dir.join("snapshots").join(format!("{:016x}", group.0))
     }
 
     /// Writes `snapshot` as `group`'s snapshot file, durably.
     pub fn save_snapshot(&self, group: GroupId, snapshot: &Snapshot) -> Result<(), StoreError> {
-        let membership = snapshot.meta.membership.encode();
-        let mut out = Vec::with_capacity(64 + membership.len() + snapshot.data.len());
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        out.extend_from_slice(&FILE_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&group.0.to_le_bytes());
-        out.extend_from_slice(&snapshot.meta.index.0.to_le_bytes());
-        out.extend_from_slice(&snapshot.meta.term.0.to_le_bytes());
-        out.extend_from_slice(&(membership.len() as u32).to_le_bytes());
-        out.extend_from_slice(&membership);
-        out.extend_from_slice(&(snapshot.data.len() as u64).to_le_bytes());
-        out.extend_from_slice(&snapshot.data);
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        write_atomically(&self.snapshot_path(group), &out)
+        write_snapshot(&self.snapshot_path(group), group, snapshot)
+    }
+
+    /// Deletes `group`'s snapshot file, if any (durably).
+    pub fn delete_snapshot(&self, group: GroupId) -> Result<(), StoreError> {
+        let path = self.snapshot_path(group);
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.dir.join("snapshots")),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(io_error("removing", &path)(error)),
+        }
     }
 
     /// Reads `group`'s snapshot file, if any.
@@ -408,6 +406,26 @@ impl ShardStore {
         out.extend_from_slice(&crc.to_le_bytes());
         write_atomically(&self.dir.join("catalog"), &out)
     }
+}
+
+/// Writes `snapshot` as `group`'s snapshot file at `path`, durably (see the module doc for the
+/// layout). Blocking: the shard driver runs it off the shard thread.
+pub fn write_snapshot(path: &Path, group: GroupId, snapshot: &Snapshot) -> Result<(), StoreError> {
+    let membership = snapshot.meta.membership.encode();
+    let mut out = Vec::with_capacity(64 + membership.len() + snapshot.data.len());
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&FILE_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&group.0.to_le_bytes());
+    out.extend_from_slice(&snapshot.meta.index.0.to_le_bytes());
+    out.extend_from_slice(&snapshot.meta.term.0.to_le_bytes());
+    out.extend_from_slice(&(membership.len() as u32).to_le_bytes());
+    out.extend_from_slice(&membership);
+    out.extend_from_slice(&(snapshot.data.len() as u64).to_le_bytes());
+    out.extend_from_slice(&snapshot.data);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    write_atomically(path, &out)
 }
 
 fn to_raft_entry(group: GroupId, entry: flotilla_wal::Entry) -> Result<Entry, StoreError> {
