@@ -1,9 +1,10 @@
-//! Flotilla: the multi-raft engine. Work in progress (issue 4): the pure building blocks land
-//! first — the transport's frame codec and the built-in KV state machine — then the shard loop,
-//! the runtime and the API.
+//! Flotilla: an embeddable multi-raft storage engine. An [`Engine`] is one node: one shard
+//! thread per core, each with its own WAL ([`flotilla_wal`]) shared by every group on it, its own
+//! replicas ([`flotilla_raftgroup`]) and its own connections to the peer nodes. Groups run a
+//! [`kv::StateMachine`]: the built-in ordered KV store or the application's own.
 //!
-//! The engine joins [`flotilla_wal`] (one log per shard) and [`flotilla_raftgroup`] (one replica
-//! per group member) into a node that hosts thousands of groups.
+//! Start with [`Engine::open_kv`], [`Engine::create_group`], [`Engine::propose_kv`] and
+//! [`Engine::read`]; `ARCHITECTURE.md` maps the modules.
 
 mod engine;
 pub mod kv;
@@ -21,3 +22,8 @@ pub use flotilla_raftgroup::{LogIndex, NodeId};
 pub use flotilla_wal::GroupId;
 pub use transport::ClusterId;
 pub use transport::faults::{Faults, LinkFault};
+
+/// The README's Rust examples (engine and WAL), compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

@@ -55,8 +55,3 @@ impl std::fmt::Display for GroupId {
         self.0.fmt(f)
     }
 }
-
-/// The README's Rust examples, compiled and run as doctests so they cannot rot.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-struct ReadmeDoctests;
