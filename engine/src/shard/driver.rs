@@ -51,6 +51,8 @@ const FRAME_BODY_TARGET: usize = 1 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Queued frames a peer writer sends in one write.
+const WRITE_FRAMES_MAX: usize = 64;
 /// Snapshot files being written at once per shard: bounds the memory of snapshot images held
 /// and the disk bandwidth taken from the WAL.
 const SNAPSHOTS_IN_FLIGHT_MAX: usize = 2;
@@ -982,7 +984,17 @@ async fn write_connection(
     let mut connection: Option<Connection> = None;
     let mut backoff = BACKOFF_MIN;
     let mut next_attempt = Instant::now();
+    let mut bodies = Vec::new();
     while let Some(body) = frames.recv().await {
+        // Whatever queued up meanwhile goes out in the same write.
+        bodies.clear();
+        bodies.push(body);
+        while bodies.len() < WRITE_FRAMES_MAX {
+            match frames.try_recv() {
+                Ok(body) => bodies.push(body),
+                Err(_) => break,
+            }
+        }
         match faults.as_ref().map_or(Verdict::Deliver, |f| f.verdict(identity.node, peer)) {
             Verdict::Deliver => {}
             Verdict::Drop => continue,
@@ -1008,7 +1020,7 @@ async fn write_connection(
             }
         }
         let live = connection.as_mut().expect("connected above");
-        if let Err(error) = live.send(&body).await {
+        if let Err(error) = live.send_all(&bodies).await {
             tracing::debug!(%peer, %error, "peer connection lost");
             connection = None;
             next_attempt = Instant::now();

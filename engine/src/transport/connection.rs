@@ -161,6 +161,18 @@ impl Connection {
         Ok(())
     }
 
+    /// Sends one data frame per body in `bodies`, all in one write: a writer that fell behind
+    /// catches up with one system call instead of one per frame. Not cancel-safe (see
+    /// [`Connection::send`]).
+    pub async fn send_all<B: AsRef<[u8]>>(&mut self, bodies: &[B]) -> Result<(), ConnectionError> {
+        self.write_buffer.clear();
+        for body in bodies {
+            self.session.encode(body.as_ref(), &mut self.write_buffer)?;
+        }
+        self.stream.write_all(&self.write_buffer).await?;
+        Ok(())
+    }
+
     /// Sends one data frame carrying a batch of `items`, encoded straight into the frame. Not
     /// cancel-safe (see [`Connection::send`]).
     pub async fn send_batch<'m>(
