@@ -151,6 +151,22 @@ impl Cluster {
         counts.into_iter().max_by_key(|(_, count)| *count).map(|(node, _)| node).expect("leaders")
     }
 
+    /// The running node whose replica leads `group` (waiting for an election if needed).
+    async fn busiest_leader_of(&self, group: GroupId) -> NodeId {
+        let started = Instant::now();
+        loop {
+            for engine in self.running() {
+                if let Ok(status) = engine.status(group).await
+                    && status.role == flotilla::raftgroup::Role::Leader
+                {
+                    return engine.node();
+                }
+            }
+            assert!(started.elapsed() < PATIENCE, "group {group} has no leader");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits until every running replica of every group holds `expected` (key → value).
     async fn converge(&self, expected: &BTreeMap<(GroupId, String), String>) {
         let started = Instant::now();
@@ -394,4 +410,34 @@ async fn converge_group(
         assert!(started.elapsed() < PATIENCE, "group {group} never converged");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_proposal_that_cannot_commit_fails_at_its_deadline() {
+    let cluster = Cluster::start();
+    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+    let group = GroupId(11);
+    for engine in cluster.running() {
+        engine.create_group(group, &all).await.unwrap();
+    }
+    cluster.put(group, "k", "v", &all).await;
+    let leader = cluster.busiest_leader_of(group).await;
+    // Cut the leader off; it accepts the proposal (it does not know yet) but cannot commit it.
+    cluster.faults.isolate(leader);
+    let asked = Instant::now();
+    let command = Command::Put { key: "k".into(), value: "lost?".into() };
+    let proposal = Request::Unsessioned(command);
+    let bytes = flotilla::kv::Proposal { leader_time_ms: 0, request: proposal }.to_bytes();
+    let timeout = Duration::from_millis(300);
+    let proposal = cluster.engine(leader).propose_with_timeout(group, bytes, timeout);
+    let result = tokio::time::timeout(Duration::from_secs(10), proposal)
+        .await
+        .expect("a pending proposal must fail at its deadline, not hang");
+    let took = asked.elapsed();
+    assert!(
+        matches!(result, Err(Error::Timeout | Error::NoQuorum | Error::NotLeader { .. })),
+        "{result:?}"
+    );
+    assert!(took >= timeout || !matches!(result, Err(Error::Timeout)), "failed early: {took:?}");
+    assert!(took < timeout + Duration::from_secs(1), "the deadline was not kept: {took:?}");
 }

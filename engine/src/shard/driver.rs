@@ -14,7 +14,8 @@
 //! Appends are pipelined: the loop keeps stepping groups while earlier rounds are in the WAL's
 //! writer; they complete in order, so "after the append" means "after every append before it".
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -255,6 +256,9 @@ struct Shard<S: StateMachine> {
     out: ShardOutput<S>,
     inbox: mpsc::Receiver<Request<S>>,
     pending: HashMap<Token, Pending<S>>,
+    /// Deadlines of pending requests, earliest first (entries of answered requests linger until
+    /// they reach the top).
+    deadlines: BinaryHeap<Reverse<(Instant, Token)>>,
     next_token: Token,
     inflight: VecDeque<InFlight>,
     peers: BTreeMap<NodeId, mpsc::Sender<Vec<u8>>>,
@@ -302,6 +306,7 @@ where
             out: ShardOutput::default(),
             inbox,
             pending: HashMap::new(),
+            deadlines: BinaryHeap::new(),
             next_token: 1,
             inflight: VecDeque::new(),
             peers: BTreeMap::new(),
@@ -394,6 +399,7 @@ where
                         let started = Instant::now();
                         self.pending
                             .insert(token, Pending::Propose { group, deadline, started, reply });
+                        self.deadlines.push(Reverse((deadline, token)));
                     }
                     Err(error) => {
                         self.metrics.proposals_failed.increment(1);
@@ -418,6 +424,7 @@ where
                             Ok(()) => {
                                 self.pending
                                     .insert(token, Pending::Read { group, deadline, reply });
+                                self.deadlines.push(Reverse((deadline, token)));
                             }
                             Err(error) => drop(reply.send(Err(request_error(error)))),
                         }
@@ -545,13 +552,23 @@ where
         self.ticks += 1;
         self.core.tick();
         let now = Instant::now();
-        if self.pending.values().any(|pending| pending.deadline() <= now) {
-            let expired: Vec<Token> = self
-                .pending
-                .iter()
-                .filter(|(_, pending)| pending.deadline() <= now)
-                .map(|(token, _)| *token)
-                .collect();
+        if self.deadlines.len() > 2 * self.pending.len() + 1024 {
+            // Mostly answered requests: rebuild from what is still pending.
+            self.deadlines =
+                self.pending.iter().map(|(token, p)| Reverse((p.deadline(), *token))).collect();
+        }
+        let mut expired = HashSet::new();
+        while let Some(Reverse((deadline, token))) = self.deadlines.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop();
+            // Answered requests leave their deadline behind: skip those.
+            if self.pending.contains_key(&token) {
+                expired.insert(token);
+            }
+        }
+        if !expired.is_empty() {
             self.core.fail_requests(|token| expired.contains(&token), &mut self.out);
             // The core's own reasons are not what a caller at its deadline needs to hear.
             self.out.completions.clear();
