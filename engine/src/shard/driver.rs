@@ -354,7 +354,7 @@ where
 
     /// Fails what is pending, waits for the appends in flight and closes the WAL.
     async fn close(mut self) -> Result<(), Error> {
-        let tokens: Vec<Token> = self.pending.keys().copied().collect();
+        let tokens: HashSet<Token> = self.pending.keys().copied().collect();
         self.core.fail_requests(|token| tokens.contains(&token), &mut self.out);
         self.out.completions.clear();
         for (_, pending) in self.pending.drain() {
@@ -851,13 +851,18 @@ where
 /// first that cannot yet, so the order holds) and records the ones that finished. Ready once the
 /// oldest has finished.
 fn poll_inflight(inflight: &mut VecDeque<InFlight>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+    // Rounds complete in order: past the oldest unfinished append, only those still waiting
+    // to join need a poll (polling the others would only take the WAL's locks again).
+    let mut oldest = true;
     for item in inflight.iter_mut() {
-        if item.done.is_some() {
+        if item.done.is_some() || (!oldest && item.append.joined()) {
             continue;
         }
         if let Poll::Ready(result) = Pin::new(&mut item.append).poll(cx) {
             item.done = Some(result);
-        } else if !item.append.joined() {
+        } else if item.append.joined() {
+            oldest = false;
+        } else {
             break;
         }
     }
