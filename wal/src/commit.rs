@@ -1,10 +1,13 @@
 //! Group commit: producers encode their batches straight into the open round (the only copy of
 //! each payload byte on the write path); one writer turns a whole round into one record, one write
 //! and one fdatasync, while the next round fills; every producer's future completes when its round
-//! is durable.
+//! is durable. On an idle log a caller blocked in [`block_on`] writes its own round instead
+//! (`Shared::write_own_round`); `Queue::writing` keeps rounds one at a time and in order.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 
@@ -157,7 +160,9 @@ pub(crate) struct Queue {
     pub closed: bool,
     /// Producers waiting for the open round to be taken (it was full).
     pub space_waiters: Vec<Waker>,
-    /// Inline mode: some task is writing rounds.
+    /// Some thread is writing a round (the writer thread, an appending thread writing its own
+    /// round on an idle log, or in inline mode the task driving the log): rounds are taken and
+    /// written one at a time.
     pub writing: bool,
     pub spare_bufs: Vec<Vec<u8>>,
 }
@@ -312,13 +317,18 @@ impl Future for AppendFuture {
         loop {
             match std::mem::replace(&mut this.state, AppendState::Done) {
                 AppendState::Queued { batch, sync } => {
-                    match this.shared.enqueue(&batch, sync, cx) {
+                    match this.shared.enqueue(&batch, sync, cx, blocking_caller()) {
                         Poll::Pending => {
                             this.state = AppendState::Queued { batch, sync };
                             this.shared.drive_inline();
                             return Poll::Pending;
                         }
-                        Poll::Ready(Ok(done)) => this.state = AppendState::Waiting(done),
+                        Poll::Ready(Ok((done, own))) => {
+                            this.state = AppendState::Waiting(done);
+                            if let Some(round) = own {
+                                this.shared.write_own_round(round);
+                            }
+                        }
                         Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                     }
                 }
@@ -327,6 +337,8 @@ impl Future for AppendFuture {
                     let poll = done.poll(cx);
                     if poll.is_pending() {
                         this.state = AppendState::Waiting(done);
+                    } else {
+                        this.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     }
                     return poll;
                 }
@@ -337,8 +349,36 @@ impl Future for AppendFuture {
     }
 }
 
+impl Drop for AppendFuture {
+    fn drop(&mut self) {
+        if matches!(self.state, AppendState::Waiting(_)) {
+            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+thread_local! {
+    /// Set while this thread is inside [`block_on`]: it does nothing but wait for the future, so
+    /// it may write its own round on an idle log instead of waking the writer thread (never done
+    /// from an executor's task, which would stall the executor's other tasks).
+    static BLOCKING_CALLER: Cell<bool> = const { Cell::new(false) };
+}
+
+fn blocking_caller() -> bool {
+    BLOCKING_CALLER.with(Cell::get)
+}
+
 /// Runs a future to completion on the calling thread (for callers outside any async runtime).
+///
+/// An append awaited this way on an idle log is written by the calling thread itself, saving
+/// the hand-off to the log's writer thread and back.
 pub fn block_on<F: Future>(future: F) -> F::Output {
+    struct Blocking(bool);
+    impl Drop for Blocking {
+        fn drop(&mut self) {
+            BLOCKING_CALLER.with(|flag| flag.set(self.0));
+        }
+    }
     struct ThreadWaker(std::thread::Thread);
     impl std::task::Wake for ThreadWaker {
         fn wake(self: Arc<Self>) {
@@ -351,6 +391,7 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
     let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     let mut future = std::pin::pin!(future);
+    let _restore = Blocking(BLOCKING_CALLER.with(|flag| flag.replace(true)));
     loop {
         if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
             return output;

@@ -64,9 +64,11 @@ fn concurrent_producers(backend: Backend) {
     assert_eq!(stats.entries, threads * appends);
     assert!(stats.fdatasyncs <= stats.rounds, "{stats:?}");
     eprintln!(
-        "{backend:?}: {} appends in {} rounds ({} fdatasyncs)",
+        "{backend:?}: {} appends in {} rounds ({} written by the appending thread, {} \
+         fdatasyncs)",
         threads * appends,
         stats.rounds,
+        stats.rounds_inline,
         stats.fdatasyncs
     );
     let before = read_back(&wal);
@@ -190,6 +192,69 @@ fn tags_survive_rewrite_and_reopen(backend: Backend) {
     assert_eq!(read_back(&wal), model, "tags (and all else) survive recovery");
 }
 
+/// Polls `future` to completion on this thread without `block_on`, as an executor would.
+fn poll_like_an_executor<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
+    }
+}
+
+/// On an idle log, an append awaited with `block_on` is written and synced by the appending
+/// thread itself (no hand-off to the writer thread); one polled by an executor, or one made
+/// while another append is in flight, goes to the writer thread as before.
+fn an_idle_blocking_append_writes_its_own_round(backend: Backend) {
+    if !available(backend) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), config(backend)).unwrap();
+    let batch = |i: u64| {
+        let mut batch = WriteBatch::new();
+        batch.add_entries(GroupId(1), i, [(1, Bytes::from(format!("entry {i}")))]);
+        batch
+    };
+    block_on(wal.append(batch(1))).unwrap();
+    let stats = wal.stats();
+    assert_eq!((stats.rounds, stats.rounds_inline, stats.fdatasyncs), (1, 1, 1), "{stats:?}");
+
+    poll_like_an_executor(wal.append(batch(2))).unwrap();
+    let stats = wal.stats();
+    assert_eq!((stats.rounds, stats.rounds_inline, stats.fdatasyncs), (2, 1, 2), "{stats:?}");
+
+    // An append in flight (joined, not yet finished): the next one is not alone.
+    let mut first = wal.append(batch(3));
+    let waker = std::task::Waker::noop();
+    let polled = std::pin::Pin::new(&mut first).poll(&mut std::task::Context::from_waker(waker));
+    assert!(first.joined(), "{polled:?}");
+    block_on(wal.append(batch(4))).unwrap();
+    block_on(first).unwrap();
+    let stats = wal.stats();
+    assert_eq!(stats.rounds_inline, 1, "{stats:?}");
+    assert_eq!(stats.fdatasyncs, stats.rounds, "{stats:?}");
+    // Whoever writes it (the writer thread may still be finishing round 4), it is durable.
+    block_on(wal.append(batch(5))).unwrap();
+    let entries = wal.entries(GroupId(1), 1..6).unwrap();
+    for (i, entry) in entries.iter().enumerate() {
+        assert_eq!(entry.payload, format!("entry {}", i + 1));
+    }
+    wal.close().unwrap();
+    let (wal, recovery) = Wal::open(dir.path(), config(backend)).unwrap();
+    assert_eq!(recovery.groups[&GroupId(1)].last_index, 5);
+    assert_eq!(wal.entries(GroupId(1), 5..6).unwrap()[0].payload, "entry 5");
+}
+
 macro_rules! on_both_backends {
     ($($test:ident),*) => {
         mod io_uring {
@@ -203,6 +268,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     concurrent_producers,
+    an_idle_blocking_append_writes_its_own_round,
     live_slices_survive_recycling,
     tags_survive_rewrite_and_reopen
 );

@@ -17,7 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::commit::{AppendFuture, Queue, RoundDone, block_on};
+use crate::commit::{AppendFuture, Queue, Round, RoundDone, block_on};
 use crate::config::{Config, WriterMode};
 use crate::error::WalError;
 use crate::index::{Bounds, Index, resolve_seq};
@@ -51,6 +51,9 @@ pub struct Stats {
     pub backend: Option<ActiveBackend>,
     /// Rounds (records) written.
     pub rounds: u64,
+    /// Rounds written by the appending thread itself rather than the writer thread (an append
+    /// awaited with [`block_on`] on an idle log).
+    pub rounds_inline: u64,
     /// Entries written.
     pub entries: u64,
     /// Record bytes written (headers and padding included).
@@ -81,6 +84,7 @@ pub struct Stats {
 #[derive(Debug, Default)]
 struct Counters {
     rounds: AtomicU64,
+    rounds_inline: AtomicU64,
     entries: AtomicU64,
     bytes: AtomicU64,
     fdatasyncs: AtomicU64,
@@ -145,6 +149,10 @@ struct Segs {
     closed: bool,
 }
 
+/// An accepted batch: its round's completion, and the round itself when the caller is to write
+/// it (see [`Shared::enqueue`]).
+pub(crate) type Joined = (Arc<RoundDone>, Option<Round>);
+
 /// State shared by the log handle, its futures and its threads.
 pub(crate) struct Shared {
     config: Config,
@@ -162,6 +170,8 @@ pub(crate) struct Shared {
     /// Mirrors `Segs::disk_full` for the append path: while set, batches with new entries are
     /// refused at once, so rounds hold only maintenance and compaction can always get out.
     disk_full: std::sync::atomic::AtomicBool,
+    /// Appends that joined a round and whose future has not finished yet.
+    pub(crate) in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// A segmented, group-committed write-ahead log shared by many Raft groups.
@@ -284,6 +294,7 @@ impl Wal {
             counters: Counters::default(),
             rewrite_requested: std::sync::atomic::AtomicBool::new(false),
             disk_full: std::sync::atomic::AtomicBool::new(false),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
             config,
         });
         shared.start_writing(last, recovered.active_offset)?;
@@ -465,6 +476,7 @@ impl Wal {
         Stats {
             backend: Some(self.shared.backend),
             rounds: c.rounds.load(Ordering::Relaxed),
+            rounds_inline: c.rounds_inline.load(Ordering::Relaxed),
             entries: c.entries.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
             fdatasyncs: c.fdatasyncs.load(Ordering::Relaxed),
@@ -654,13 +666,16 @@ impl Shared {
         Ok(())
     }
 
-    /// Adds `batch` to the open round, or registers to be woken when the round has room.
+    /// Adds `batch` to the open round, or registers to be woken when the round has room. Hands
+    /// the round back for the caller to write itself when the log is idle and the caller only
+    /// waits (`blocking_caller`, see [`Shared::write_own_round`]).
     pub(crate) fn enqueue(
         &self,
         batch: &WriteBatch,
         sync: bool,
         cx: &Context<'_>,
-    ) -> Poll<Result<Arc<RoundDone>, WalError>> {
+        blocking_caller: bool,
+    ) -> Poll<Result<Joined, WalError>> {
         if let Err(error) = self.check_poison() {
             return Poll::Ready(Err(error));
         }
@@ -681,8 +696,22 @@ impl Shared {
             return Poll::Ready(Err(error));
         }
         let done = Arc::clone(&queue.open.done);
+        let idle = self.in_flight.fetch_add(1, Ordering::Relaxed) == 0;
+        // An idle log (no round being written, no other append in flight) and a caller that
+        // only waits: it writes its own round. Under load some append is always in flight, so
+        // rounds keep growing while the writer thread writes the previous one.
+        if blocking_caller
+            && idle
+            && !queue.writing
+            && self.config.writer == WriterMode::Threads
+            && self.config.batch_delay_us_max == 0
+        {
+            queue.writing = true;
+            let round = queue.take().expect("holds the batch just accepted");
+            return Poll::Ready(Ok((done, Some(round))));
+        }
         drop(queue);
         self.work.notify_one();
-        Poll::Ready(Ok(done))
+        Poll::Ready(Ok((done, None)))
     }
 }

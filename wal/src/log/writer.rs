@@ -14,12 +14,21 @@ use crate::io::Writer;
 use crate::record::{RECORD_HEADER_LEN, encode_header, padded_record_len};
 use crate::segment::SEGMENT_HEADER_LEN;
 
-/// Clears the inline writer's flag when dropped, panic or not.
+/// Holds the right to write rounds (`Queue::writing`) and gives it up when dropped, panic or
+/// not; then wakes the writer thread if work arrived meanwhile (it waits while someone else
+/// writes).
 struct Writing<'a>(&'a Shared);
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        self.0.queue.lock().writing = false;
+        let pending = {
+            let mut queue = self.0.queue.lock();
+            queue.writing = false;
+            !queue.open.is_empty() || queue.closed
+        };
+        if pending {
+            self.0.work.notify_one();
+        }
     }
 }
 
@@ -51,11 +60,22 @@ impl Shared {
         }
     }
 
+    /// Threads mode, idle log: the appending thread, which would only park until its round is
+    /// durable, writes the round it took in `enqueue` itself (`pwrite` + `fdatasync` through
+    /// [`crate::io::StorageFile`]) instead of waking the writer thread and being woken back.
+    pub(crate) fn write_own_round(&self, round: crate::commit::Round) {
+        let _writing = Writing(self);
+        bump(&self.counters.rounds_inline, 1);
+        self.write_round(&mut Writer::Blocking, round);
+    }
+
     pub(super) fn writer_loop(&self, mut writer: Writer) {
         loop {
             let round = {
                 let mut queue = self.queue.lock();
-                while queue.open.is_empty() && !queue.closed {
+                // An appending thread may be writing its own round (`write_own_round`): rounds
+                // are written one at a time, in the order they were taken.
+                while queue.writing || (queue.open.is_empty() && !queue.closed) {
                     self.work.wait(&mut queue);
                 }
                 if queue.open.is_empty() {
@@ -73,8 +93,10 @@ impl Shared {
                     {
                     }
                 }
+                queue.writing = true;
                 queue.take().expect("checked non-empty")
             };
+            let _writing = Writing(self);
             self.write_round(&mut writer, round);
         }
     }
