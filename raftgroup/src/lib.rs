@@ -57,6 +57,12 @@
 //! crash lose a vote (two leaders in one term) or an acknowledged entry. [`Ready::messages`]
 //! carry no such promise and go out immediately. Storage must apply Readies in order.
 //!
+//! **Batching.** A leader replicates when [`Replica::ready`] is called, not at each input: the
+//! proposals (and commit index advances) between two Readies leave as one Append per follower,
+//! split only by [`Config::max_batch_bytes`] and the inflight window. The more a driver proposes
+//! between two Readies, the fewer messages it sends; [`Replica::has_ready`] is true while
+//! Appends are owed.
+//!
 //! # The API at a glance
 //!
 //! - Create: [`Replica::new`]`(`[`Config`]`, `[`RecoveredState`]`)`; [`Config::validate`] says

@@ -33,6 +33,10 @@ pub(crate) struct Progress {
     pub(crate) inflight: VecDeque<LogIndex>,
     /// A storage fetch is outstanding for this peer.
     pub(crate) fetching: bool,
+    /// The commit index carried by the last Append sent to this peer. While it is behind the
+    /// leader's, the next flush of owed Appends sends one even if there is no new entry (see
+    /// `Replica::flush_appends`).
+    pub(crate) sent_commit: LogIndex,
     /// The leader's tick count when it last heard from this peer (check-quorum).
     pub(crate) heard_tick: u64,
     /// Highest heartbeat `seq` acknowledged in this term.
@@ -60,6 +64,7 @@ impl Progress {
             probe_sent: false,
             inflight: VecDeque::new(),
             fetching: false,
+            sent_commit: LogIndex::ZERO,
             heard_tick: now,
             acked_seq: 0,
             acked_sent_tick: None,

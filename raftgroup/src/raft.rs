@@ -32,6 +32,7 @@ impl Replica {
         self.votes = Vec::new();
         self.progress = Vec::new();
         self.transfer_target = None;
+        self.appends_owed = false;
         self.uncommitted_bytes = 0;
         self.reads.clear();
         self.heartbeat_seq = 0;
@@ -411,11 +412,32 @@ impl Replica {
 
     // ----- leader side of replication -----
 
+    /// Replicates new entries to every follower — at the next [`Replica::ready`], so that all
+    /// the proposals made between two Readies leave as one Append per follower (split only by
+    /// `max_batch_bytes` and the inflight window) instead of one Append per proposal.
+    ///
+    /// Deferring costs no latency: messages leave a replica only through `ready` anyway.
     pub(crate) fn broadcast_append(&mut self) {
+        self.appends_owed |= self.role == Role::Leader && !self.progress.is_empty();
+    }
+
+    /// Sends the Appends owed since the last Ready ([`Replica::broadcast_append`], commit index
+    /// advances in [`Replica::maybe_commit`]): to each follower everything it lacks that its
+    /// progress allows (pipelined in `Replicate`, one probe in `Probe`, nothing while paused —
+    /// acknowledgements and heartbeat responses resume it as usual), and at least an empty
+    /// Append to one that has not been sent the current commit index yet.
+    pub(crate) fn flush_appends(&mut self) {
+        if !mem::take(&mut self.appends_owed) {
+            return;
+        }
         // By position: sending never adds or removes progress entries, and this allocates nothing.
         for position in 0..self.progress.len() {
             let id = self.progress[position].id;
-            self.send_append(id, false);
+            if self.send_append(id, false) {
+                self.pipeline(id);
+            } else {
+                self.send_owed_commit(id);
+            }
         }
     }
 
@@ -464,10 +486,11 @@ impl Replica {
         entries: Vec<Entry>,
     ) {
         let last = entries.last().map(|entry| entry.index);
-        let progress = self.progress_mut(to).expect("caller checked");
-        progress.sent(last);
         // The follower caps the commit index at the entries it verified from this message.
         let commit = self.log.commit;
+        let progress = self.progress_mut(to).expect("caller checked");
+        progress.sent(last);
+        progress.sent_commit = commit;
         self.send(to, MessageBody::Append { prev_index, prev_term, entries, commit });
     }
 
@@ -538,8 +561,10 @@ impl Replica {
         let index = index.min(last_index);
         let was_paused = progress.is_paused(max_inflight);
         if !progress.maybe_update(index) {
+            // A stale acknowledgement may still free room in the window (what was sent up to it
+            // arrived); what the window held back goes out with the next Ready's Appends.
             if was_paused && progress.state == ProgressState::Replicate {
-                self.pipeline(from);
+                self.appends_owed = true;
             }
             return;
         }
@@ -552,10 +577,17 @@ impl Replica {
             ProgressState::Snapshot { .. } | ProgressState::Replicate => {}
         }
         let caught_up = progress.match_index == last_index;
-        if !self.maybe_commit() {
-            self.pipeline(from);
+        // Entries not sent yet (held back by the window, or the rest of the log after a probe
+        // succeeded) go out with the next Ready's Appends, together with whatever is proposed
+        // meanwhile.
+        if progress.state == ProgressState::Replicate && progress.next_index <= last_index {
+            self.appends_owed = true;
         }
+        self.maybe_commit();
         if caught_up && self.transfer_target == Some(from) {
+            // The commit index, if owed, goes first: the target should know it before it
+            // campaigns.
+            self.send_owed_commit(from);
             self.send(from, MessageBody::TimeoutNow);
         }
     }
@@ -580,14 +612,19 @@ impl Replica {
         if first_in_term {
             self.release_reads_before_commit();
         }
-        for position in 0..self.progress.len() {
-            let id = self.progress[position].id;
-            // Replicate: pipeline new entries; in any case carry the new commit index.
-            if !self.send_append(id, false) {
-                self.send_append(id, true);
-            }
-        }
+        // Every follower learns the new commit index from the next Ready's Appends: with new
+        // entries if there are any, else in an empty Append (see `flush_appends`).
+        self.appends_owed |= !self.progress.is_empty();
         true
+    }
+
+    /// Sends `to` an Append (empty if there is nothing new it may be sent) if the last one it
+    /// was sent carried an older commit index.
+    pub(crate) fn send_owed_commit(&mut self, to: NodeId) {
+        let commit = self.log.commit;
+        if self.progress_of(to).is_some_and(|p| p.sent_commit < commit) {
+            self.send_append(to, true);
+        }
     }
 
     pub(crate) fn broadcast_heartbeat(&mut self) {
@@ -621,8 +658,14 @@ impl Replica {
             progress.inflight.pop_front();
         }
         if progress.match_index < last_index {
-            // An empty Append exposes a lost batch as a rejection.
-            self.send_append(from, true);
+            if progress.state == ProgressState::Replicate && progress.next_index <= last_index {
+                // Entries not sent yet leave with the next Ready's Appends (and expose a lost
+                // batch as a rejection, as any Append after it does).
+                self.appends_owed = true;
+            } else {
+                // An empty Append exposes a lost batch as a rejection.
+                self.send_append(from, true);
+            }
         }
         self.confirm_reads();
     }
@@ -738,7 +781,14 @@ impl Replica {
             return;
         }
         let membership = self.membership().clone();
-        // Track exactly the new member set.
+        // A member this change removes still gets the commit index owed to it, so that it
+        // learns of its removal; then the leader tracks exactly the new member set.
+        for position in 0..self.progress.len() {
+            let id = self.progress[position].id;
+            if !membership.is_member(id) {
+                self.send_owed_commit(id);
+            }
+        }
         self.progress.retain(|p| membership.is_member(p.id));
         for id in membership.members() {
             if id != self.id && self.progress_of(id).is_none() {

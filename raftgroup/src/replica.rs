@@ -137,6 +137,10 @@ pub struct Replica {
     pub(crate) transfer_target: Option<NodeId>,
     pub(crate) uncommitted_bytes: u64,
     pub(crate) reads: ReadQueue,
+    /// Leader: followers may be owed Appends (new entries, entries the window held back, a new
+    /// commit index); [`Replica::ready`] sends them, so a Ready's worth of proposals leaves as
+    /// one Append per follower.
+    pub(crate) appends_owed: bool,
     pub(crate) heartbeat_seq: u64,
     /// The last heartbeat round already handed out in a Ready (sent, as far as we know).
     pub(crate) flushed_heartbeat_seq: u64,
@@ -239,6 +243,7 @@ impl Replica {
             transfer_target: None,
             uncommitted_bytes: 0,
             reads: ReadQueue::default(),
+            appends_owed: false,
             heartbeat_seq: 0,
             flushed_heartbeat_seq: 0,
             outbox: Outbox::default(),
@@ -420,6 +425,7 @@ impl Replica {
         let caught_up =
             self.progress_of(to).is_some_and(|p| p.match_index == self.log.last_index());
         if caught_up {
+            self.send_owed_commit(to);
             self.send(to, MessageBody::TimeoutNow);
         } else {
             self.send_append(to, true);
@@ -466,6 +472,7 @@ impl Replica {
             || !self.outbox.fetches.is_empty()
             || !self.outbox.committed_entries.is_empty()
             || self.outbox.snapshot.is_some()
+            || self.appends_owed
             || self.log.handed < self.log.last_index()
             || self.hard_state() != self.last_hard_state
             || (self.applying < self.log.commit && !self.apply_fetching)
@@ -476,6 +483,8 @@ impl Replica {
     pub fn ready(&mut self) -> Ready {
         // First: applying a membership entry may append (leave joint) or change role.
         self.collect_committed();
+        // Then the Appends owed since the last Ready: one per follower for all the new entries.
+        self.flush_appends();
         let hard_state = self.hard_state();
         let hard_state = (hard_state != self.last_hard_state).then(|| {
             self.last_hard_state = hard_state;
@@ -630,6 +639,8 @@ impl Replica {
             }
         } else if !self.progress.is_empty() {
             return fail("non-leader keeps progress");
+        } else if self.appends_owed {
+            return fail("non-leader owes Appends");
         }
         if matches!(self.role, Role::Candidate) && self.vote != Some(self.id) {
             return fail("candidate did not vote for itself");
@@ -698,8 +709,8 @@ impl Replica {
         let entry = Entry { index, term: self.term, kind, payload };
         self.uncommitted_bytes += entry.size_bytes();
         self.log.append(entry);
-        // Sent now, while the local disk writes it too: the leader's own copy counts toward the
-        // quorum only after `on_persisted`.
+        // Sent with the next Ready, while the local disk writes it too: the leader's own copy
+        // counts toward the quorum only after `on_persisted`.
         self.broadcast_append();
         index
     }

@@ -303,3 +303,124 @@ fn inconsistent_recovered_state_is_a_typed_error() {
     let gap = RecoveredState { entries: vec![entry(1), entry(3)], ..RecoveredState::default() };
     assert!(Replica::new(config, gap).is_err(), "entries with a gap");
 }
+
+/// Node 1 as leader of term 1 with both followers in `Replicate` and everything through the
+/// no-op committed, acknowledged and durable; its outbox is empty.
+fn replicating_leader(config: Config) -> Replica {
+    let mut leader = Replica::new(config, RecoveredState::default()).expect("valid config");
+    leader.campaign_now();
+    let ready = leader.ready();
+    leader.advance(ready);
+    leader.step(message(2, 1, 1, MessageBody::VoteResponse { reject: false })).expect("valid");
+    assert_eq!(leader.role(), Role::Leader);
+    let ready = leader.ready();
+    leader.advance(ready);
+    leader.on_persisted(Term(1), LogIndex(1));
+    leader.step(ack(2, 1)).expect("valid");
+    leader.step(ack(3, 1)).expect("valid");
+    assert_eq!(leader.commit_index(), LogIndex(1));
+    while leader.has_ready() {
+        let ready = leader.ready();
+        for entry in &ready.committed_entries {
+            leader.on_applied(entry.index);
+        }
+        leader.advance(ready);
+    }
+    for id in [2, 3] {
+        let state = leader.progress(NodeId(id)).map(|(_, _, state)| state);
+        assert_eq!(state, Some(crate::ProgressState::Replicate));
+    }
+    leader
+}
+
+fn leader_config() -> Config {
+    let mut config = Config::new(NodeId(1), vec![NodeId(1), NodeId(2), NodeId(3)]);
+    config.pre_vote = false;
+    config
+}
+
+/// The Appends in `messages`, per follower: (prev_index, first..=last index, commit).
+fn appends_to(messages: &[Message], to: u64) -> Vec<(u64, u64, u64, u64)> {
+    messages
+        .iter()
+        .filter(|m| m.to == NodeId(to))
+        .filter_map(|m| match &m.body {
+            MessageBody::Append { prev_index, entries, commit, .. } => Some((
+                prev_index.0,
+                entries.first().map_or(0, |e| e.index.0),
+                entries.last().map_or(0, |e| e.index.0),
+                commit.0,
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn proposals_between_two_readies_leave_as_one_append_per_follower() {
+    let mut leader = replicating_leader(leader_config());
+    for _ in 0..100 {
+        leader.propose(Bytes::from_static(b"sixteen bytes!!!")).expect("accepted");
+    }
+    assert!(leader.has_ready(), "the Appends are owed until the next Ready");
+    let ready = leader.ready();
+    assert_eq!(ready.entries.len(), 100);
+    for to in [2, 3] {
+        assert_eq!(appends_to(&ready.messages, to), [(1, 2, 101, 1)], "one Append to n{to}");
+    }
+    assert_eq!(ready.messages.len(), 2);
+    leader.advance(ready);
+    leader.on_persisted(Term(1), LogIndex(101));
+    assert!(!leader.has_ready(), "the leader's own write alone commits nothing");
+
+    // A commit index that advances between two Readies goes out once per follower, in the
+    // same Append as the entries proposed meanwhile.
+    leader.step(ack(2, 101)).expect("valid");
+    assert_eq!(leader.commit_index(), LogIndex(101));
+    assert!(leader.has_ready(), "the new commit index is owed to the followers");
+    leader.step(ack(3, 101)).expect("valid");
+    leader.propose(Bytes::from_static(b"x")).expect("accepted");
+    leader.propose(Bytes::from_static(b"y")).expect("accepted");
+    let ready = leader.ready();
+    for to in [2, 3] {
+        assert_eq!(appends_to(&ready.messages, to), [(101, 102, 103, 101)]);
+    }
+    assert_eq!(ready.messages.len(), 2);
+    leader.advance(ready);
+
+    // With nothing new, the commit index alone still goes out (an empty Append).
+    leader.on_persisted(Term(1), LogIndex(103));
+    leader.step(ack(2, 103)).expect("valid");
+    let ready = leader.ready();
+    for to in [2, 3] {
+        assert_eq!(appends_to(&ready.messages, to), [(103, 0, 0, 103)]);
+    }
+    leader.check_invariants().expect("invariants");
+}
+
+#[test]
+fn coalesced_appends_are_split_by_max_batch_bytes_and_bounded_by_the_window() {
+    let entry_bytes = 16 + crate::ENTRY_OVERHEAD_BYTES;
+    let mut config = leader_config();
+    config.max_batch_bytes = 10 * entry_bytes;
+    config.max_inflight_messages = 4;
+    let mut leader = replicating_leader(config);
+    for _ in 0..60 {
+        leader.propose(Bytes::from_static(b"sixteen bytes!!!")).expect("accepted");
+    }
+    let ready = leader.ready();
+    for to in [2, 3] {
+        let expected = [(1, 2, 11, 1), (11, 12, 21, 1), (21, 22, 31, 1), (31, 32, 41, 1)];
+        assert_eq!(appends_to(&ready.messages, to), expected, "4 in flight of 10 entries");
+    }
+    leader.advance(ready);
+    assert!(leader.propose(Bytes::new()).is_err(), "the windows to a quorum are full");
+
+    // Acknowledgements free the window; the rest leaves with the next Ready, pipelined again.
+    leader.step(ack(2, 21)).expect("valid");
+    assert!(leader.has_ready());
+    let ready = leader.ready();
+    assert_eq!(appends_to(&ready.messages, 2), [(41, 42, 51, 1), (51, 52, 61, 1)]);
+    assert!(appends_to(&ready.messages, 3).is_empty(), "n3's window is still full");
+    leader.check_invariants().expect("invariants");
+}
