@@ -6,10 +6,13 @@ mod common;
 
 use bytes::Bytes;
 use common::{Model, Rng, inline_config, open_sim, read_back};
+use flotilla_wal::io::Storage;
 use flotilla_wal::record::decode_record;
 use flotilla_wal::segment::{SEGMENT_HEADER_LEN, parse_segment_file_name};
 use flotilla_wal::sim::SimStorage;
-use flotilla_wal::{GroupId, HardState, WalError, WriteBatch, block_on};
+use flotilla_wal::{
+    GroupId, HardState, Recovery, RecoveryMode, Wal, WalError, WriteBatch, block_on,
+};
 
 const SEGMENT_BYTES: u64 = 8 << 10;
 const RECORDS: usize = 500;
@@ -197,4 +200,73 @@ fn random_damage_never_returns_a_wrong_byte() {
         }
     }
     assert!(refused > 0, "no random damage was detected");
+}
+
+/// Opens `images` (every file of a disk) as a real directory and on the simulated disk, in both
+/// recovery modes: recovery reads a real segment through a memory map and a simulated one into
+/// memory, and both must come to the same verdict, report and contents.
+fn same_verdict_on_both_disks(images: &[(String, Vec<u8>)], what: &str) -> bool {
+    let mut refused = false;
+    for mode in [RecoveryMode::Strict, RecoveryMode::TruncateCorrupt] {
+        let config = flotilla_wal::Config { recovery: mode, ..config() };
+        let sim = SimStorage::new();
+        let dir = tempfile::tempdir().unwrap();
+        for (name, image) in images {
+            sim.create_prewritten(name, image.len() as u64).unwrap();
+            sim.set_contents(name, image.clone());
+            std::fs::write(dir.path().join(name), image).unwrap();
+        }
+        let outcome = |opened: Result<(Wal, Recovery), WalError>| match opened {
+            Ok((wal, recovery)) => Ok((read_back(&wal), recovery.groups, recovery.report)),
+            Err(error) => Err(error.to_string()),
+        };
+        let real = outcome(Wal::open(dir.path(), config.clone()));
+        let simulated = outcome(open_sim(&sim, &config));
+        assert_eq!(real, simulated, "{what} ({mode:?}): real directory vs simulated disk");
+        refused |= real.is_err();
+    }
+    refused
+}
+
+#[test]
+fn a_real_directory_recovers_exactly_as_the_simulated_disk() {
+    let (disk, _, _, _) = build();
+    let images: Images = disk
+        .file_names()
+        .into_iter()
+        .map(|name| (name.clone(), disk.contents(&name).unwrap()))
+        .collect();
+    assert!(!same_verdict_on_both_disks(&images, "undamaged"));
+    let mut rng = Rng(0xD1FF);
+    let cases = if cfg!(debug_assertions) { 20 } else { 120 };
+    let mut refused = 0;
+    for case in 0..cases {
+        let mut damaged = images.clone();
+        let segments: Vec<usize> = (0..damaged.len())
+            .filter(|&i| parse_segment_file_name(&damaged[i].0).is_some())
+            .collect();
+        let (name, image) = &mut damaged[segments[rng.below(segments.len() as u64) as usize]];
+        // A bit flip anywhere, or a stretch of a segment zeroed or overwritten from some point on
+        // (a torn or lost tail, a recycled file's old bytes).
+        let at = rng.below(image.len() as u64) as usize;
+        let what = match case % 3 {
+            0 => {
+                image[at] ^= 1 << rng.below(8);
+                format!("{name}: bit flip at {at}")
+            }
+            1 => {
+                image[at..].fill(0);
+                format!("{name}: zeroed from {at}")
+            }
+            _ => {
+                let len = (1 + rng.below(4096) as usize).min(image.len() - at);
+                for byte in &mut image[at..at + len] {
+                    *byte = rng.next() as u8;
+                }
+                format!("{name}: {len} random bytes at {at}")
+            }
+        };
+        refused += usize::from(same_verdict_on_both_disks(&damaged, &what));
+    }
+    assert!(refused > 0, "no damage was refused");
 }
