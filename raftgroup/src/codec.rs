@@ -71,6 +71,7 @@ mod tag {
     pub const READ_INDEX: u8 = 10;
     pub const READ_INDEX_RESPONSE: u8 = 11;
     pub const TIMEOUT_NOW: u8 = 12;
+    pub const READ_INDEX_QUORUM: u8 = 13;
 }
 
 /// Appends the encoding of `message` to `out`.
@@ -144,6 +145,10 @@ pub fn encode(message: &Message, out: &mut Vec<u8>) {
         }
         MessageBody::ReadIndex { context } => {
             out.push(tag::READ_INDEX);
+            put_u64(out, *context);
+        }
+        MessageBody::ReadIndexQuorum { context } => {
+            out.push(tag::READ_INDEX_QUORUM);
             put_u64(out, *context);
         }
         MessageBody::ReadIndexResponse { context, index } => {
@@ -238,6 +243,7 @@ fn decode_from(mut reader: Reader<'_>) -> Result<Message, DecodeError> {
             }
         }
         tag::READ_INDEX => MessageBody::ReadIndex { context: reader.u64()? },
+        tag::READ_INDEX_QUORUM => MessageBody::ReadIndexQuorum { context: reader.u64()? },
         tag::READ_INDEX_RESPONSE => {
             let context = reader.u64()?;
             let index = if reader.flag()? { Some(LogIndex(reader.u64()?)) } else { None };
@@ -431,6 +437,7 @@ mod tests {
                     }
                 }),
             any::<u64>().prop_map(|context| MessageBody::ReadIndex { context }),
+            any::<u64>().prop_map(|context| MessageBody::ReadIndexQuorum { context }),
             (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(|(context, index)| {
                 MessageBody::ReadIndexResponse { context, index: index.map(LogIndex) }
             }),
@@ -461,6 +468,30 @@ mod tests {
                 prop_assert_eq!(again, bytes, "decoding is injective");
             }
         }
+    }
+
+    #[test]
+    fn a_quorum_read_index_has_its_own_tag_and_the_lease_one_is_unchanged() {
+        let header = |tag: u8| {
+            let mut bytes = vec![VERSION];
+            for field in [2u64, 1, 3] {
+                bytes.extend_from_slice(&field.to_le_bytes());
+            }
+            bytes.push(tag);
+            bytes.extend_from_slice(&77u64.to_le_bytes());
+            bytes
+        };
+        let message = |body| Message { from: NodeId(2), to: NodeId(1), term: Term(3), body };
+        for (tag, body) in [
+            (10, MessageBody::ReadIndex { context: 77 }),
+            (13, MessageBody::ReadIndexQuorum { context: 77 }),
+        ] {
+            let mut bytes = Vec::new();
+            encode(&message(body.clone()), &mut bytes);
+            assert_eq!(bytes, header(tag), "{}", body.name());
+            assert_eq!(decode(&bytes), Ok(message(body)));
+        }
+        assert_eq!(decode(&header(14)), Err(DecodeError::Tag(14)));
     }
 
     #[test]

@@ -69,7 +69,8 @@
 //!   what is wrong with a configuration ([`ConfigError`]).
 //! - Inputs: [`Replica::tick`], [`Replica::step`] (a [`Message`]; [`codec::encode`] and
 //!   [`codec::decode`] put it on the wire), [`Replica::propose`], [`Replica::propose_membership`]
-//!   (joint consensus, learners), [`Replica::read_index`], [`Replica::transfer_leadership`],
+//!   (joint consensus, learners), [`Replica::read_index`] (or [`Replica::read_index_with`] a
+//!   [`ReadMode`]), [`Replica::transfer_leadership`],
 //!   [`Replica::campaign_now`]; from storage and the state machine: [`Replica::on_persisted`],
 //!   [`Replica::on_fetched`], [`Replica::on_applied`], [`Replica::compact`].
 //! - Output: [`Replica::has_ready`], [`Replica::ready`] → [`Ready`], [`Replica::advance`].
@@ -131,7 +132,7 @@ pub use error::{
 pub use membership::MembershipChange;
 pub use message::{Message, MessageBody};
 pub use progress::ProgressState;
-pub use read_index::ReadState;
+pub use read_index::{ReadMode, ReadState};
 pub use ready::{Fetch, FetchPurpose, Ready, SendAfterPersist};
 pub use replica::{RecoveredState, Replica, Role, Status};
 pub use storage::MemStorage;

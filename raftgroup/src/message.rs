@@ -95,12 +95,20 @@ pub enum MessageBody {
         /// The snapshot.
         snapshot: Snapshot,
     },
-    /// A follower asks the leader for a read index on behalf of its client.
+    /// A follower asks the leader for a read index on behalf of its client
+    /// ([`crate::ReadMode::Lease`]: the leader answers from its lease if it may).
     ReadIndex {
         /// The client's context, echoed back.
         context: u64,
     },
-    /// The leader's answer to [`MessageBody::ReadIndex`].
+    /// As [`MessageBody::ReadIndex`], but the leader confirms its leadership with a heartbeat
+    /// round even while its lease is valid ([`crate::ReadMode::Quorum`]); answered with a
+    /// [`MessageBody::ReadIndexResponse`] too.
+    ReadIndexQuorum {
+        /// The client's context, echoed back.
+        context: u64,
+    },
+    /// The leader's answer to [`MessageBody::ReadIndex`] and [`MessageBody::ReadIndexQuorum`].
     ReadIndexResponse {
         /// The context of the request.
         context: u64,
@@ -125,6 +133,7 @@ impl MessageBody {
             Self::HeartbeatResponse { .. } => "HeartbeatResponse",
             Self::Snapshot { .. } => "Snapshot",
             Self::ReadIndex { .. } => "ReadIndex",
+            Self::ReadIndexQuorum { .. } => "ReadIndexQuorum",
             Self::ReadIndexResponse { .. } => "ReadIndexResponse",
             Self::TimeoutNow => "TimeoutNow",
         }

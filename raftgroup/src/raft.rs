@@ -7,7 +7,7 @@ use crate::error::Error;
 use crate::message::{Message, MessageBody};
 use crate::progress::ProgressState;
 use crate::quorum::{self, VoteResult};
-use crate::read_index::{MAX_PENDING_READS, PendingRead, ReadState};
+use crate::read_index::{MAX_PENDING_READS, PendingRead, ReadMode, ReadState};
 use crate::ready::{Fetch, FetchPurpose};
 use crate::replica::{Replica, Role};
 use crate::types::{Entry, EntryKind, LogIndex, NodeId, Term};
@@ -284,13 +284,10 @@ impl Replica {
                 }
             }
             MessageBody::ReadIndex { context } => {
-                // Forwarded reads share the leader's bound: refused beyond it, so the follower's
-                // client retries instead of the queue growing without limit.
-                if self.role == Role::Leader && self.reads.len() < MAX_PENDING_READS {
-                    self.leader_read(context, from);
-                } else {
-                    self.send(from, MessageBody::ReadIndexResponse { context, index: None });
-                }
+                self.forwarded_read(from, context, ReadMode::Lease);
+            }
+            MessageBody::ReadIndexQuorum { context } => {
+                self.forwarded_read(from, context, ReadMode::Quorum);
             }
             MessageBody::ReadIndexResponse { context, index } => {
                 if let Some(index) = index {
@@ -304,6 +301,17 @@ impl Replica {
             }
         }
         Ok(())
+    }
+
+    /// A read forwarded by the follower `from`.
+    fn forwarded_read(&mut self, from: NodeId, context: u64, mode: ReadMode) {
+        // Forwarded reads share the leader's bound: refused beyond it, so the follower's client
+        // retries instead of the queue growing without limit.
+        if self.role == Role::Leader && self.reads.len() < MAX_PENDING_READS {
+            self.leader_read(context, from, mode);
+        } else {
+            self.send(from, MessageBody::ReadIndexResponse { context, index: None });
+        }
     }
 
     /// A message from the leader of the current term: follow it.
@@ -695,14 +703,15 @@ impl Replica {
 
     // ----- reads -----
 
-    pub(crate) fn leader_read(&mut self, context: u64, from: NodeId) {
+    /// A read on the leader, for itself or for the follower `from`.
+    pub(crate) fn leader_read(&mut self, context: u64, from: NodeId, mode: ReadMode) {
         if self.log.term(self.log.commit) != Some(self.term) {
             // Until an entry of this term commits, the commit index may be behind the group's.
-            self.reads.before_commit.push((context, from));
+            self.reads.before_commit.push((context, from, mode));
             return;
         }
         let index = self.log.commit;
-        if self.lease_valid() {
+        if mode == ReadMode::Lease && self.lease_valid() {
             self.release_read(PendingRead { context, from, index, seq: 0 });
             return;
         }
@@ -720,8 +729,8 @@ impl Replica {
     }
 
     fn release_reads_before_commit(&mut self) {
-        for (context, from) in mem::take(&mut self.reads.before_commit) {
-            self.leader_read(context, from);
+        for (context, from, mode) in mem::take(&mut self.reads.before_commit) {
+            self.leader_read(context, from, mode);
         }
     }
 

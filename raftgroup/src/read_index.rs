@@ -15,6 +15,19 @@ pub struct ReadState {
     pub index: LogIndex,
 }
 
+/// How a leader makes sure it still leads before it answers a read
+/// ([`crate::Replica::read_index_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReadMode {
+    /// Always confirm leadership with a heartbeat round acknowledged by a quorum (ReadIndex),
+    /// even while a lease is valid: safe whatever the clocks do, at the cost of a round trip.
+    Quorum,
+    /// Answer at once from the leader lease when [`crate::Config::lease_reads`] is on and the
+    /// lease is valid (which assumes clocks drift within [`crate::Config::clock_drift_ticks`]);
+    /// otherwise as [`ReadMode::Quorum`]. What [`crate::Replica::read_index`] does.
+    Lease,
+}
+
 /// One read waiting for its heartbeat round.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PendingRead {
@@ -31,7 +44,7 @@ pub(crate) struct PendingRead {
 pub(crate) struct ReadQueue {
     /// Reads that arrived before the leader committed an entry of its term: the commit index is
     /// not yet known to be the group's.
-    pub(crate) before_commit: Vec<(u64, NodeId)>,
+    pub(crate) before_commit: Vec<(u64, NodeId, ReadMode)>,
     /// Reads with an index, in increasing `seq`.
     pub(crate) pending: VecDeque<PendingRead>,
 }

@@ -15,7 +15,7 @@ use crate::membership::MembershipChange;
 use crate::message::{Message, MessageBody};
 use crate::progress::{Progress, ProgressState};
 use crate::quorum;
-use crate::read_index::{MAX_PENDING_READS, ReadQueue, ReadState};
+use crate::read_index::{MAX_PENDING_READS, ReadMode, ReadQueue, ReadState};
 use crate::ready::{Fetch, FetchPurpose, Ready, SendAfterPersist};
 use crate::types::{
     ENTRY_OVERHEAD_BYTES, Entry, EntryKind, HardState, LogIndex, Membership, NodeId, Snapshot,
@@ -317,18 +317,31 @@ impl Replica {
     /// [`Ready::read_states`] once safe. On a leader with a valid lease (and `lease_reads`) it is
     /// immediate; otherwise the leader confirms its leadership with a heartbeat round; a follower
     /// forwards to its leader. A read may be silently dropped (leader change, lost message): the
-    /// caller retries on its own timeout.
+    /// caller retries on its own timeout. The same as [`Replica::read_index_with`] with
+    /// [`ReadMode::Lease`].
     pub fn read_index(&mut self, context: u64) -> Result<(), ReadError> {
+        self.read_index_with(context, ReadMode::Lease)
+    }
+
+    /// As [`Replica::read_index`], with the caller choosing per request how the leader confirms
+    /// its leadership: [`ReadMode::Quorum`] always with a heartbeat round, even while a lease is
+    /// valid; [`ReadMode::Lease`] from the lease when `lease_reads` is on and the lease is valid,
+    /// else with a round. A follower forwards the mode with the read.
+    pub fn read_index_with(&mut self, context: u64, mode: ReadMode) -> Result<(), ReadError> {
         match (self.role, self.leader) {
             (Role::Leader, _) => {
                 if self.reads.len() >= MAX_PENDING_READS {
                     return Err(ReadError::Busy);
                 }
-                self.leader_read(context, self.id);
+                self.leader_read(context, self.id, mode);
                 Ok(())
             }
             (_, Some(leader)) => {
-                self.send(leader, MessageBody::ReadIndex { context });
+                let body = match mode {
+                    ReadMode::Quorum => MessageBody::ReadIndexQuorum { context },
+                    ReadMode::Lease => MessageBody::ReadIndex { context },
+                };
+                self.send(leader, body);
                 Ok(())
             }
             (_, None) => Err(ReadError::NotLeader { leader_hint: None }),

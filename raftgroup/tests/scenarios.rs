@@ -11,7 +11,8 @@
 //!   of every message (unless `nodeliver`: they stay queued)
 //! - `tick-fast <ids> [N]`: N rounds in which every node ticks once and `ids` twice (clock
 //!   skew), each followed by delivery
-//! - `campaign <id>`, `propose <id> <text>`, `read <id> <context>[,<context>..]`,
+//! - `campaign <id>`, `propose <id> <text>`, `read <id> <context>[,<context>..] [quorum|lease]`
+//!   (`read_index`, or `read_index_with` that mode),
 //!   `transfer <id> <to>`, `conf <id> voters=.. [learners=..]`, `compact <id> <index>`
 //! - `deliver [from->to] [N]`: delivers queued messages (matching, up to N) once, printing them
 //! - `drop [from->to]`: discards queued messages, printing them
@@ -32,7 +33,7 @@ use std::path::Path;
 use bytes::Bytes;
 use flotilla_raftgroup::{
     Config, Entry, EntryKind, FetchPurpose, HardState, LogIndex, MemStorage, MembershipChange,
-    Message, MessageBody, NodeId, Ready, RecoveredState, Replica, Role, Snapshot, Term,
+    Message, MessageBody, NodeId, ReadMode, Ready, RecoveredState, Replica, Role, Snapshot, Term,
 };
 
 struct Node {
@@ -122,6 +123,7 @@ fn describe(message: &Message) -> String {
             snapshot.meta.membership.voters.iter().map(|id| id.0).collect::<Vec<_>>()
         ),
         MessageBody::ReadIndex { context } => format!("ReadIndex ctx={context}"),
+        MessageBody::ReadIndexQuorum { context } => format!("ReadIndexQuorum ctx={context}"),
         MessageBody::ReadIndexResponse { context, index } => {
             format!("ReadIndexResponse ctx={context} index={:?}", index.map(|i| i.0))
         }
@@ -415,9 +417,19 @@ impl Cluster {
                 self.process(&mut out);
             }
             "read" => {
+                let mode = words.get(3).map(|mode| match *mode {
+                    "quorum" => ReadMode::Quorum,
+                    "lease" => ReadMode::Lease,
+                    other => panic!("unknown read mode {other}"),
+                });
                 for context in words[2].split(',') {
                     let context = context.parse().expect("context");
-                    if let Err(error) = self.node(words[1]).replica.read_index(context) {
+                    let replica = &mut self.node(words[1]).replica;
+                    let result = match mode {
+                        Some(mode) => replica.read_index_with(context, mode),
+                        None => replica.read_index(context),
+                    };
+                    if let Err(error) = result {
                         writeln!(out, "error: {error}").unwrap();
                     }
                 }
