@@ -4,7 +4,8 @@
 //!   groups, payloads 16 B … 4 KiB, both backends — against `pwrite` + `fdatasync` of the same
 //!   bytes per sync into a pre-written file (T1, T3, T5 synced).
 //! * `idle_append`: one small durable append on an idle log, p50/p99 — against one raw 4 KiB
-//!   write + fdatasync (T4).
+//!   write + fdatasync (T4); awaited with `block_on` (the appending thread writes its own round),
+//!   and `_polled` as an executor's task would (the log's writer thread writes it).
 //! * `wal_unsynced`: 16–128 B entries, 1024 per append, `sync: false` (T5 unsynced).
 //! * `wal_read`: 10,000 entries at once, zero-copy slices of the segments' maps (T6).
 //!
@@ -238,6 +239,32 @@ fn append_one(wal: &Wal, index: u64, payload: &Bytes, sync: bool) {
     block_on(wal.append_with(batch, sync)).expect("append");
 }
 
+/// Like [`append_one`] (synced), but polls the append with a waker that unparks this thread
+/// instead of `block_on`, as an executor would.
+fn append_one_polled(wal: &Wal, index: u64, payload: &Bytes) {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let mut batch = WriteBatch::new();
+    batch.add_entries(GroupId(1), index, [(1, payload.clone())]);
+    if index > KEEP_ENTRIES && index.is_multiple_of(KEEP_ENTRIES) {
+        batch.compact(GroupId(1), index - KEEP_ENTRIES, 1);
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = wal.append(batch);
+    loop {
+        if let std::task::Poll::Ready(result) = std::pin::Pin::new(&mut future).poll(&mut cx) {
+            result.expect("append");
+            return;
+        }
+        std::thread::park();
+    }
+}
+
 fn idle_latency(
     criterion: &mut Criterion,
     settings: &Settings,
@@ -274,10 +301,17 @@ fn idle_latency(
     );
     println!("{line}");
     results.push(line);
-    for (backend, backend_name) in backends() {
-        if !selected(&format!("idle_append/{backend_name}_128B")) {
+    // `_polled`: the append is polled by a plain waker, as an executor's task would (no
+    // `block_on`, so the log's writer thread writes the round), for comparison.
+    let cases = backends()
+        .into_iter()
+        .flat_map(|(backend, name)| [(backend, name, ""), (backend, name, "_polled")]);
+    for (backend, backend_name, variant) in cases {
+        let case = format!("{backend_name}_128B{variant}");
+        if !selected(&format!("idle_append/{case}")) {
             continue;
         }
+        let polled = !variant.is_empty();
         let dir = disk::bench_dir("idle");
         let (wal, _) = Wal::open(dir.path(), settings.config(backend)).expect("open");
         let payload = Bytes::from(disk::noise(PAYLOAD, 7));
@@ -286,12 +320,16 @@ fn idle_latency(
         let mut interleaved = disk::latency_histogram();
         let mut index = 1u64;
         let before = wal.stats();
-        group.bench_function(format!("{backend_name}_128B"), |b| {
+        group.bench_function(&case, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let started = Instant::now();
-                    append_one(&wal, index, &payload, true);
+                    if polled {
+                        append_one_polled(&wal, index, &payload);
+                    } else {
+                        append_one(&wal, index, &payload, true);
+                    }
                     let took = started.elapsed();
                     histogram.saturating_record(took.as_nanos() as u64);
                     total += took;
@@ -305,7 +343,7 @@ fn idle_latency(
         let us = disk::percentiles_us(&histogram);
         let raw_us = disk::percentiles_us(&interleaved);
         let line = format!(
-            "RESULT idle_append backend={backend_name} payload={PAYLOAD}B: p50 {:.1} µs, p99 {:.1} µs, \
+            "RESULT idle_append backend={backend_name}{variant} payload={PAYLOAD}B: p50 {:.1} µs, p99 {:.1} µs, \
              p99.9 {:.1} µs, max {:.0} µs over {} appends ({} fdatasyncs, {} rounds) | raw 4 KiB \
              pwrite+fdatasync interleaved: p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs over {} | p50 delta \
              {:+.1} µs, p99 ratio {:.2}",
