@@ -441,3 +441,49 @@ async fn a_proposal_that_cannot_commit_fails_at_its_deadline() {
     assert!(took >= timeout || !matches!(result, Err(Error::Timeout)), "failed early: {took:?}");
     assert!(took < timeout + Duration::from_secs(1), "the deadline was not kept: {took:?}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn reads_choose_their_consistency() {
+    let cluster = Cluster::start_with(|config| config.lease_reads = true);
+    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+    let group = GroupId(21);
+    for engine in cluster.running() {
+        engine.create_group(group, &all).await.unwrap();
+    }
+    cluster.put(group, "k", "v1", &all).await;
+    let leader = cluster.busiest_leader_of(group).await;
+    let get = || Query::Get { key: "k".into() };
+    // Linearizable and lease reads on the leader see the acknowledged write.
+    for consistency in [Consistency::Linearizable, Consistency::Lease] {
+        let value = cluster.engine(leader).read(group, get(), consistency).await.unwrap();
+        assert_eq!(value, QueryResult::Value(Some("v1".into())), "{consistency:?}");
+    }
+    // A follower serves a linearizable read through the leader, and a stale one locally.
+    let follower = *all.iter().find(|node| **node != leader).unwrap();
+    let started = Instant::now();
+    loop {
+        let value = cluster.engine(follower).read(group, get(), Consistency::Linearizable).await;
+        if value.as_ref().is_ok_and(|v| *v == QueryResult::Value(Some("v1".into()))) {
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "follower read: {value:?}");
+    }
+    let stale = Consistency::Stale { max_lag: Duration::from_secs(1) };
+    let value = cluster.engine(follower).read(group, get(), stale).await.unwrap();
+    assert_eq!(value, QueryResult::Value(Some("v1".into())));
+    // Cut off, the follower stops serving stale reads once it has not heard from a leader
+    // within the bound (and never serves linearizable ones).
+    cluster.faults.isolate(follower);
+    let tight = Consistency::Stale { max_lag: Duration::from_millis(50) };
+    let started = Instant::now();
+    loop {
+        match cluster.engine(follower).read(group, get(), tight).await {
+            Err(Error::NoQuorum | Error::NotLeader { .. }) => break,
+            Ok(_) => assert!(started.elapsed() < PATIENCE, "stale reads never stopped"),
+            Err(other) => panic!("{other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let read = cluster.engine(follower).read(group, get(), Consistency::Linearizable).await;
+    assert!(read.is_err(), "{read:?}");
+}

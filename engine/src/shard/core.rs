@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
 use flotilla_raftgroup::{
-    Config, Entry, Fetch, HardState, LogIndex, Message, NodeId, ProposeError, ReadError,
+    Config, Entry, Fetch, HardState, LogIndex, Message, NodeId, ProposeError, ReadError, ReadMode,
     RecoveredState, Replica, Role, Snapshot, Term,
 };
 use flotilla_wal::GroupId;
@@ -347,16 +347,29 @@ impl<S: StateMachine> ShardCore<S> {
     }
 
     /// A linearizable read of `group`: completes with [`Completion::Read`] once the replica
-    /// confirmed it (ReadIndex, on the leader or through it) and applied that far.
+    /// confirmed it (ReadIndex with a quorum round, on the leader or through it) and applied
+    /// that far.
     pub fn read(
         &mut self,
         group: GroupId,
         query: S::Query,
         token: Token,
     ) -> Result<(), RequestError> {
+        self.read_with(group, query, ReadMode::Quorum, token)
+    }
+
+    /// [`ShardCore::read`] with the leader's confirmation chosen by `mode`: a quorum round, or
+    /// its lease when the replicas run with `lease_reads` and the lease is valid.
+    pub fn read_with(
+        &mut self,
+        group: GroupId,
+        query: S::Query,
+        mode: ReadMode,
+        token: Token,
+    ) -> Result<(), RequestError> {
         let context = self.next_read_context;
         let slot = self.groups.get_mut(&group).ok_or(RequestError::GroupNotFound(group))?;
-        slot.replica.read_index(context).map_err(|error| match error {
+        slot.replica.read_index_with(context, mode).map_err(|error| match error {
             ReadError::NotLeader { leader_hint } => RequestError::NotLeader { leader_hint },
             ReadError::Busy => RequestError::Busy,
             other => RequestError::Rejected(other.to_string()),

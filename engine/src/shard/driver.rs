@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla_raftgroup::{
-    Config, Entry, LogIndex, Message, NodeId, RecoveredState, Snapshot, SnapshotMeta, Term,
+    Config, Entry, LogIndex, Message, NodeId, ReadMode, RecoveredState, Snapshot, SnapshotMeta,
+    Term,
 };
 use flotilla_wal::{ActiveBackend, AppendFuture, GroupId, WalError, WriteBatch};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -417,10 +418,14 @@ where
                         let answer = self.core.stale_read(group, &query, lag_ticks);
                         let _ = reply.send(answer.map(|(_, result)| result).map_err(request_error));
                     }
-                    // Lease reads use the lease when the replicas were configured for it.
                     Consistency::Linearizable | Consistency::Lease => {
+                        let mode = if consistency == Consistency::Lease {
+                            ReadMode::Lease
+                        } else {
+                            ReadMode::Quorum
+                        };
                         let token = self.token();
-                        match self.core.read(group, query, token) {
+                        match self.core.read_with(group, query, mode, token) {
                             Ok(()) => {
                                 self.pending
                                     .insert(token, Pending::Read { group, deadline, reply });
