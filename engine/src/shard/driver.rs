@@ -409,32 +409,7 @@ where
                 }
             }
             Request::Read { group, query, consistency, deadline, reply } => {
-                self.metrics.reads.increment(1);
-                match consistency {
-                    Consistency::Stale { max_lag } => {
-                        let tick = self.context.config.tick.as_nanos().max(1);
-                        let lag_ticks =
-                            u32::try_from(max_lag.as_nanos() / tick).unwrap_or(u32::MAX);
-                        let answer = self.core.stale_read(group, &query, lag_ticks);
-                        let _ = reply.send(answer.map(|(_, result)| result).map_err(request_error));
-                    }
-                    Consistency::Linearizable | Consistency::Lease => {
-                        let mode = if consistency == Consistency::Lease {
-                            ReadMode::Lease
-                        } else {
-                            ReadMode::Quorum
-                        };
-                        let token = self.token();
-                        match self.core.read_with(group, query, mode, token) {
-                            Ok(()) => {
-                                self.pending
-                                    .insert(token, Pending::Read { group, deadline, reply });
-                                self.deadlines.push(Reverse((deadline, token)));
-                            }
-                            Err(error) => drop(reply.send(Err(request_error(error)))),
-                        }
-                    }
-                }
+                self.read(group, query, consistency, deadline, reply);
             }
             Request::CreateGroup { group, voters, reply } => {
                 let _ = reply.send(self.create_group(group, voters));
@@ -490,6 +465,40 @@ where
                 }
                 Err(error) => tracing::warn!(%error, "could not adopt an accepted connection"),
             },
+        }
+    }
+
+    fn read(
+        &mut self,
+        group: GroupId,
+        query: S::Query,
+        consistency: Consistency,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<S::QueryResult, Error>>,
+    ) {
+        self.metrics.reads.increment(1);
+        match consistency {
+            Consistency::Stale { max_lag } => {
+                let tick = self.context.config.tick.as_nanos().max(1);
+                let lag_ticks = u32::try_from(max_lag.as_nanos() / tick).unwrap_or(u32::MAX);
+                let answer = self.core.stale_read(group, &query, lag_ticks);
+                let _ = reply.send(answer.map(|(_, result)| result).map_err(request_error));
+            }
+            Consistency::Linearizable | Consistency::Lease => {
+                let mode = if consistency == Consistency::Lease {
+                    ReadMode::Lease
+                } else {
+                    ReadMode::Quorum
+                };
+                let token = self.token();
+                match self.core.read_with(group, query, mode, token) {
+                    Ok(()) => {
+                        self.pending.insert(token, Pending::Read { group, deadline, reply });
+                        self.deadlines.push(Reverse((deadline, token)));
+                    }
+                    Err(error) => drop(reply.send(Err(request_error(error)))),
+                }
+            }
         }
     }
 
