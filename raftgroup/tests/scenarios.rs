@@ -924,6 +924,7 @@ fn randomized_clusters_stay_safe_and_recover() {
     let seeds: u64 = std::env::var_os("RAFT_SEEDS")
         .map_or(200, |n| n.to_str().and_then(|n| n.parse().ok()).expect("RAFT_SEEDS=<number>"));
     let mut total_membership_changes = 0;
+    let mut quiet_seeds = Vec::new();
     for seed in 0..seeds {
         let mut rng = TestRng(seed);
         let voters = if seed % 2 == 0 { "voters=1,2,3" } else { "voters=1,2,3,4,5" };
@@ -955,8 +956,16 @@ fn randomized_clusters_stay_safe_and_recover() {
         if let Err(violation) = cluster.check_safety(&mut checks.leaders, &mut checks.applied) {
             panic!("seed {seed} after heal: {violation}");
         }
-        assert!(checks.leaders.len() > 1 || seed % 2 == 1, "seed {seed}: no leader change");
+        if seed % 2 == 0 && checks.leaders.len() <= 1 {
+            quiet_seeds.push(seed);
+        }
         total_membership_changes += checks.membership_changes;
     }
+    // Coverage, not safety: nearly every 3-node run must see a leader change. A rare seed whose
+    // faults never hit the leader (seed 1560 of a 2,000-seed soak) is not a failure.
+    assert!(
+        quiet_seeds.len() * 100 <= seeds.div_ceil(2) as usize,
+        "3-node seeds without a leader change: {quiet_seeds:?}"
+    );
     assert!(total_membership_changes > 50, "only {total_membership_changes} membership changes");
 }
