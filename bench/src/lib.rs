@@ -3,10 +3,11 @@
 //! that drives the log, and small reporting utilities.
 //!
 //! Every bench target is a criterion `harness = false` binary. Run them with
-//! `cargo bench -p flotilla-bench --bench wal` (or `raft_engine`, `recovery`);
-//! `FLOTILLA_BENCH_FULL=1` widens the matrices and sizes; `cargo test -p flotilla-bench --benches`
-//! runs every benchmark once, shrunk, so they never rot.
+//! `cargo bench -p flotilla-bench --bench wal` (or `raft_engine`, `recovery`, `raftgroup`,
+//! `engine`); `FLOTILLA_BENCH_FULL=1` widens the matrices and sizes;
+//! `cargo test -p flotilla-bench --benches` runs every benchmark once, shrunk, so they never rot.
 
+pub mod cluster;
 pub mod disk;
 pub mod load;
 
