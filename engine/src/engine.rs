@@ -178,6 +178,10 @@ pub struct EngineConfig {
     pub inbox_capacity: usize,
     /// Snapshot a group's state machine (and compact its log) after this many applied entries.
     pub snapshot_entries: u64,
+    /// Live WAL segments per shard above which the groups pinning the oldest segment are
+    /// snapshotted (or copied forward) so it can be recycled: bounds disk use when many groups
+    /// each write less than `snapshot_entries` between snapshots.
+    pub wal_segments_target: u64,
     /// The WAL of each shard.
     pub wal: flotilla_wal::Config,
     /// The fault hook (tests): traffic rules consulted for every frame sent and received.
@@ -202,6 +206,7 @@ impl EngineConfig {
             request_timeout: Duration::from_secs(5),
             inbox_capacity: 16 << 10,
             snapshot_entries: 10_000,
+            wal_segments_target: 4,
             wal: flotilla_wal::Config::default(),
             faults: None,
         }

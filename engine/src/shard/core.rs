@@ -490,23 +490,34 @@ impl<S: StateMachine> ShardCore<S> {
             if skip(*group) {
                 continue;
             }
-            let applied = slot.machine.applied_index();
-            let since = applied.0.saturating_sub(slot.replica.status().snapshot_index.0);
-            if since < min_entries.max(1) {
-                continue;
-            }
-            let data = slot.machine.snapshot();
-            // Not yet durable here, or already compacted: try again on a later call.
-            if let Ok(meta) = slot.replica.compact(applied, data.clone()) {
-                out.push((*group, Snapshot { meta, data }));
+            if let Some(snapshot) = compact_group(slot, min_entries) {
+                out.push((*group, snapshot));
             }
         }
+    }
+
+    /// Snapshots `group` if it applied anything since its last snapshot (the log store wants
+    /// the segments its old entries pin): like [`ShardCore::compact_due`] for one group.
+    pub fn compact_now(&mut self, group: GroupId) -> Option<Snapshot> {
+        compact_group(self.groups.get_mut(&group)?, 1)
     }
 
     /// Whether this shard's replica of `group` leads it.
     pub fn is_leader(&self, group: GroupId) -> bool {
         self.replica(group).is_some_and(|replica| replica.role() == Role::Leader)
     }
+}
+
+fn compact_group<S: StateMachine>(slot: &mut Group<S>, min_entries: u64) -> Option<Snapshot> {
+    let applied = slot.machine.applied_index();
+    let since = applied.0.saturating_sub(slot.replica.status().snapshot_index.0);
+    if since < min_entries.max(1) {
+        return None;
+    }
+    let data = slot.machine.snapshot();
+    // Not yet durable here, or already compacted: a later call tries again.
+    let meta = slot.replica.compact(applied, data.clone()).ok()?;
+    Some(Snapshot { meta, data })
 }
 
 fn collect_group<S: StateMachine>(group: GroupId, slot: &mut Group<S>, out: &mut ShardOutput<S>) {

@@ -623,8 +623,31 @@ where
             return;
         }
         let mut snapshots = std::mem::take(&mut self.snapshots);
+        // The log has grown past its target: the groups holding its oldest segment go first,
+        // so that segment can be recycled (a group compacting only every `snapshot_entries`
+        // would otherwise keep every segment since alive).
+        let wal = self.store.wal();
+        if wal.stats().segments_live > self.context.config.wal_segments_target {
+            for group in wal.pinning_groups() {
+                if snapshots.len() >= room {
+                    break;
+                }
+                if !self.snapshotting.contains(&group)
+                    && let Some(snapshot) = self.core.compact_now(group)
+                {
+                    snapshots.push((group, snapshot));
+                }
+            }
+            if snapshots.is_empty() {
+                // Pinned by groups with nothing new to snapshot (an old hard state or a few
+                // entries): the WAL copies those forward.
+                let rewrite = self.store.wal().rewrite_pinning();
+                self.start_append(rewrite, None);
+            }
+        }
         let busy = &self.snapshotting;
         let min_entries = self.context.config.snapshot_entries;
+        let room = room - snapshots.len();
         self.core.compact_due(min_entries, room, |group| busy.contains(&group), &mut snapshots);
         for (group, snapshot) in snapshots.drain(..) {
             self.snapshotting.insert(group);
