@@ -265,6 +265,8 @@ struct Shard<S: StateMachine> {
     peers: BTreeMap<NodeId, mpsc::Sender<Vec<u8>>>,
     fetched: Vec<Entry>,
     snapshots: Vec<(GroupId, Snapshot)>,
+    /// Replies to `create_group` calls waiting for the catalog write.
+    created: Vec<oneshot::Sender<Result<(), Error>>>,
     /// Groups whose snapshot file is being written: not removed or re-created meanwhile.
     snapshotting: HashSet<GroupId>,
     failed: Option<Error>,
@@ -313,6 +315,7 @@ where
             peers: BTreeMap::new(),
             fetched: Vec::new(),
             snapshots: Vec::new(),
+            created: Vec::new(),
             snapshotting: HashSet::new(),
             failed: None,
             ticks: 0,
@@ -360,6 +363,12 @@ where
         self.out.completions.clear();
         for (_, pending) in self.pending.drain() {
             pending.fail(Error::ShuttingDown);
+        }
+        if self.failed.is_none() {
+            let result = self.store.sync_catalog().map_err(storage_error);
+            for reply in self.created.drain(..) {
+                let _ = reply.send(result.clone());
+            }
         }
         while let Some(mut front) = self.inflight.pop_front() {
             let result = match front.done.take() {
@@ -411,9 +420,12 @@ where
             Request::Read { group, query, consistency, deadline, reply } => {
                 self.read(group, query, consistency, deadline, reply);
             }
-            Request::CreateGroup { group, voters, reply } => {
-                let _ = reply.send(self.create_group(group, voters));
-            }
+            Request::CreateGroup { group, voters, reply } => match self.create_group(group, voters)
+            {
+                // Answered once the catalog is durable (`pump`).
+                Ok(()) => self.created.push(reply),
+                Err(error) => drop(reply.send(Err(error))),
+            },
             Request::RemoveGroup { group, reply } => self.remove_group(group, reply),
             Request::Status { group, reply } => {
                 let status = self.core.replica(group).map(|replica| {
@@ -531,7 +543,7 @@ where
             let removal = self.store.remove_group(group).map_err(storage_error)?;
             self.start_append(removal, None);
         }
-        self.store.add_group(group, &voters).map_err(storage_error)?;
+        self.store.stage_group(group, &voters);
         let machine = (self.context.factory)(group);
         let replica_config = replica_config(&config, group, voters);
         self.core
@@ -738,6 +750,17 @@ where
 
     /// Collects every dirty group until nothing is left to do this iteration.
     async fn pump(&mut self) {
+        // Groups created since the last iteration become durable before any of their output
+        // leaves: one catalog write for all of them.
+        if self.failed.is_none() && (self.store.catalog_dirty() || !self.created.is_empty()) {
+            let result = self.store.sync_catalog().map_err(storage_error);
+            for reply in self.created.drain(..) {
+                let _ = reply.send(result.clone());
+            }
+            if let Err(error) = result {
+                self.fail(error);
+            }
+        }
         while self.failed.is_none() {
             self.core.collect(&mut self.out);
             let mut fetches = std::mem::take(&mut self.out.fetches);
@@ -879,6 +902,9 @@ where
         tracing::error!(shard = self.context.index, %error, "shard storage failed; refusing work");
         for (_, pending) in self.pending.drain() {
             pending.fail(error.clone());
+        }
+        for reply in self.created.drain(..) {
+            let _ = reply.send(Err(error.clone()));
         }
         self.failed = Some(error);
     }

@@ -123,6 +123,8 @@ pub struct ShardStore {
     wal: Wal,
     /// Group → its initial voters (what `create_group` was given).
     catalog: BTreeMap<GroupId, Vec<NodeId>>,
+    /// The catalog has staged changes not yet written.
+    catalog_dirty: bool,
 }
 
 impl ShardStore {
@@ -134,7 +136,7 @@ impl ShardStore {
         fs::create_dir_all(dir.join("snapshots")).map_err(io_error("creating", dir))?;
         let (wal, recovery) = Wal::open(dir.join("wal"), wal_config)?;
         let catalog = read_catalog(&dir.join("catalog"))?;
-        Ok((Self { dir: dir.to_path_buf(), wal, catalog }, recovery))
+        Ok((Self { dir: dir.to_path_buf(), wal, catalog, catalog_dirty: false }, recovery))
     }
 
     /// The shard's log.
@@ -160,15 +162,27 @@ impl ShardStore {
 
     /// Records durably that this shard hosts `group`, created with `voters`.
     pub fn add_group(&mut self, group: GroupId, voters: &[NodeId]) -> Result<(), StoreError> {
-        let previous = self.catalog.insert(group, voters.to_vec());
-        if let Err(error) = self.write_catalog() {
-            match previous {
-                Some(voters) => self.catalog.insert(group, voters),
-                None => self.catalog.remove(&group),
-            };
-            return Err(error);
-        }
-        Ok(())
+        self.stage_group(group, voters);
+        self.sync_catalog()
+    }
+
+    /// Adds `group` to the catalog in memory only; [`ShardStore::sync_catalog`] makes it
+    /// durable. A driver creating many groups at once pays one catalog write for all of them —
+    /// but must sync before the new replicas' first output leaves (a vote given by a group the
+    /// node then forgets could be given twice).
+    pub fn stage_group(&mut self, group: GroupId, voters: &[NodeId]) {
+        self.catalog.insert(group, voters.to_vec());
+        self.catalog_dirty = true;
+    }
+
+    /// Whether the catalog has changes not yet durable.
+    pub fn catalog_dirty(&self) -> bool {
+        self.catalog_dirty
+    }
+
+    /// Makes staged catalog changes durable (nothing to do if there are none).
+    pub fn sync_catalog(&mut self) -> Result<(), StoreError> {
+        if self.catalog_dirty { self.write_catalog() } else { Ok(()) }
     }
 
     /// Forgets `group`: the catalog first (so a crash in between leaves a harmless orphan, not a
@@ -389,7 +403,7 @@ impl ShardStore {
             .map_err(|detail| StoreError::Corrupt { path, detail })
     }
 
-    fn write_catalog(&self) -> Result<(), StoreError> {
+    fn write_catalog(&mut self) -> Result<(), StoreError> {
         let mut out = Vec::new();
         out.extend_from_slice(CATALOG_MAGIC);
         out.extend_from_slice(&FILE_VERSION.to_le_bytes());
@@ -404,7 +418,9 @@ impl ShardStore {
         }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
-        write_atomically(&self.dir.join("catalog"), &out)
+        write_atomically(&self.dir.join("catalog"), &out)?;
+        self.catalog_dirty = false;
+        Ok(())
     }
 }
 
