@@ -4,7 +4,7 @@
 //! frame).
 //!
 //! `cargo run --release -p flotilla --example cluster -- [--groups 64] [--payload 128]
-//!  [--seconds 10] [--proposers 512] [--shards 1]`
+//!  [--seconds 10] [--proposers 512] [--shards 1] [--balance true]`
 //!
 //! Every write is durable on a majority before it is acknowledged (fdatasync on).
 
@@ -25,10 +25,12 @@ struct Options {
     seconds: u64,
     proposers: usize,
     shards: usize,
+    balance: bool,
 }
 
 fn parse() -> Result<Options, Box<dyn std::error::Error>> {
-    let mut options = Options { groups: 64, payload: 128, seconds: 10, proposers: 512, shards: 1 };
+    let mut options =
+        Options { groups: 64, payload: 128, seconds: 10, proposers: 512, shards: 1, balance: true };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().ok_or(format!("{arg} needs a value"))?;
@@ -38,6 +40,7 @@ fn parse() -> Result<Options, Box<dyn std::error::Error>> {
             "--seconds" => options.seconds = value.parse()?,
             "--proposers" => options.proposers = value.parse()?,
             "--shards" => options.shards = value.parse()?,
+            "--balance" => options.balance = value.parse()?,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -111,6 +114,14 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("{} leaders elected in {:?}", leaders.len(), started.elapsed());
+    // The node that started first tends to win every election: spread the leaders, so every
+    // node's shard does its share of the leading.
+    let leaders = if options.balance { balance(engines, leaders).await? } else { leaders };
+    let mut per_node = vec![0; engines.len()];
+    for index in leaders.values() {
+        per_node[*index] += 1;
+    }
+    println!("leaders per node after balancing: {per_node:?}");
 
     let before = totals(engines).await?;
     let value = Bytes::from(vec![b'v'; options.payload]);
@@ -152,6 +163,39 @@ async fn run(
         });
     }
     report(options, engines, tasks, before).await
+}
+
+/// Moves group `g`'s leadership to node `g mod 3`; returns where the leaders are afterwards.
+async fn balance(
+    engines: &[Engine],
+    mut leaders: BTreeMap<GroupId, usize>,
+) -> Result<BTreeMap<GroupId, usize>, Box<dyn std::error::Error>> {
+    for (group, leader) in &leaders {
+        let target = (group.0 % engines.len() as u64) as usize;
+        if *leader != target {
+            // A transfer that does not happen only leaves the group where it was.
+            let _ = engines[*leader].transfer_leadership(*group, engines[target].node()).await;
+        }
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut settled = true;
+        for (group, leader) in &mut leaders {
+            for (index, engine) in engines.iter().enumerate() {
+                if let Ok(status) = engine.status(*group).await
+                    && status.role == flotilla::raftgroup::Role::Leader
+                {
+                    *leader = index;
+                }
+            }
+            settled &= *leader == (group.0 % engines.len() as u64) as usize;
+        }
+        if settled {
+            break;
+        }
+    }
+    Ok(leaders)
 }
 
 async fn report(

@@ -499,6 +499,14 @@ where
         self.call(group, |reply| Request::Read { group, query, consistency, deadline, reply }).await
     }
 
+    /// Hands `group`'s leadership from this node (which must lead it) to `to`, a voter: the
+    /// leader stops taking proposals, brings `to` up to date and tells it to campaign. Returns
+    /// once the transfer started; watch [`Engine::status`] for its outcome (it is abandoned
+    /// after an election timeout). Used to spread leaders over nodes, or before maintenance.
+    pub async fn transfer_leadership(&self, group: GroupId, to: NodeId) -> Result<(), Error> {
+        self.call(group, |reply| Request::TransferLeadership { group, to, reply }).await
+    }
+
     /// The state of this node's replica of `group`.
     pub async fn status(&self, group: GroupId) -> Result<GroupStatus, Error> {
         self.call(group, |reply| Request::Status { group, reply }).await

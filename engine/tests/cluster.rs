@@ -487,3 +487,29 @@ async fn reads_choose_their_consistency() {
     let read = cluster.engine(follower).read(group, get(), Consistency::Linearizable).await;
     assert!(read.is_err(), "{read:?}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn leadership_moves_where_it_is_asked_to() {
+    let cluster = Cluster::start();
+    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+    let group = GroupId(31);
+    for engine in cluster.running() {
+        engine.create_group(group, &all).await.unwrap();
+    }
+    cluster.put(group, "k", "v", &all).await;
+    let leader = cluster.busiest_leader_of(group).await;
+    let target = *all.iter().find(|node| **node != leader).unwrap();
+    // Only the leader can hand leadership over.
+    let refused = cluster.engine(target).transfer_leadership(group, leader).await;
+    assert!(matches!(refused, Err(Error::NotLeader { .. })), "{refused:?}");
+    cluster.engine(leader).transfer_leadership(group, target).await.unwrap();
+    let started = Instant::now();
+    while cluster.busiest_leader_of(group).await != target {
+        assert!(started.elapsed() < PATIENCE, "leadership never moved to {target}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The new leader serves, and the write before the transfer is there.
+    cluster.put(group, "k2", "v2", &[target]).await;
+    let value = cluster.get(group, "k", &[target]).await;
+    assert_eq!(value.as_deref(), Some(&b"v"[..]));
+}

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use bytes::Bytes;
 use flotilla_raftgroup::{
     Config, Entry, Fetch, HardState, LogIndex, Message, NodeId, ProposeError, ReadError, ReadMode,
-    RecoveredState, Replica, Role, Snapshot, Term,
+    RecoveredState, Replica, Role, Snapshot, Term, TransferError,
 };
 use flotilla_wal::GroupId;
 
@@ -500,6 +500,18 @@ impl<S: StateMachine> ShardCore<S> {
     /// the segments its old entries pin): like [`ShardCore::compact_due`] for one group.
     pub fn compact_now(&mut self, group: GroupId) -> Option<Snapshot> {
         compact_group(self.groups.get_mut(&group)?, 1)
+    }
+
+    /// Asks `group`'s leader (this replica) to hand leadership to `to`: it brings `to` up to
+    /// date and tells it to campaign; abandoned after an election timeout.
+    pub fn transfer_leadership(&mut self, group: GroupId, to: NodeId) -> Result<(), RequestError> {
+        let slot = self.groups.get_mut(&group).ok_or(RequestError::GroupNotFound(group))?;
+        slot.replica.transfer_leadership(to).map_err(|error| match error {
+            TransferError::NotLeader { leader_hint } => RequestError::NotLeader { leader_hint },
+            other => RequestError::Rejected(other.to_string()),
+        })?;
+        self.mark(group);
+        Ok(())
     }
 
     /// Whether this shard's replica of `group` leads it.

@@ -90,6 +90,11 @@ pub(crate) enum Request<S: StateMachine> {
         group: GroupId,
         reply: oneshot::Sender<Result<GroupStatus, Error>>,
     },
+    TransferLeadership {
+        group: GroupId,
+        to: NodeId,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
     Inspect(Inspector<S>),
     Stats(oneshot::Sender<Result<ShardStats, Error>>),
     /// Raft messages from a peer, for groups of this shard.
@@ -427,6 +432,10 @@ where
                 Err(error) => drop(reply.send(Err(error))),
             },
             Request::RemoveGroup { group, reply } => self.remove_group(group, reply),
+            Request::TransferLeadership { group, to, reply } => {
+                let result = self.core.transfer_leadership(group, to).map_err(request_error);
+                let _ = reply.send(result);
+            }
             Request::Status { group, reply } => {
                 let status = self.core.replica(group).map(|replica| {
                     let status = replica.status();
@@ -940,7 +949,9 @@ fn refuse<S: StateMachine>(request: Request<S>, error: &Error) {
     match request {
         Request::Propose { reply, .. } => drop(reply.send(Err(error))),
         Request::Read { reply, .. } => drop(reply.send(Err(error))),
-        Request::CreateGroup { reply, .. } | Request::RemoveGroup { reply, .. } => {
+        Request::CreateGroup { reply, .. }
+        | Request::RemoveGroup { reply, .. }
+        | Request::TransferLeadership { reply, .. } => {
             drop(reply.send(Err(error)));
         }
         Request::Status { reply, .. } => drop(reply.send(Err(error))),
