@@ -1,4 +1,5 @@
-//! Operator tools for Flotilla, behind the `flotilla-ctl` binary.
+//! Operator tools for Flotilla, behind the `flotilla-ctl` binary; the crate also builds
+//! `flotilla-load`, the main job (a three-node cluster on loopback under load, see its `--help`).
 //!
 //! `flotilla-ctl wal dump|verify|stat <dir>` read a WAL directory (a shard's
 //! `data_dir/shard-N/wal`) without opening the log: read-only files, no lock, nothing written —
