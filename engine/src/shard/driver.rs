@@ -57,7 +57,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const WRITE_FRAMES_MAX: usize = 64;
 /// Snapshot files being written at once per shard: bounds the memory of snapshot images held
 /// and the disk bandwidth taken from the WAL.
-const SNAPSHOTS_IN_FLIGHT_MAX: usize = 2;
+const SNAPSHOTS_IN_FLIGHT_MAX: usize = 4;
 
 /// A closure run on a shard thread with its core (see [`crate::Engine::inspect`]).
 pub(crate) type Inspector<S> = Box<dyn FnOnce(&ShardCore<S>) + Send>;
@@ -624,14 +624,16 @@ where
                 pending.fail(error);
             }
         }
-        // Every 64 ticks: snapshot groups that applied enough, and publish gauges.
+        // Every 8 ticks: snapshot groups that applied enough or pin the log; every 64, gauges.
+        if self.ticks.is_multiple_of(8) {
+            self.compact();
+        }
         if self.ticks.is_multiple_of(64) {
             self.metrics
                 .inbox_depth
                 .set((self.inbox.max_capacity() - self.inbox.capacity()) as f64);
             let leaders = self.core.groups().filter(|group| self.core.is_leader(*group)).count();
             self.metrics.leaders.set(leaders as f64);
-            self.compact();
         }
     }
 
