@@ -128,6 +128,7 @@ struct Report {
     backend: String,
     leaders_per_node: Vec<usize>,
     duration_secs: f64,
+    drain_secs: f64,
     writes: u64,
     reads: u64,
     writes_per_sec: f64,
@@ -253,6 +254,9 @@ struct Part {
     reads: Histogram<u64>,
     write_errors: u64,
     read_errors: u64,
+    /// Operations that completed before the deadline.
+    writes_in_window: u64,
+    reads_in_window: u64,
 }
 
 async fn drive(
@@ -313,14 +317,19 @@ async fn drive(
         };
         tasks.spawn(worker.run());
     }
-    let parts = collect(tasks, &live, started, cli.duration).await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    let after = totals(engines).await?;
+    let (parts, after) = collect(engines, tasks, &live, started, deadline).await?;
+    // Rates are over the load window; operations still in flight at its end are waited for
+    // (their latencies count) but not counted as done within it.
+    let window = (deadline - started).as_secs_f64();
+    let drain = started.elapsed().as_secs_f64() - window;
 
     let mut writes = histogram();
     let mut reads = histogram();
     let (mut write_errors, mut read_errors) = (0, 0);
+    let (mut writes_done, mut reads_done) = (0, 0);
     for part in parts {
+        writes_done += part.writes_in_window;
+        reads_done += part.reads_in_window;
         writes.add(part.writes)?;
         reads.add(part.reads)?;
         write_errors += part.write_errors;
@@ -341,31 +350,35 @@ async fn drive(
         sync: true,
         backend: backend.to_string(),
         leaders_per_node,
-        duration_secs: elapsed,
-        writes: writes.len(),
-        reads: reads.len(),
-        writes_per_sec: writes.len() as f64 / elapsed,
-        reads_per_sec: reads.len() as f64 / elapsed,
+        duration_secs: window,
+        drain_secs: drain,
+        writes: writes_done,
+        reads: reads_done,
+        writes_per_sec: writes_done as f64 / window,
+        reads_per_sec: reads_done as f64 / window,
         write_latency_us: Latency::of(&writes),
         read_latency_us: Latency::of(&reads),
         write_errors,
         read_errors,
         fdatasyncs,
-        fdatasyncs_per_sec: fdatasyncs as f64 / elapsed,
+        fdatasyncs_per_sec: fdatasyncs as f64 / window,
         entries_per_fdatasync: entries as f64 / fdatasyncs.max(1) as f64,
-        frames_per_sec: frames as f64 / elapsed,
+        frames_per_sec: frames as f64 / window,
         messages_per_frame: messages as f64 / frames.max(1) as f64,
     })
 }
 
-/// Waits for every worker, drawing the progress line meanwhile.
+/// Waits for every worker, drawing the progress line meanwhile; returns their results and the
+/// shards' counters at the deadline.
 async fn collect(
+    engines: &[Engine],
     mut tasks: JoinSet<Part>,
     live: &Live,
     started: Instant,
-    seconds: u64,
-) -> Result<Vec<Part>, BoxError> {
-    let progress = progress_bar(seconds);
+    deadline: Instant,
+) -> Result<(Vec<Part>, Totals), BoxError> {
+    let progress = progress_bar((deadline - started).as_secs());
+    let mut at_deadline = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     let mut parts = Vec::new();
     loop {
@@ -374,6 +387,9 @@ async fn collect(
                 Some(part) => parts.push(part?),
                 None => break,
             },
+            () = tokio::time::sleep_until(deadline.into()), if at_deadline.is_none() => {
+                at_deadline = Some(totals(engines).await?);
+            }
             _ = ticker.tick() => {
                 let elapsed = started.elapsed();
                 let secs = elapsed.as_secs_f64().max(1e-3);
@@ -388,7 +404,11 @@ async fn collect(
         }
     }
     progress.finish_and_clear();
-    Ok(parts)
+    let at_deadline = match at_deadline {
+        Some(totals) => totals,
+        None => totals(engines).await?,
+    };
+    Ok((parts, at_deadline))
 }
 
 /// Latencies from 1 µs to 10 min at 3 significant digits (slower ones count as 10 min).
@@ -420,8 +440,14 @@ struct Worker {
 
 impl Worker {
     async fn run(self) -> Part {
-        let mut part =
-            Part { writes: histogram(), reads: histogram(), write_errors: 0, read_errors: 0 };
+        let mut part = Part {
+            writes: histogram(),
+            reads: histogram(),
+            write_errors: 0,
+            read_errors: 0,
+            writes_in_window: 0,
+            reads_in_window: 0,
+        };
         let mut leader = self.leaders[&self.group];
         // xorshift64, seeded per proposer: the read/write mix without a dependency.
         let mut random = self.proposer.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -448,14 +474,18 @@ impl Worker {
                     .await
                     .map(|_| ())
             };
-            let micros = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+            let done = Instant::now();
+            let micros = u64::try_from((done - asked).as_micros()).unwrap_or(u64::MAX).max(1);
+            let in_window = u64::from(done <= self.deadline);
             match result {
                 Ok(()) if is_read => {
                     part.reads.saturating_record(micros);
+                    part.reads_in_window += in_window;
                     self.live.reads.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(()) => {
                     part.writes.saturating_record(micros);
+                    part.writes_in_window += in_window;
                     self.live.writes.fetch_add(1, Ordering::Relaxed);
                     sequence += 1;
                 }
@@ -584,7 +614,7 @@ fn print_table(report: &Report) {
     ];
     println!(
         "\n{} nodes, {} groups, {} shard(s)/node, {} proposers, {} B writes, read ratio {}, \
-         {:?} reads, sync on, {:.1} s",
+         {:?} reads, sync on, {:.1} s (+{:.1} s waiting for the last operations)",
         report.nodes,
         report.groups,
         report.shards_per_node,
@@ -592,7 +622,8 @@ fn print_table(report: &Report) {
         report.payload_bytes,
         report.read_ratio,
         report.consistency,
-        report.duration_secs
+        report.duration_secs,
+        report.drain_secs
     );
     let width = rows.iter().map(|(name, _)| name.chars().count()).max().unwrap_or(0);
     for (name, value) in rows {
