@@ -379,7 +379,8 @@ async fn collect(
 ) -> Result<(Vec<Part>, Totals), BoxError> {
     let progress = progress_bar((deadline - started).as_secs());
     let mut at_deadline = None;
-    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let tick = Duration::from_millis(250);
+    let mut ticker = tokio::time::interval_at((started + tick).into(), tick);
     let mut parts = Vec::new();
     loop {
         tokio::select! {
