@@ -250,8 +250,13 @@ impl ShardStore {
             commit: LogIndex(hs.commit),
         });
         hard_state.commit = hard_state.commit.max(LogIndex(snapshot_index));
-        if let Some(snapshot) = &snapshot {
-            hard_state.term = hard_state.term.max(snapshot.meta.term);
+        if let Some(snapshot) = &snapshot
+            && snapshot.meta.term > hard_state.term
+        {
+            // The snapshot file outlived the round that would have raised the term (it is written
+            // first): no vote in the snapshot's term was ever durable, so none is claimed.
+            hard_state.term = snapshot.meta.term;
+            hard_state.vote = None;
         }
         let mut term_starts: Vec<(LogIndex, Term)> = Vec::new();
         for entry in &entries {
@@ -601,6 +606,82 @@ mod tests {
         }
         assert_eq!(kind_of(3), None);
         assert_eq!(kind_of(u8::MAX), None);
+    }
+
+    fn inline_store(dir: &Path) -> ShardStore {
+        let config = flotilla_wal::Config {
+            segment_bytes: 1 << 20,
+            batch_bytes_max: 64 << 10,
+            writer: flotilla_wal::WriterMode::Inline,
+            ..flotilla_wal::Config::default()
+        };
+        ShardStore::open(dir, config).unwrap().0
+    }
+
+    #[test]
+    fn a_snapshot_file_that_outlived_its_round_is_recovered_consistently() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = GroupId(4);
+        {
+            let mut store = inline_store(dir.path());
+            store.add_group(group, &[NodeId(1)]).unwrap();
+            // Entries 1..=3 of term 2, and a vote for node 5 in term 2.
+            let mut items = vec![(
+                group,
+                PersistItem {
+                    snapshot: None,
+                    entries: (1..=3)
+                        .map(|i| Entry {
+                            index: LogIndex(i),
+                            term: Term(2),
+                            kind: if i == 1 { EntryKind::Empty } else { EntryKind::Normal },
+                            payload: Bytes::from(format!("e{i}")),
+                        })
+                        .collect(),
+                    hard_state: Some(HardState {
+                        term: Term(2),
+                        vote: Some(NodeId(5)),
+                        commit: LogIndex(2),
+                    }),
+                },
+            )];
+            let mut batch = WriteBatch::new();
+            store.stage(&mut items, &mut batch).unwrap();
+            flotilla_wal::block_on(store.wal().append(batch)).unwrap();
+            // A leader's snapshot through index 6 of term 3 reaches its file; the crash comes
+            // before the round with its compaction and the new term.
+            let snapshot = Snapshot {
+                meta: SnapshotMeta {
+                    index: LogIndex(6),
+                    term: Term(3),
+                    membership: Membership { voters: vec![NodeId(1)], ..Membership::default() },
+                },
+                data: Bytes::from_static(b"image"),
+            };
+            store.save_snapshot(group, &snapshot).unwrap();
+            store.close().unwrap();
+        }
+        let store = inline_store(dir.path());
+        let recovered = store.recover_group(group).unwrap();
+        assert_eq!(recovered.snapshot.as_ref().unwrap().meta.index, LogIndex(6));
+        assert_eq!(recovered.applied, LogIndex(6));
+        // The term moves up to the snapshot's, without a vote nobody made in it.
+        assert_eq!(
+            recovered.hard_state,
+            HardState { term: Term(3), vote: None, commit: LogIndex(6) }
+        );
+        // The stale log (term 2 entries below the snapshot) is gone, in the WAL too.
+        assert!(recovered.entries.is_empty(), "{:?}", recovered.entries);
+        assert_eq!(recovered.last_index, LogIndex(6));
+        let state = store.wal().group_state(group).unwrap();
+        assert_eq!(state.compacted, Some((6, 3)));
+        assert_eq!(state.last_index, 6);
+        // And the replica accepts what recovery hands it.
+        flotilla_raftgroup::Replica::new(
+            flotilla_raftgroup::Config::new(NodeId(1), vec![NodeId(1)]),
+            recovered,
+        )
+        .unwrap();
     }
 
     #[test]
