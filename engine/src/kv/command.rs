@@ -258,11 +258,7 @@ impl Proposal {
 
     /// Parses one proposal occupying all of `input`. Keys and values borrow from `input`.
     pub fn decode(input: &Bytes) -> Result<Self, DecodeError> {
-        let mut reader = Reader::new(input);
-        let version = reader.u8()?;
-        if version != VERSION {
-            return Err(DecodeError::Version(version));
-        }
+        let mut reader = Reader::versioned(input)?;
         let leader_time_ms = reader.u64()?;
         let request = match reader.u8()? {
             tag::REGISTER_SESSION => Request::RegisterSession,
@@ -311,11 +307,7 @@ impl Query {
 
     /// Parses one query occupying all of `input`. Keys borrow from `input`.
     pub fn decode(input: &Bytes) -> Result<Self, DecodeError> {
-        let mut reader = Reader::new(input);
-        let version = reader.u8()?;
-        if version != VERSION {
-            return Err(DecodeError::Version(version));
-        }
+        let mut reader = Reader::versioned(input)?;
         let query = match reader.u8()? {
             tag::GET => Self::Get { key: reader.bytes()? },
             tag::RANGE => {
@@ -358,6 +350,15 @@ pub(crate) struct Reader<'a> {
 impl<'a> Reader<'a> {
     pub(crate) fn new(input: &'a Bytes) -> Self {
         Self { input, position: 0 }
+    }
+
+    /// A reader past the leading version byte, which must be [`VERSION`].
+    fn versioned(input: &'a Bytes) -> Result<Self, DecodeError> {
+        let mut reader = Self::new(input);
+        match reader.u8()? {
+            VERSION => Ok(reader),
+            version => Err(DecodeError::Version(version)),
+        }
     }
 
     pub(crate) fn remaining(&self) -> usize {
