@@ -187,6 +187,22 @@ impl GroupIndex {
         Some(self.terms[run - 1].1)
     }
 
+    /// `(first index, term)` of each term run among the live entries from `from` on (the
+    /// first run starting at `from` or at the first live entry, whichever is later).
+    pub(crate) fn term_starts(&self, from: u64) -> Vec<(u64, u64)> {
+        if self.locs.is_empty() {
+            return Vec::new();
+        }
+        let from = from.max(self.first_index);
+        if from >= self.bounds.next_index {
+            return Vec::new();
+        }
+        let covering = self.terms.partition_point(|&(start, _)| start <= from);
+        let mut starts = self.terms[covering - 1..].to_vec();
+        starts[0].0 = from;
+        starts
+    }
+
     pub(crate) fn loc(&self, index: u64) -> Option<Loc> {
         let offset = index.checked_sub(self.first_index)?;
         self.locs.get(usize::try_from(offset).ok()?).copied()
@@ -384,6 +400,22 @@ mod tests {
             entries(&mut index, 1, 5, &[3]),
             Err(InvalidOp::Gap { first_index: 5, next_index: 4 })
         );
+    }
+
+    #[test]
+    fn term_starts_follow_overwrites_and_compaction() {
+        let mut index = Index::default();
+        entries(&mut index, 1, 1, &[1, 1, 2, 2, 2, 3]).unwrap();
+        let group = |index: &Index| index.groups[&GroupId(1)].term_starts(0);
+        assert_eq!(group(&index), [(1, 1), (3, 2), (6, 3)]);
+        assert_eq!(index.groups[&GroupId(1)].term_starts(4), [(4, 2), (6, 3)]);
+        assert!(index.groups[&GroupId(1)].term_starts(7).is_empty());
+        entries(&mut index, 1, 5, &[4, 4]).unwrap();
+        assert_eq!(group(&index), [(1, 1), (3, 2), (5, 4)]);
+        op(&mut index, IndexOp::Compact { group: GroupId(1), index: 3, term: 2 });
+        assert_eq!(group(&index), [(4, 2), (5, 4)]);
+        op(&mut index, IndexOp::Compact { group: GroupId(1), index: 6, term: 4 });
+        assert!(group(&index).is_empty());
     }
 
     #[test]

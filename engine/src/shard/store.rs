@@ -57,7 +57,7 @@ const VOTERS_MAX: u32 = 64;
 /// early without first collecting a huge range.
 const FETCH_CHUNK: u64 = 256;
 /// Entries handed to a recovering replica with its term starts, to warm its cache.
-const RECOVERED_TAIL_ENTRIES: usize = 1024;
+const RECOVERED_TAIL_ENTRIES: u64 = 1024;
 
 /// The WAL tag that stores `kind`.
 pub fn tag_of(kind: EntryKind) -> u8 {
@@ -234,11 +234,20 @@ impl ShardStore {
                 ..RecoveredState::default()
             });
         };
+        // The replica learns every index's term from the term starts and keeps only what its
+        // cache allows: read the tail of the log only.
         let first = state.first_index.max(snapshot_index + 1);
+        let term_starts: Vec<(LogIndex, Term)> = self
+            .wal
+            .term_starts(group, first)
+            .into_iter()
+            .map(|(index, term)| (LogIndex(index), Term(term)))
+            .collect();
+        let tail_start = first.max((state.last_index + 1).saturating_sub(RECOVERED_TAIL_ENTRIES));
         let mut entries = Vec::new();
-        if state.last_index >= first {
+        if state.last_index >= tail_start {
             let mut raw = Vec::new();
-            self.wal.entries_into(group, first..state.last_index + 1, &mut raw)?;
+            self.wal.entries_into(group, tail_start..state.last_index + 1, &mut raw)?;
             entries.reserve(raw.len());
             for entry in raw {
                 entries.push(to_raft_entry(group, entry)?);
@@ -258,14 +267,6 @@ impl ShardStore {
             hard_state.term = snapshot.meta.term;
             hard_state.vote = None;
         }
-        let mut term_starts: Vec<(LogIndex, Term)> = Vec::new();
-        for entry in &entries {
-            if term_starts.last().is_none_or(|&(_, term)| term != entry.term) {
-                term_starts.push((entry.index, entry.term));
-            }
-        }
-        // The replica keeps what its cache allows and fetches the rest: hand it the tail only.
-        entries.drain(..entries.len().saturating_sub(RECOVERED_TAIL_ENTRIES));
         Ok(RecoveredState {
             hard_state,
             last_index: LogIndex(state.last_index.max(snapshot_index)),
@@ -682,6 +683,44 @@ mod tests {
             recovered,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn recovery_hands_over_term_starts_and_only_the_tail_of_a_long_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = GroupId(9);
+        let entry = |i: u64| Entry {
+            index: LogIndex(i),
+            term: Term(if i < 1000 { 1 } else { 2 }),
+            kind: EntryKind::Normal,
+            payload: Bytes::from(format!("e{i}")),
+        };
+        {
+            let mut store = inline_store(dir.path());
+            store.add_group(group, &[NodeId(1)]).unwrap();
+            let item = PersistItem {
+                snapshot: None,
+                entries: (1..=1500).map(entry).collect(),
+                hard_state: Some(HardState { term: Term(2), vote: None, commit: LogIndex(1500) }),
+            };
+            let mut batch = WriteBatch::new();
+            store.stage(&mut [(group, item)], &mut batch).unwrap();
+            flotilla_wal::block_on(store.wal().append(batch)).unwrap();
+            store.close().unwrap();
+        }
+        let store = inline_store(dir.path());
+        let recovered = store.recover_group(group).unwrap();
+        assert_eq!(recovered.term_starts, [(LogIndex(1), Term(1)), (LogIndex(1000), Term(2))]);
+        assert_eq!(recovered.last_index, LogIndex(1500));
+        let tail: Vec<Entry> = (477..=1500).map(entry).collect();
+        assert_eq!(recovered.entries, tail);
+        let replica = flotilla_raftgroup::Replica::new(
+            flotilla_raftgroup::Config::new(NodeId(1), vec![NodeId(1)]),
+            recovered,
+        )
+        .unwrap();
+        assert_eq!(replica.term_at(LogIndex(999)), Some(Term(1)));
+        assert_eq!(replica.term_at(LogIndex(1000)), Some(Term(2)));
     }
 
     #[test]

@@ -432,6 +432,19 @@ impl Wal {
         self.shared.read.read().index.groups.get(&group)?.term(index)
     }
 
+    /// Where each term starts among `group`'s live entries from index `from` on, as
+    /// `(first index, term)` in increasing order: what a Raft replica needs to know every
+    /// entry's term without reading the entries (empty if there are none).
+    pub fn term_starts(&self, group: GroupId, from: u64) -> Vec<(u64, u64)> {
+        self.shared
+            .read
+            .read()
+            .index
+            .groups
+            .get(&group)
+            .map_or_else(Vec::new, |g| g.term_starts(from))
+    }
+
     /// What the log holds of `group` (written rounds only).
     pub fn group_state(&self, group: GroupId) -> Option<GroupState> {
         self.shared.read.read().index.groups.get(&group).map(crate::index::GroupIndex::state)
