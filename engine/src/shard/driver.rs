@@ -651,19 +651,20 @@ where
         // would otherwise keep every segment since alive).
         let wal = self.store.wal();
         if wal.stats().segments_live > self.context.config.wal_segments_target {
+            let mut writing = false;
             for group in wal.pinning_groups() {
                 if snapshots.len() >= room {
                     break;
                 }
-                if !self.snapshotting.contains(&group)
-                    && let Some(snapshot) = self.core.compact_now(group)
-                {
+                if self.snapshotting.contains(&group) {
+                    writing = true;
+                } else if let Some(snapshot) = self.core.compact_now(group) {
                     snapshots.push((group, snapshot));
                 }
             }
-            if snapshots.is_empty() {
+            if snapshots.is_empty() && !writing {
                 // Pinned by groups with nothing new to snapshot (an old hard state or a few
-                // entries): the WAL copies those forward.
+                // entries), none of them being written: the WAL copies those forward.
                 let rewrite = self.store.wal().rewrite_pinning();
                 self.start_append(rewrite, None);
             }
