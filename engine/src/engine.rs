@@ -33,6 +33,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::kv::{self, KvConfig, KvStateMachine, StateMachine};
+use crate::liveness::Liveness;
 use crate::shard::ShardCore;
 use crate::shard::driver::{self, Request, ShardContext};
 use crate::transport::ClusterId;
@@ -140,6 +141,8 @@ pub struct ShardStats {
     pub wal: flotilla_wal::Stats,
     /// Groups it hosts.
     pub groups: usize,
+    /// Groups not quiet (being ticked); see [`EngineConfig::quiesce`].
+    pub groups_awake: usize,
     /// Groups whose replica here leads.
     pub leaders: usize,
     /// Frames sent to peers (one per peer per flush, cut at 1 MiB).
@@ -182,6 +185,14 @@ pub struct EngineConfig {
     /// snapshotted (or copied forward) so it can be recycled: bounds disk use when many groups
     /// each write less than `snapshot_entries` between snapshots.
     pub wal_segments_target: u64,
+    /// Let idle groups go quiet: no ticks, no heartbeats, until they have work again
+    /// (see [`crate::shard::Quiescence`]). Node-level liveness (an empty frame per peer per
+    /// heartbeat interval) stands in for their heartbeats; a node unheard of for
+    /// `election_ticks` counts as down.
+    pub quiesce: bool,
+    /// With `quiesce`: at most this many quiet groups wake per tick and shard after a node
+    /// goes down or returns, or at start — so a node blip never wakes every group at once.
+    pub wakes_per_tick: usize,
     /// The WAL of each shard.
     pub wal: flotilla_wal::Config,
     /// The fault hook (tests): traffic rules consulted for every frame sent and received.
@@ -207,6 +218,8 @@ impl EngineConfig {
             inbox_capacity: 16 << 10,
             snapshot_entries: 10_000,
             wal_segments_target: 4,
+            quiesce: true,
+            wakes_per_tick: 256,
             wal: flotilla_wal::Config::default(),
             faults: None,
         }
@@ -228,6 +241,9 @@ impl EngineConfig {
         }
         if self.inbox_capacity == 0 {
             return bad("inbox_capacity must be positive");
+        }
+        if self.quiesce && self.wakes_per_tick == 0 {
+            return bad("wakes_per_tick must be positive when quiesce is on");
         }
         if self.peers.keys().any(|id| id.0 == 0) {
             return bad("peer id 0 is reserved");
@@ -365,6 +381,7 @@ where
             receivers.push(rx);
         }
         let routes: Arc<[mpsc::Sender<Request<S>>]> = senders.clone().into();
+        let liveness = Arc::new(Liveness::new(config.peers.keys().copied()));
         let config = Arc::new(config);
         let mut handles = Vec::with_capacity(shards);
         let mut starts = Vec::with_capacity(shards);
@@ -377,6 +394,7 @@ where
                 config: Arc::clone(&config),
                 routes: Arc::clone(&routes),
                 factory: Arc::clone(factory),
+                liveness: Arc::clone(&liveness),
             };
             let shard_listener = if index == 0 { listener.take() } else { None };
             let shard_stop = Arc::clone(&stop);

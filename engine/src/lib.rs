@@ -8,6 +8,7 @@
 
 mod engine;
 pub mod kv;
+mod liveness;
 pub mod shard;
 pub mod transport;
 

@@ -530,3 +530,96 @@ async fn leadership_moves_where_it_is_asked_to() {
     let value = cluster.get(group, "k", &[target]).await;
     assert_eq!(value.as_deref(), Some(&b"v"[..]));
 }
+
+impl Cluster {
+    /// Sums a figure over the running nodes' shards.
+    async fn total(&self, figure: impl Fn(&flotilla::ShardStats) -> u64) -> u64 {
+        let mut sum = 0;
+        for engine in self.running() {
+            sum += engine.shard_stats().await.unwrap().iter().map(&figure).sum::<u64>();
+        }
+        sum
+    }
+
+    /// Waits until no group of any running node is being ticked.
+    async fn wait_quiet(&self) {
+        let started = Instant::now();
+        loop {
+            let awake = self.total(|stats| stats.groups_awake as u64).await;
+            if awake == 0 {
+                eprintln!("every group quiet after {:?}", started.elapsed());
+                return;
+            }
+            assert!(started.elapsed() < PATIENCE, "{awake} groups never went quiet");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Quiescence (issue 5): idle groups stop ticking and sending; a proposal or a read wakes them;
+/// a quiet follower still serves bounded-stale reads (node-level liveness vouches for its
+/// leader); when the node leading most groups dies, node-level liveness wakes their followers,
+/// which elect new leaders, and the survivors go quiet again without it; when it returns, it
+/// is caught up and everything goes quiet once more.
+#[tokio::test(flavor = "current_thread")]
+async fn idle_groups_go_quiet_wake_on_demand_and_survive_a_dead_node() {
+    let mut cluster = Cluster::start();
+    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+    for engine in cluster.running() {
+        for group in 1..=GROUPS {
+            engine.create_group(GroupId(group), &all).await.unwrap();
+        }
+    }
+    let mut acknowledged = BTreeMap::new();
+    write_all(&cluster, "first", &all, &mut acknowledged).await;
+    cluster.wait_quiet().await;
+
+    // Quiet means silent: not one Raft message while nothing happens (the node-level
+    // heartbeats are empty frames, not counted as messages).
+    let before = cluster.total(|stats| stats.messages_sent).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = cluster.total(|stats| stats.messages_sent).await;
+    assert_eq!(before, after, "quiet groups sent {} messages", after - before);
+
+    // A quiet follower answers a stale read within its bound, and stays quiet doing so.
+    for group in (1..=GROUPS).map(GroupId) {
+        let leader = cluster.busiest_leader_of(group).await;
+        let follower = *all.iter().find(|n| **n != leader).unwrap();
+        let query = Query::Get { key: "key".into() };
+        let stale = Consistency::Stale { max_lag: Duration::from_secs(1) };
+        let value = cluster.engine(follower).read(group, query, stale).await.unwrap();
+        let expected = format!("first-{}", group.0);
+        assert_eq!(value, QueryResult::Value(Some(Bytes::from(expected))));
+    }
+    assert_eq!(cluster.total(|stats| stats.groups_awake as u64).await, 0);
+
+    // Proposals and linearizable reads wake the groups they touch.
+    write_all(&cluster, "second", &all, &mut acknowledged).await;
+    for group in (1..=GROUPS).map(GroupId) {
+        let value = cluster.get(group, "key", &[all[(group.0 % NODES) as usize]]).await;
+        assert_eq!(value.as_deref(), Some(format!("second-{}", group.0).as_bytes()));
+    }
+    cluster.wait_quiet().await;
+
+    // The node leading the most groups dies while everything is quiet.
+    let victim = cluster.busiest_leader().await;
+    drop(cluster.engines[(victim.0 - 1) as usize].take());
+    let survivors: Vec<NodeId> = all.iter().copied().filter(|n| *n != victim).collect();
+    let started = Instant::now();
+    write_all(&cluster, "third", &survivors, &mut acknowledged).await;
+    eprintln!("64 quiet groups served again {:?} after {victim} died", started.elapsed());
+    for group in (1..=GROUPS).map(GroupId) {
+        let leader = cluster.busiest_leader_of(group).await;
+        assert_ne!(leader, victim);
+    }
+    // Groups with a dead member go quiet too: the dead node is not waited for.
+    cluster.wait_quiet().await;
+
+    // It returns: its groups wake a few at a time, the leaders catch it up, and all goes quiet.
+    cluster.engines[(victim.0 - 1) as usize] = Some(cluster.open(victim));
+    cluster.converge(&acknowledged).await;
+    cluster.wait_quiet().await;
+    for engine in cluster.engines.iter_mut().filter_map(Option::take) {
+        engine.shutdown().unwrap();
+    }
+}

@@ -10,7 +10,7 @@ use flotilla::kv::{
     Command, KvConfig, KvStateMachine, Outcome, Proposal, Query, QueryResult, Reply, Request,
 };
 use flotilla::raftgroup::{Config, MemStorage, Message, NodeId, Ready, RecoveredState};
-use flotilla::shard::{Completion, RequestError, ShardCore, ShardOutput, Token};
+use flotilla::shard::{Completion, Quiescence, RequestError, ShardCore, ShardOutput, Token};
 use flotilla::wal::GroupId;
 
 struct Node {
@@ -27,6 +27,12 @@ struct Cluster {
     messages_per_frame_max: usize,
     /// Messages to and from this node are lost.
     isolated: Option<NodeId>,
+    /// Raft messages sent so far.
+    messages: u64,
+    /// Node-level liveness is reported to the cores on every tick (with quiescence).
+    liveness: bool,
+    /// Ticks since the isolated node was cut off (the age liveness reports for it).
+    isolated_ticks: u32,
 }
 
 impl Cluster {
@@ -38,6 +44,9 @@ impl Cluster {
             done: BTreeMap::new(),
             messages_per_frame_max: 0,
             isolated: None,
+            messages: 0,
+            liveness: false,
+            isolated_ticks: 0,
         };
         for id in 1..=nodes {
             let mut core = ShardCore::new(NodeId(id));
@@ -72,6 +81,7 @@ impl Cluster {
             // Persistence above is synchronous, so both kinds of messages may go now.
             for (to, messages) in node.out.send_now.iter().chain(&node.out.send_after_persist) {
                 self.messages_per_frame_max = self.messages_per_frame_max.max(messages.len());
+                self.messages += messages.len() as u64;
                 if self.isolated.is_some_and(|cut| cut == from || cut == *to) {
                     continue;
                 }
@@ -101,10 +111,32 @@ impl Cluster {
     }
 
     fn tick(&mut self) {
-        for node in self.nodes.values_mut() {
+        if self.isolated.is_some() {
+            self.isolated_ticks += 1;
+        }
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for (id, node) in &mut self.nodes {
+            if self.liveness {
+                // Node-level heartbeats flow between every pair but across the cut.
+                for peer in ids.iter().filter(|peer| *peer != id) {
+                    let cut = self.isolated.is_some_and(|cut| cut == *id || cut == *peer);
+                    node.core.node_contact(*peer, if cut { self.isolated_ticks } else { 0 });
+                }
+            }
             node.core.tick();
         }
         self.iterate();
+    }
+
+    fn quiesce(&mut self, quiescence: Quiescence) {
+        self.liveness = true;
+        for node in self.nodes.values_mut() {
+            node.core.enable_quiescence(quiescence);
+        }
+    }
+
+    fn awake(&self, node: NodeId) -> usize {
+        self.nodes[&node].core.awake_count()
     }
 
     fn leader(&self, group: GroupId) -> Option<NodeId> {
@@ -254,4 +286,101 @@ fn a_proposal_lost_to_a_leader_change_fails_and_is_never_applied() {
         assert!(machine.get(b"lost").is_none(), "a dropped proposal was applied");
         assert_eq!(machine.get(b"kept").map(|v| &v[..]), Some(&b"2"[..]));
     }
+}
+
+/// Quiescence in the pure loop (issue 5): once everything is replicated, groups stop ticking
+/// and not one message flows; when the node leading some of them is cut off, node-level
+/// liveness wakes their followers at most `wakes_per_tick` per tick, they elect new leaders and
+/// serve, and go quiet again without the lost node; the cut-off node's leaders, left without a
+/// live quorum, refuse at once.
+#[test]
+fn quiet_groups_cost_nothing_and_a_lost_leader_node_wakes_them_a_few_at_a_time() {
+    let groups = 120;
+    let quiescence = Quiescence { dead_after_ticks: 10, wakes_per_tick: 4 };
+    let mut cluster = Cluster::new(3, groups);
+    cluster.quiesce(quiescence);
+    cluster.elect(groups);
+    for g in 1..=groups {
+        let group = GroupId(g);
+        let leader = cluster.leader(group).unwrap();
+        cluster.nodes.get_mut(&leader).unwrap().core.propose(group, put("k", "v"), g).unwrap();
+    }
+    for g in 1..=groups {
+        assert!(matches!(cluster.settle(g), Completion::Applied { .. }), "group {g}");
+    }
+    let ids: Vec<NodeId> = cluster.nodes.keys().copied().collect();
+    for _ in 0..100 {
+        if ids.iter().all(|id| cluster.awake(*id) == 0) {
+            break;
+        }
+        cluster.tick();
+    }
+    assert!(ids.iter().all(|id| cluster.awake(*id) == 0), "groups never went quiet");
+    let sent = cluster.messages;
+    for _ in 0..200 {
+        cluster.tick();
+    }
+    assert_eq!(cluster.messages, sent, "quiet groups sent messages");
+    assert!(ids.iter().all(|id| cluster.awake(*id) == 0));
+
+    // Cut off the node leading the most groups.
+    let led = |cluster: &Cluster, node: NodeId| {
+        (1..=groups).filter(|g| cluster.leader(GroupId(*g)) == Some(node)).count()
+    };
+    let lost = *ids.iter().max_by_key(|id| led(&cluster, **id)).unwrap();
+    let lost_led = led(&cluster, lost);
+    assert!(lost_led > quiescence.wakes_per_tick, "enough groups to see the bound");
+    cluster.isolated = Some(lost);
+    let survivor = *ids.iter().find(|id| **id != lost).unwrap();
+    let mut refused_at_once = false;
+    let mut previous = 0;
+    for _ in 0..500 {
+        cluster.tick();
+        // Each survivor wakes at most `wakes_per_tick` queued groups per tick; the campaigns of
+        // those wake as many again on the other survivor (by message). No more than that.
+        let ticking =
+            (1..=groups).filter(|g| !cluster.nodes[&survivor].core.is_asleep(GroupId(*g))).count();
+        assert!(
+            ticking <= previous + 2 * quiescence.wakes_per_tick,
+            "{} groups woke in one tick",
+            ticking - previous
+        );
+        previous = ticking;
+        if !refused_at_once && cluster.nodes[&lost].core.is_node_down(survivor) {
+            // The first tick it knows: its leaders have no live quorum and say so at once.
+            if let Some(g) = (1..=groups).find(|g| cluster.nodes[&lost].core.is_leader(GroupId(*g)))
+            {
+                let core = &mut cluster.nodes.get_mut(&lost).unwrap().core;
+                assert_eq!(
+                    core.propose(GroupId(g), put("k", "lost"), 1_000_000),
+                    Err(RequestError::NoQuorum)
+                );
+            }
+            refused_at_once = true;
+        }
+        if (1..=groups).all(|g| cluster.leader(GroupId(g)).is_some_and(|l| l != lost)) {
+            break;
+        }
+    }
+    assert!(refused_at_once, "the cut-off node never declared its peers down");
+    for g in 1..=groups {
+        let leader = cluster.leader(GroupId(g));
+        assert!(leader.is_some_and(|l| l != lost), "group {g} led by {leader:?}");
+    }
+    // Every group serves again, then goes quiet although one member is gone.
+    for g in 1..=groups {
+        let group = GroupId(g);
+        let leader = cluster.leader(group).unwrap();
+        let token = 2_000 + g;
+        cluster.nodes.get_mut(&leader).unwrap().core.propose(group, put("k", "w"), token).unwrap();
+        assert!(matches!(cluster.settle(token), Completion::Applied { .. }), "group {g}");
+    }
+    let survivors: Vec<NodeId> = ids.iter().copied().filter(|id| *id != lost).collect();
+    for _ in 0..100 {
+        if survivors.iter().all(|id| cluster.awake(*id) == 0) {
+            break;
+        }
+        cluster.tick();
+    }
+    assert!(survivors.iter().all(|id| cluster.awake(*id) == 0), "survivors never went quiet");
 }

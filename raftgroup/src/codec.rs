@@ -72,6 +72,7 @@ mod tag {
     pub const READ_INDEX_RESPONSE: u8 = 11;
     pub const TIMEOUT_NOW: u8 = 12;
     pub const READ_INDEX_QUORUM: u8 = 13;
+    pub const QUIESCE: u8 = 14;
 }
 
 /// Appends the encoding of `message` to `out`.
@@ -163,6 +164,10 @@ pub fn encode(message: &Message, out: &mut Vec<u8>) {
             }
         }
         MessageBody::TimeoutNow => out.push(tag::TIMEOUT_NOW),
+        MessageBody::Quiesce { commit } => {
+            out.push(tag::QUIESCE);
+            put_u64(out, commit.0);
+        }
     }
 }
 
@@ -250,6 +255,7 @@ fn decode_from(mut reader: Reader<'_>) -> Result<Message, DecodeError> {
             MessageBody::ReadIndexResponse { context, index }
         }
         tag::TIMEOUT_NOW => MessageBody::TimeoutNow,
+        tag::QUIESCE => MessageBody::Quiesce { commit: LogIndex(reader.u64()?) },
         other => return Err(DecodeError::Tag(other)),
     };
     reader.finish()?;
@@ -442,6 +448,7 @@ mod tests {
                 MessageBody::ReadIndexResponse { context, index: index.map(LogIndex) }
             }),
             Just(MessageBody::TimeoutNow),
+            any::<u64>().prop_map(|c| MessageBody::Quiesce { commit: LogIndex(c) }),
         ]
     }
 
@@ -471,7 +478,7 @@ mod tests {
     }
 
     #[test]
-    fn a_quorum_read_index_has_its_own_tag_and_the_lease_one_is_unchanged() {
+    fn quorum_reads_and_quiesce_have_their_own_tags_and_the_lease_read_is_unchanged() {
         let header = |tag: u8| {
             let mut bytes = vec![VERSION];
             for field in [2u64, 1, 3] {
@@ -485,13 +492,14 @@ mod tests {
         for (tag, body) in [
             (10, MessageBody::ReadIndex { context: 77 }),
             (13, MessageBody::ReadIndexQuorum { context: 77 }),
+            (14, MessageBody::Quiesce { commit: LogIndex(77) }),
         ] {
             let mut bytes = Vec::new();
             encode(&message(body.clone()), &mut bytes);
             assert_eq!(bytes, header(tag), "{}", body.name());
             assert_eq!(decode(&bytes), Ok(message(body)));
         }
-        assert_eq!(decode(&header(14)), Err(DecodeError::Tag(14)));
+        assert_eq!(decode(&header(15)), Err(DecodeError::Tag(15)));
     }
 
     #[test]

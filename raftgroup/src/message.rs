@@ -117,6 +117,13 @@ pub enum MessageBody {
     },
     /// Leadership transfer: "campaign now, without waiting for an election timeout".
     TimeoutNow,
+    /// Quiescence: the leader has nothing left to replicate and stops ticking (see
+    /// [`crate::Replica::quiesce`]); the follower learns `commit` and may stop ticking too until
+    /// its group's next message. Idle groups then cost no ticks and no heartbeats.
+    Quiesce {
+        /// The leader's commit index, capped at what the follower is known to hold.
+        commit: LogIndex,
+    },
 }
 
 impl MessageBody {
@@ -136,6 +143,7 @@ impl MessageBody {
             Self::ReadIndexQuorum { .. } => "ReadIndexQuorum",
             Self::ReadIndexResponse { .. } => "ReadIndexResponse",
             Self::TimeoutNow => "TimeoutNow",
+            Self::Quiesce { .. } => "Quiesce",
         }
     }
 }

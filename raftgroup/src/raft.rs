@@ -299,6 +299,14 @@ impl Replica {
                     self.campaign(false, true);
                 }
             }
+            MessageBody::Quiesce { commit } => {
+                self.follow(from);
+                if self.role == Role::Follower {
+                    // Capped by the leader at what this follower holds; capped here too, as a
+                    // heartbeat's is.
+                    self.commit_to(commit.min(self.log.last_index()));
+                }
+            }
         }
         Ok(())
     }
@@ -778,8 +786,62 @@ impl Replica {
             }
         });
         let Some(start) = start.checked_sub(1) else { return false };
+        // Acknowledgements from before a quiet period prove nothing about now: the clock stood
+        // still while real time passed (see `Replica::wake`).
+        if start < self.lease_floor {
+            return false;
+        }
         let lease_ticks = u64::from(self.settings.election_ticks - self.settings.clock_drift_ticks);
         self.ticks < start + lease_ticks
+    }
+
+    // ----- quiescence -----
+
+    /// See [`Replica::can_quiesce`].
+    pub(crate) fn quiesce_allowed(&self, live: &dyn Fn(NodeId) -> bool) -> bool {
+        let last = self.log.last_index();
+        let settled = self.role == Role::Leader
+            && self.transfer_target.is_none()
+            && self.reads.len() == 0
+            && !self.appends_owed
+            && self.log.commit == last
+            && self.log.stable == last
+            && self.log.last_term() == self.term
+            && self.applied == last
+            && !self.membership().is_joint();
+        if !settled {
+            return false;
+        }
+        // A live member that is behind, or not yet confirmed, still needs the leader's ticks.
+        let caught_up = self.progress.iter().all(|p| {
+            !live(p.id)
+                || (p.match_index == last
+                    && p.state == ProgressState::Replicate
+                    && p.inflight.is_empty()
+                    && !p.fetching)
+        });
+        // Without a live quorum the leader must keep ticking so check-quorum can depose it.
+        caught_up
+            && self.membership().vote_result(|id| Some(id == self.id || live(id)))
+                == VoteResult::Won
+    }
+
+    /// See [`Replica::quiesce`].
+    pub(crate) fn send_quiesce(&mut self, live: &dyn Fn(NodeId) -> bool) {
+        for index in 0..self.progress.len() {
+            let progress = &self.progress[index];
+            if !live(progress.id) {
+                continue;
+            }
+            let commit = self.log.commit.min(progress.match_index);
+            let message = Message {
+                from: self.id,
+                to: progress.id,
+                term: self.term,
+                body: MessageBody::Quiesce { commit },
+            };
+            self.outbox.messages.push(message);
+        }
     }
 
     // ----- membership -----

@@ -126,6 +126,8 @@ pub struct Replica {
     pub(crate) apply_fetching: bool,
     /// Ticks since creation (the leader's lease clock).
     pub(crate) ticks: u64,
+    /// No heartbeat sent before this tick counts toward a lease: set by [`Replica::wake`].
+    pub(crate) lease_floor: u64,
     pub(crate) election_elapsed: u32,
     pub(crate) heartbeat_elapsed: u32,
     pub(crate) randomized_election_ticks: u32,
@@ -232,6 +234,7 @@ impl Replica {
             applied,
             apply_fetching: false,
             ticks: 0,
+            lease_floor: 0,
             election_elapsed: 0,
             heartbeat_elapsed: 0,
             randomized_election_ticks: 0,
@@ -268,6 +271,37 @@ impl Replica {
                 self.campaign(self.settings.pre_vote, false);
             }
         }
+    }
+
+    /// Whether this replica, a leader, may stop ticking: everything is committed, durable and
+    /// applied, no read, transfer or membership change is under way, a live quorum exists, and
+    /// every member `live` says is up holds the whole log. Members `live` declares down (the
+    /// embedder's node-level liveness) are not waited for: whoever notices them return wakes the
+    /// group to catch them up.
+    pub fn can_quiesce(&self, live: impl Fn(NodeId) -> bool) -> bool {
+        self.quiesce_allowed(&live)
+    }
+
+    /// Quiescence (idle groups cost nothing): if [`Replica::can_quiesce`], queues a
+    /// [`MessageBody::Quiesce`](crate::MessageBody::Quiesce) to every live follower and returns
+    /// true. The caller then stops calling [`Replica::tick`] until the group has work again,
+    /// and calls [`Replica::wake`] before any input. Followers that receive it may stop ticking
+    /// too; the embedder wakes them on their group's next message, or when node-level liveness
+    /// declares the leader's node dead.
+    pub fn quiesce(&mut self, live: impl Fn(NodeId) -> bool) -> bool {
+        if !self.quiesce_allowed(&live) {
+            return false;
+        }
+        self.send_quiesce(&live);
+        true
+    }
+
+    /// Resumes ticking after a quiet period (any role). The replica's clock stood still while
+    /// real time passed, so heartbeats acknowledged before now no longer support a lease: the
+    /// next lease read needs a fresh quorum round.
+    pub fn wake(&mut self) {
+        self.ticks += 1;
+        self.lease_floor = self.ticks;
     }
 
     /// Handles a message from a peer.

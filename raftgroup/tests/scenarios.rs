@@ -127,6 +127,7 @@ fn describe(message: &Message) -> String {
         MessageBody::ReadIndexResponse { context, index } => {
             format!("ReadIndexResponse ctx={context} index={:?}", index.map(|i| i.0))
         }
+        MessageBody::Quiesce { commit } => format!("Quiesce commit={}", commit.0),
         other => other.name().to_owned(),
     };
     format!("{}->{} t{} {}", message.from.0, message.to.0, message.term.0, body)
@@ -556,6 +557,22 @@ impl Cluster {
                     ..self.template.clone()
                 };
                 self.add(config);
+            }
+            "quiesce" => {
+                // `quiesce <node> [dead=<ids>]`: the leader goes quiet if it may, with the listed
+                // members declared down by node-level liveness.
+                let dead: Vec<NodeId> = words
+                    .get(2)
+                    .and_then(|word| word.strip_prefix("dead="))
+                    .map(ids)
+                    .unwrap_or_default();
+                let quiesced = self.node(words[1]).replica.quiesce(|id| !dead.contains(&id));
+                writeln!(out, "{}", if quiesced { "quiesced" } else { "refused" }).unwrap();
+                self.process(&mut out);
+            }
+            "wake" => {
+                self.node(words[1]).replica.wake();
+                self.process(&mut out);
             }
             "status" => self.status(&mut out),
             "log" => {

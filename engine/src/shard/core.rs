@@ -13,12 +13,13 @@
 //!    is durable sends `output.send_after_persist` and calls [`ShardCore::on_persisted`] with
 //!    `output.persisted`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
+use flotilla_raftgroup::quorum::{self, VoteResult};
 use flotilla_raftgroup::{
-    Config, Entry, Fetch, HardState, LogIndex, Message, NodeId, ProposeError, ReadError, ReadMode,
-    RecoveredState, Replica, Role, Snapshot, Term, TransferError,
+    Config, Entry, Fetch, HardState, LogIndex, Message, MessageBody, NodeId, ProposeError,
+    ReadError, ReadMode, RecoveredState, Replica, Role, Snapshot, Term, TransferError,
 };
 use flotilla_wal::GroupId;
 
@@ -47,6 +48,10 @@ pub enum RequestError {
     /// Backpressure: too much is pending. Retry later.
     #[error("busy")]
     Busy,
+    /// This replica leads, but node-level liveness says a quorum of its group's voters is
+    /// down: refused at once instead of waiting for a quorum that cannot answer (CP).
+    #[error("no quorum of the group's nodes is reachable")]
+    NoQuorum,
     /// The group rejected the request for another reason.
     #[error("rejected: {0}")]
     Rejected(String),
@@ -200,13 +205,43 @@ struct PendingRead<Q> {
     read_index: Option<LogIndex>,
 }
 
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent flags: dirty (collect), asleep, listed and queued (quiescence)"
+)]
 struct Group<S: StateMachine> {
     replica: Replica,
     machine: S,
     dirty: bool,
+    /// Quiescent: not ticked until its group has work again (see [`Quiescence`]).
+    asleep: bool,
+    /// Listed in `ShardCore::awake` (an asleep group leaves the list at the next tick).
+    listed: bool,
+    /// In `ShardCore::wake_queue`.
+    queued: bool,
     proposals: VecDeque<PendingProposal>,
     reads: Vec<PendingRead<S::Query>>,
     responses: Vec<S::Response>,
+}
+
+/// How a shard lets idle groups go quiet, so that tens of thousands of them cost no ticks and
+/// no heartbeats ([`ShardCore::enable_quiescence`]).
+///
+/// A leader with nothing left to replicate tells its followers ([`Replica::quiesce`]) and
+/// stops ticking; a follower told so stops too. Any proposal, read, transfer or message of the
+/// group (but a straggling heartbeat answer) wakes it. What stands in for the group's
+/// heartbeats is node-level liveness, fed by the driver with [`ShardCore::node_contact`]: when
+/// a node is declared down, the quiet followers it led wake (and elect a new leader), and so do
+/// the quiet leaders it leaves without a live quorum (so check-quorum deposes them); when it
+/// returns, the quiet leaders of groups it belongs to wake to catch it up. Wake-ups go through
+/// a queue drained at [`Quiescence::wakes_per_tick`], so a node blip never wakes every group
+/// at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quiescence {
+    /// A node unheard of for this many ticks counts as down.
+    pub dead_after_ticks: u32,
+    /// At most this many queued groups wake per tick.
+    pub wakes_per_tick: usize,
 }
 
 /// The pure shard loop: many groups, one output per iteration.
@@ -215,6 +250,15 @@ pub struct ShardCore<S: StateMachine> {
     groups: HashMap<GroupId, Group<S>>,
     dirty: Vec<GroupId>,
     next_read_context: u64,
+    quiescence: Option<Quiescence>,
+    /// Groups being ticked (plus asleep ones not yet dropped from the list).
+    awake: Vec<GroupId>,
+    /// Groups to wake, at most `wakes_per_tick` per tick.
+    wake_queue: VecDeque<GroupId>,
+    /// Ticks since each peer node was last heard of (node-level liveness).
+    node_age: BTreeMap<NodeId, u32>,
+    /// Peer nodes declared down.
+    down: BTreeSet<NodeId>,
 }
 
 impl<S: StateMachine> std::fmt::Debug for ShardCore<S> {
@@ -229,7 +273,105 @@ impl<S: StateMachine> std::fmt::Debug for ShardCore<S> {
 impl<S: StateMachine> ShardCore<S> {
     /// An empty shard of node `node`.
     pub fn new(node: NodeId) -> Self {
-        Self { node, groups: HashMap::new(), dirty: Vec::new(), next_read_context: 1 }
+        Self {
+            node,
+            groups: HashMap::new(),
+            dirty: Vec::new(),
+            next_read_context: 1,
+            quiescence: None,
+            awake: Vec::new(),
+            wake_queue: VecDeque::new(),
+            node_age: BTreeMap::new(),
+            down: BTreeSet::new(),
+        }
+    }
+
+    /// Lets idle groups go quiet (see [`Quiescence`]). The driver must then report node-level
+    /// liveness with [`ShardCore::node_contact`] every tick: a quiet follower learns of its
+    /// leader's death from nothing else.
+    pub fn enable_quiescence(&mut self, quiescence: Quiescence) {
+        self.quiescence = Some(quiescence);
+    }
+
+    /// Node-level liveness: `node` was last heard of `age_ticks` ticks ago (any frame counts).
+    /// Crossing [`Quiescence::dead_after_ticks`] either way queues the quiet groups that must
+    /// react (see [`Quiescence`]). Also used without quiescence: a leader whose group has no
+    /// live quorum refuses requests at once with [`RequestError::NoQuorum`].
+    pub fn node_contact(&mut self, node: NodeId, age_ticks: u32) {
+        self.node_age.insert(node, age_ticks);
+        let Some(quiescence) = self.quiescence else { return };
+        let down = age_ticks >= quiescence.dead_after_ticks;
+        if down == self.down.contains(&node) {
+            return;
+        }
+        if down {
+            self.down.insert(node);
+        } else {
+            self.down.remove(&node);
+        }
+        let me = self.node;
+        let dead = &self.down;
+        for (group, slot) in &mut self.groups {
+            if !slot.asleep || slot.queued {
+                continue;
+            }
+            let replica = &slot.replica;
+            let wake = match replica.role() {
+                // Its leader is gone: wake to elect another.
+                Role::Follower => down && replica.leader() == Some(node),
+                Role::Leader if down => !live_quorum(replica, me, dead),
+                // Back: catch it up.
+                Role::Leader => replica.membership().is_member(node),
+                _ => true,
+            };
+            if wake {
+                slot.queued = true;
+                self.wake_queue.push_back(*group);
+            }
+        }
+    }
+
+    /// Whether node-level liveness currently declares `node` down.
+    pub fn is_node_down(&self, node: NodeId) -> bool {
+        self.down.contains(&node)
+    }
+
+    /// Groups not quiet: being ticked, or queued to wake.
+    pub fn awake_count(&self) -> usize {
+        self.groups.values().filter(|slot| !slot.asleep || slot.queued).count()
+    }
+
+    /// Whether `group` is quiet.
+    pub fn is_asleep(&self, group: GroupId) -> bool {
+        self.groups.get(&group).is_some_and(|slot| slot.asleep)
+    }
+
+    /// Puts `group` to sleep and queues it to wake later: for groups recovered at start, so a
+    /// restart does not wake all of them in the same tick. Does nothing without quiescence.
+    pub fn defer_wake(&mut self, group: GroupId) {
+        if self.quiescence.is_none() {
+            return;
+        }
+        if let Some(slot) = self.groups.get_mut(&group)
+            && !slot.queued
+        {
+            slot.asleep = true;
+            slot.queued = true;
+            self.wake_queue.push_back(group);
+        }
+    }
+
+    fn wake(&mut self, group: GroupId) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        slot.queued = false;
+        if slot.asleep {
+            slot.asleep = false;
+            slot.replica.wake();
+        }
+        if !slot.listed {
+            slot.listed = true;
+            self.awake.push(group);
+        }
     }
 
     /// The node this shard belongs to.
@@ -258,11 +400,15 @@ impl<S: StateMachine> ShardCore<S> {
                 replica,
                 machine,
                 dirty: false,
+                asleep: false,
+                listed: true,
+                queued: false,
                 proposals: VecDeque::new(),
                 reads: Vec::new(),
                 responses: Vec::new(),
             },
         );
+        self.awake.push(group);
         self.mark(group);
         Ok(())
     }
@@ -309,21 +455,75 @@ impl<S: StateMachine> ShardCore<S> {
         }
     }
 
-    /// Advances every group's clock by one tick.
+    /// Advances the clock of every group that is not quiet by one tick; with quiescence, lets
+    /// leaders with nothing to do go quiet and wakes queued groups first.
     pub fn tick(&mut self) {
-        let groups: Vec<GroupId> = self.groups.keys().copied().collect();
-        for group in groups {
-            self.groups.get_mut(&group).expect("listed").replica.tick();
-            self.mark(group);
+        if let Some(quiescence) = self.quiescence {
+            let mut woken = 0;
+            while woken < quiescence.wakes_per_tick {
+                let Some(group) = self.wake_queue.pop_front() else { break };
+                // Entries of groups woken meanwhile (or removed) cost nothing.
+                if self.groups.get(&group).is_some_and(|slot| slot.queued) {
+                    self.wake(group);
+                    woken += 1;
+                }
+            }
         }
+        let mut awake = std::mem::take(&mut self.awake);
+        let Self { groups, dirty, quiescence, down, .. } = self;
+        awake.retain(|group| {
+            let Some(slot) = groups.get_mut(group) else { return false };
+            if slot.asleep {
+                slot.listed = false;
+                return false;
+            }
+            if quiescence.is_some()
+                && slot.proposals.is_empty()
+                && slot.reads.is_empty()
+                && slot.replica.quiesce(|id| !down.contains(&id))
+            {
+                slot.asleep = true;
+                slot.listed = false;
+            } else {
+                slot.replica.tick();
+            }
+            if !slot.dirty {
+                slot.dirty = true;
+                dirty.push(*group);
+            }
+            !slot.asleep
+        });
+        self.awake = awake;
     }
 
     /// Delivers a message for `group`. Messages for groups not hosted here are dropped (the
     /// sender retries; a group being created catches up).
     pub fn step(&mut self, group: GroupId, message: Message) {
         let Some(slot) = self.groups.get_mut(&group) else { return };
+        let from = message.from;
+        let quiesce = match message.body {
+            MessageBody::Quiesce { commit } => Some(commit),
+            _ => None,
+        };
+        // A straggling answer to a heartbeat sent before the leader went quiet needs no ticks:
+        // it can no longer support a lease (see `Replica::wake`) and no read waits for it.
+        let wakes = quiesce.is_none()
+            && !(matches!(message.body, MessageBody::HeartbeatResponse { .. })
+                && message.term == slot.replica.term());
         // A malformed or stale message is the sender's problem; it changes nothing here.
         let _ = slot.replica.step(message);
+        if let Some(commit) = quiesce
+            && self.quiescence.is_some()
+            && slot.replica.role() == Role::Follower
+            && slot.replica.leader() == Some(from)
+            && slot.replica.commit_index() >= commit
+            && slot.reads.is_empty()
+            && slot.proposals.is_empty()
+        {
+            slot.asleep = true;
+        } else if wakes || quiesce.is_some() {
+            self.wake(group);
+        }
         self.mark(group);
     }
 
@@ -334,6 +534,8 @@ impl<S: StateMachine> ShardCore<S> {
         payload: Bytes,
         token: Token,
     ) -> Result<(), RequestError> {
+        self.check_quorum_live(group)?;
+        self.wake(group);
         let slot = self.groups.get_mut(&group).ok_or(RequestError::GroupNotFound(group))?;
         let index = slot.replica.propose(payload).map_err(|error| match error {
             ProposeError::NotLeader { leader_hint } => RequestError::NotLeader { leader_hint },
@@ -367,6 +569,8 @@ impl<S: StateMachine> ShardCore<S> {
         mode: ReadMode,
         token: Token,
     ) -> Result<(), RequestError> {
+        self.check_quorum_live(group)?;
+        self.wake(group);
         let context = self.next_read_context;
         let slot = self.groups.get_mut(&group).ok_or(RequestError::GroupNotFound(group))?;
         slot.replica.read_index_with(context, mode).map_err(|error| match error {
@@ -378,6 +582,20 @@ impl<S: StateMachine> ShardCore<S> {
         slot.reads.push(PendingRead { context, token, query, read_index: None });
         self.mark(group);
         Ok(())
+    }
+
+    /// A leader without a live quorum (by node-level liveness) refuses at once: its followers'
+    /// silence means a proposal or read would only wait out its deadline.
+    fn check_quorum_live(&self, group: GroupId) -> Result<(), RequestError> {
+        let slot = self.groups.get(&group).ok_or(RequestError::GroupNotFound(group))?;
+        if self.down.is_empty()
+            || slot.replica.role() != Role::Leader
+            || live_quorum(&slot.replica, self.node, &self.down)
+        {
+            Ok(())
+        } else {
+            Err(RequestError::NoQuorum)
+        }
     }
 
     /// The log store made `group`'s entries through `index` (of term `term`) durable.
@@ -463,11 +681,38 @@ impl<S: StateMachine> ShardCore<S> {
         max_lag_ticks: u32,
     ) -> Result<(LogIndex, S::QueryResult), RequestError> {
         let slot = self.groups.get(&group).ok_or(RequestError::GroupNotFound(group))?;
-        match slot.replica.leader_contact_ticks() {
+        let contact = if slot.asleep {
+            // A quiet replica's clock stands still: node-level liveness says how fresh it is.
+            self.quiet_contact_ticks(&slot.replica)
+        } else {
+            slot.replica.leader_contact_ticks()
+        };
+        match contact {
             Some(age) if age <= max_lag_ticks => {
                 Ok((slot.machine.applied_index(), slot.machine.query(query)))
             }
             _ => Err(RequestError::NotLeader { leader_hint: slot.replica.leader() }),
+        }
+    }
+
+    /// For a quiet replica: ticks since its leader's node was heard of (on the leader itself,
+    /// since a quorum of its group's nodes was), or `None` without a known leader.
+    fn quiet_contact_ticks(&self, replica: &Replica) -> Option<u32> {
+        let age = |id: NodeId| {
+            if id == self.node { 0 } else { self.node_age.get(&id).copied().unwrap_or(u32::MAX) }
+        };
+        match replica.role() {
+            Role::Follower => replica.leader().map(age),
+            Role::Leader => {
+                let membership = replica.membership();
+                // The youngest age a quorum is within, as a "value a quorum reached".
+                let reached =
+                    quorum::joint_reached(&membership.voters, &membership.outgoing, |id| {
+                        u64::from(u32::MAX - age(id))
+                    });
+                Some(u32::MAX - u32::try_from(reached).unwrap_or(u32::MAX))
+            }
+            _ => None,
         }
     }
 
@@ -505,6 +750,7 @@ impl<S: StateMachine> ShardCore<S> {
     /// Asks `group`'s leader (this replica) to hand leadership to `to`: it brings `to` up to
     /// date and tells it to campaign; abandoned after an election timeout.
     pub fn transfer_leadership(&mut self, group: GroupId, to: NodeId) -> Result<(), RequestError> {
+        self.wake(group);
         let slot = self.groups.get_mut(&group).ok_or(RequestError::GroupNotFound(group))?;
         slot.replica.transfer_leadership(to).map_err(|error| match error {
             TransferError::NotLeader { leader_hint } => RequestError::NotLeader { leader_hint },
@@ -518,6 +764,12 @@ impl<S: StateMachine> ShardCore<S> {
     pub fn is_leader(&self, group: GroupId) -> bool {
         self.replica(group).is_some_and(|replica| replica.role() == Role::Leader)
     }
+}
+
+/// Whether the voters of `replica`'s group that node-level liveness does not declare down form
+/// a quorum (this node counts as up).
+fn live_quorum(replica: &Replica, me: NodeId, down: &BTreeSet<NodeId>) -> bool {
+    replica.membership().vote_result(|id| Some(id == me || !down.contains(&id))) == VoteResult::Won
 }
 
 fn compact_group<S: StateMachine>(slot: &mut Group<S>, min_entries: u64) -> Option<Snapshot> {

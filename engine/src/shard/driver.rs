@@ -31,12 +31,13 @@ use flotilla_raftgroup::{
 use flotilla_wal::{ActiveBackend, AppendFuture, GroupId, WalError, WriteBatch};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::core::{Completion, RequestError, ShardCore, ShardOutput, Token};
+use super::core::{Completion, Quiescence, RequestError, ShardCore, ShardOutput, Token};
 use super::store::{ShardStore, StoreError, write_snapshot};
 use crate::engine::{
     Applied, Consistency, EngineConfig, Error, GroupStatus, MachineFactory, ShardStats, shard_of,
 };
 use crate::kv::StateMachine;
+use crate::liveness::Liveness;
 use crate::transport::batch::{self, BatchWriter};
 use crate::transport::connection::{Connection, ConnectionConfig};
 use crate::transport::faults::{Faults, Verdict};
@@ -115,6 +116,7 @@ pub(crate) struct ShardContext<S: StateMachine> {
     pub config: Arc<EngineConfig>,
     pub routes: Arc<[mpsc::Sender<Request<S>>]>,
     pub factory: MachineFactory<S>,
+    pub liveness: Arc<Liveness>,
 }
 
 enum Pending<S: StateMachine> {
@@ -177,6 +179,8 @@ struct Metrics {
     inbox_depth: metrics::Gauge,
     leaders: metrics::Gauge,
     groups: metrics::Gauge,
+    /// Groups not quiet (being ticked).
+    groups_awake: metrics::Gauge,
 }
 
 impl Metrics {
@@ -197,7 +201,8 @@ impl Metrics {
             messages_sent: metrics::counter!("flotilla_messages_sent_total", "shard" => label.clone()),
             inbox_depth: metrics::gauge!("flotilla_inbox_depth", "shard" => label.clone()),
             leaders: metrics::gauge!("flotilla_leaders", "shard" => label.clone()),
-            groups: metrics::gauge!("flotilla_groups", "shard" => label),
+            groups: metrics::gauge!("flotilla_groups", "shard" => label.clone()),
+            groups_awake: metrics::gauge!("flotilla_groups_awake", "shard" => label),
         }
     }
 }
@@ -295,6 +300,12 @@ where
             ShardStore::open(&dir, config.wal.clone()).map_err(storage_error)?;
         tracing::info!(shard = context.index, report = ?recovery.report, "shard log recovered");
         let mut core = ShardCore::new(config.node);
+        if config.quiesce {
+            core.enable_quiescence(Quiescence {
+                dead_after_ticks: config.election_ticks,
+                wakes_per_tick: config.wakes_per_tick,
+            });
+        }
         let groups: Vec<(GroupId, Vec<NodeId>)> =
             store.groups().map(|(group, voters)| (group, voters.to_vec())).collect();
         for (group, voters) in groups {
@@ -304,6 +315,8 @@ where
             core.create_group(group, replica_config, recovered, machine).map_err(|error| {
                 Error::Storage(format!("recovering group {group}: {error}").into())
             })?;
+            // Woken a bounded number per tick, so a restart does not wake every group at once.
+            core.defer_wake(group);
         }
         let metrics = Metrics::new(context.index, store.wal().backend());
         metrics.groups.set(core.groups().count() as f64);
@@ -458,6 +471,7 @@ where
                     backend: self.store.wal().backend(),
                     wal: self.store.wal().stats(),
                     groups: self.core.groups().count(),
+                    groups_awake: self.core.awake_count(),
                     leaders,
                     frames_sent: self.frames_sent,
                     messages_sent: self.messages_sent,
@@ -482,6 +496,7 @@ where
                         stream,
                         Arc::clone(&self.context.config),
                         Arc::clone(&self.context.routes),
+                        Arc::clone(&self.context.liveness),
                     ));
                 }
                 Err(error) => tracing::warn!(%error, "could not adopt an accepted connection"),
@@ -585,8 +600,28 @@ where
 
     fn on_tick(&mut self) {
         self.ticks += 1;
-        self.core.tick();
         let now = Instant::now();
+        let config = Arc::clone(&self.context.config);
+        let tick = config.tick.as_nanos().max(1);
+        for (peer, age) in self.context.liveness.ages(now) {
+            if peer != config.node {
+                let age_ticks = u32::try_from(age.as_nanos() / tick).unwrap_or(u32::MAX);
+                self.core.node_contact(peer, age_ticks);
+            }
+        }
+        self.core.tick();
+        // Node-level heartbeat: one empty frame per peer per heartbeat interval from shard 0
+        // stands in for the heartbeats of every quiet group.
+        if self.context.index == 0 && self.ticks.is_multiple_of(u64::from(config.heartbeat_ticks)) {
+            for peer in config.peers.keys().copied().filter(|peer| *peer != config.node) {
+                if let Some(sender) = self.peer(peer) {
+                    let mut body = Vec::with_capacity(batch::COUNT_BYTES);
+                    BatchWriter::new(&mut body);
+                    // A full queue means traffic is flowing anyway, which is as good.
+                    let _ = sender.try_send(body);
+                }
+            }
+        }
         if self.deadlines.len() > 2 * self.pending.len() + 1024 {
             // Mostly answered requests: rebuild from what is still pending.
             self.deadlines =
@@ -629,6 +664,7 @@ where
             self.compact();
         }
         if self.ticks.is_multiple_of(64) {
+            self.metrics.groups_awake.set(self.core.awake_count() as f64);
             self.metrics
                 .inbox_depth
                 .set((self.inbox.max_capacity() - self.inbox.capacity()) as f64);
@@ -974,7 +1010,7 @@ fn storage_error(error: StoreError) -> Error {
 fn request_error(error: RequestError) -> Error {
     match error {
         RequestError::GroupNotFound(group) => Error::GroupNotFound(group),
-        RequestError::NotLeader { leader_hint: None } => Error::NoQuorum,
+        RequestError::NotLeader { leader_hint: None } | RequestError::NoQuorum => Error::NoQuorum,
         RequestError::NotLeader { leader_hint } => Error::NotLeader { leader_hint },
         RequestError::ProposalDropped => Error::ProposalDropped,
         RequestError::Busy => Error::Busy,
@@ -1036,6 +1072,7 @@ async fn read_connection<S: StateMachine>(
     stream: tokio::net::TcpStream,
     config: Arc<EngineConfig>,
     routes: Arc<[mpsc::Sender<Request<S>>]>,
+    liveness: Arc<Liveness>,
 ) {
     let identity = Identity { cluster: config.cluster, node: config.node };
     let members = config.peers.keys().copied().filter(|id| *id != config.node).collect();
@@ -1056,6 +1093,11 @@ async fn read_connection<S: StateMachine>(
         if let Err(error) = batch::decode_shared(&frame.body, &mut messages) {
             tracing::warn!(%peer, %error, "bad batch from a peer; closing its connection");
             return;
+        }
+        // Any well-formed frame, an empty one included, says the peer node is up (unless the
+        // fault hook cuts this link, in which case the shard drops the messages too).
+        if config.faults.as_ref().is_none_or(|f| f.verdict(peer, config.node) != Verdict::Drop) {
+            liveness.heard(peer);
         }
         for (group, message) in messages.drain(..) {
             per_shard[shard_of(group, routes.len())].push((group, message));

@@ -4,4 +4,6 @@ mod core;
 pub(crate) mod driver;
 pub mod store;
 
-pub use self::core::{Completion, PersistItem, RequestError, ShardCore, ShardOutput, Token};
+pub use self::core::{
+    Completion, PersistItem, Quiescence, RequestError, ShardCore, ShardOutput, Token,
+};
