@@ -5,6 +5,11 @@
 //! fdatasync, messages per frame and the IO backend in use (`--json PATH` writes the same
 //! figures as JSON).
 //!
+//! With `--nodes ADDR,ADDR,...` it starts nothing: it runs the same workload through the client
+//! protocol against running `flotilla-node` processes (their `--client` addresses, started with
+//! `--groups` at least this run's `--groups`), following `NotLeader` hints, and reads the
+//! shards' counters with the protocol's stats request.
+//!
 //! `cargo run --release -p flotilla-tools --bin flotilla-load -- --help`
 //!
 //! Every write is durable (fdatasync) on a majority before it is acknowledged. The code to read
@@ -15,8 +20,8 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,6 +29,7 @@ use clap::{Parser, ValueEnum};
 use flotilla::kv::{Command, Query, Request};
 use flotilla::wal::Backend;
 use flotilla::{Consistency, Engine, EngineConfig, Error, GroupId, NodeId};
+use flotilla_tools::client::{Client, ClientError, ReadConsistency, RemoteError, Role};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -37,8 +43,9 @@ type BoxError = Box<dyn std::error::Error>;
 /// Runs a three-node Flotilla cluster on loopback in this process under a mixed read/write
 /// workload and reports throughput, latency and what the shards did.
 ///
-/// Every write is durable (fdatasync) on a majority before it is acknowledged. Running against
-/// separate node processes (`--nodes`) is not available yet: there is no node binary.
+/// Every write is durable (fdatasync) on a majority before it is acknowledged. With `--nodes`,
+/// runs the workload against running `flotilla-node` processes instead (exit code 2 if one
+/// cannot be reached).
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-load", version, about, long_about)]
 struct Cli {
@@ -81,6 +88,12 @@ struct Cli {
     /// Also write the figures as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Client addresses of running `flotilla-node` processes (`--client`), comma-separated: run
+    /// against them instead of starting nodes here. They must host groups 1..=--groups; with
+    /// `--consistency lease`, lease reads are whatever the nodes were started with
+    /// (`--lease-reads`); `--backend` and `--shards` are theirs too and are ignored.
+    #[arg(long, value_name = "ADDR,...", value_delimiter = ',', num_args = 1..)]
+    nodes: Vec<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize)]
@@ -176,24 +189,87 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    match run(&cli) {
+    let result = if cli.nodes.is_empty() { run(&cli) } else { run_remote(&cli) };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
-            ExitCode::FAILURE
+            // An address that reaches no node is a bad argument, like a malformed one.
+            if error.is::<Unreachable>() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }
 
-fn run(cli: &Cli) -> Result<(), BoxError> {
-    // Open the JSON file first: a bad path fails before the run, not after it.
-    let json = match &cli.json {
+/// A `--nodes` address where no node answered.
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// The JSON file, opened before the run: a bad path fails before the run, not after it.
+fn open_json(cli: &Cli) -> Result<Option<std::fs::File>, BoxError> {
+    Ok(match &cli.json {
         Some(path) => Some(
             std::fs::File::create(path)
                 .map_err(|error| format!("cannot write {}: {error}", path.display()))?,
         ),
         None => None,
-    };
+    })
+}
+
+fn finish(report: &Report, json: Option<std::fs::File>) -> Result<(), BoxError> {
+    print_table(report);
+    if let Some(mut file) = json {
+        serde_json::to_writer_pretty(&mut file, report)?;
+        writeln!(file)?;
+    }
+    Ok(())
+}
+
+/// `--nodes`: the workload against running node processes.
+fn run_remote(cli: &Cli) -> Result<(), BoxError> {
+    let json = open_json(cli)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let report = runtime.block_on(async {
+        let mut clients = Vec::new();
+        let mut ids = Vec::new();
+        for addr in &cli.nodes {
+            let unreachable = |error: ClientError| Unreachable(format!("node at {addr}: {error}"));
+            let client =
+                Client::connect(*addr, Duration::from_secs(3)).await.map_err(unreachable)?;
+            client.set_timeout(Duration::from_secs(10));
+            let stats = client.stats().await.map_err(unreachable)?;
+            ids.push(NodeId(stats.node));
+            clients.push(RwLock::new(client));
+        }
+        let cluster = Cluster::Remote(Arc::new(Remote { clients, ids }));
+        for group in 1..=cli.groups {
+            match cluster.remote().client(0).status(group).await {
+                Ok(_) => {}
+                Err(ClientError::Remote(RemoteError::GroupNotFound { .. })) => {
+                    return Err(format!(
+                        "node at {} does not host group {group}: start the nodes with \
+                         --groups {} or more",
+                        cli.nodes[0], cli.groups
+                    )
+                    .into());
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        drive(cli, &cluster, None).await
+    })?;
+    finish(&report, json)
+}
+
+fn run(cli: &Cli) -> Result<(), BoxError> {
+    let json = open_json(cli)?;
     let root = tempfile::Builder::new().prefix("flotilla-load-").tempdir()?;
     let mut addrs = BTreeMap::new();
     for id in 1..=3 {
@@ -223,7 +299,17 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
         }
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let result = runtime.block_on(drive(cli, &engines, &addrs));
+    let result = runtime.block_on(async {
+        let nodes: Vec<NodeId> = addrs.keys().copied().collect();
+        for engine in &engines {
+            for group in 1..=cli.groups {
+                engine.create_group(GroupId(group), &nodes).await?;
+            }
+        }
+        let cluster = Cluster::Local(engines.clone());
+        let leaders = balance(&engines, elect(&cluster, cli.groups).await?).await;
+        drive(cli, &cluster, Some(leaders)).await
+    });
     let mut shutdown = Ok(());
     for engine in engines {
         if let Err(error) = engine.shutdown() {
@@ -232,12 +318,207 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
     }
     let report = result?;
     shutdown?;
-    print_table(&report);
-    if let Some(mut file) = json {
-        serde_json::to_writer_pretty(&mut file, &report)?;
-        writeln!(file)?;
+    finish(&report, json)
+}
+
+/// Where the workload runs: engines in this process, or node processes through the client
+/// protocol. An enum rather than a trait object: two cases, no boxing per operation.
+#[derive(Clone)]
+enum Cluster {
+    Local(Vec<Engine>),
+    Remote(Arc<Remote>),
+}
+
+/// Running node processes, one connection each (replaced when it breaks).
+struct Remote {
+    clients: Vec<RwLock<Client>>,
+    ids: Vec<NodeId>,
+}
+
+impl Remote {
+    fn client(&self, node: usize) -> Client {
+        self.clients[node].read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
-    Ok(())
+
+    /// Replaces node `node`'s connection if it broke (a node restart); failures are left for
+    /// the next operation to report.
+    async fn reconnect(&self, node: usize) {
+        let old = self.client(node);
+        if old.is_open() {
+            return;
+        }
+        if let Ok(client) = Client::connect(old.peer(), Duration::from_secs(1)).await {
+            client.set_timeout(Duration::from_secs(10));
+            *self.clients[node].write().unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        }
+    }
+}
+
+/// Why an operation failed, as much as the worker needs: where to go next.
+struct Failure {
+    /// The node the answer named as leader.
+    leader: Option<usize>,
+}
+
+impl Cluster {
+    fn len(&self) -> usize {
+        match self {
+            Cluster::Local(engines) => engines.len(),
+            Cluster::Remote(remote) => remote.ids.len(),
+        }
+    }
+
+    fn remote(&self) -> &Remote {
+        match self {
+            Cluster::Remote(remote) => remote,
+            Cluster::Local(_) => unreachable!("only called on --nodes runs"),
+        }
+    }
+
+    fn node_id(&self, index: usize) -> NodeId {
+        match self {
+            Cluster::Local(engines) => engines[index].node(),
+            Cluster::Remote(remote) => remote.ids[index],
+        }
+    }
+
+    fn index_of(&self, node: NodeId) -> Option<usize> {
+        (0..self.len()).find(|index| self.node_id(*index) == node)
+    }
+
+    /// The IO backend of the first node and its shard count.
+    async fn describe(&self) -> Result<(String, usize), BoxError> {
+        Ok(match self {
+            Cluster::Local(engines) => (
+                engines[0].backends().first().map_or("none", |backend| backend.name()).into(),
+                engines[0].backends().len(),
+            ),
+            Cluster::Remote(remote) => {
+                let stats = remote.client(0).stats().await?;
+                (stats.backend, stats.shards as usize)
+            }
+        })
+    }
+
+    async fn write(
+        &self,
+        node: usize,
+        group: GroupId,
+        key: Bytes,
+        value: Bytes,
+    ) -> Result<(), Failure> {
+        match self {
+            Cluster::Local(engines) => {
+                let command = Command::Put { key, value };
+                let result = engines[node].propose_kv(group, Request::Unsessioned(command)).await;
+                result.map(drop).map_err(|error| self.local_failure(&error))
+            }
+            Cluster::Remote(remote) => {
+                let result = remote.client(node).put(group.0, key, value).await;
+                self.remote_result(node, result.map(drop)).await
+            }
+        }
+    }
+
+    async fn read(
+        &self,
+        node: usize,
+        group: GroupId,
+        key: Bytes,
+        consistency: Consistency,
+    ) -> Result<(), Failure> {
+        match self {
+            Cluster::Local(engines) => {
+                let result = engines[node].read(group, Query::Get { key }, consistency).await;
+                result.map(drop).map_err(|error| self.local_failure(&error))
+            }
+            Cluster::Remote(remote) => {
+                let consistency = match consistency {
+                    Consistency::Linearizable => ReadConsistency::Linearizable,
+                    Consistency::Lease => ReadConsistency::Lease,
+                    Consistency::Stale { max_lag } => ReadConsistency::Stale {
+                        max_lag_ms: u64::try_from(max_lag.as_millis()).unwrap_or(u64::MAX),
+                    },
+                };
+                let result = remote.client(node).get(group.0, key, consistency).await;
+                self.remote_result(node, result.map(drop)).await
+            }
+        }
+    }
+
+    fn local_failure(&self, error: &Error) -> Failure {
+        match error {
+            Error::NotLeader { leader_hint: Some(hint) } => {
+                Failure { leader: self.index_of(*hint) }
+            }
+            _ => Failure { leader: None },
+        }
+    }
+
+    async fn remote_result(
+        &self,
+        node: usize,
+        result: Result<(), ClientError>,
+    ) -> Result<(), Failure> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(ClientError::Remote(RemoteError::NotLeader { hint: Some(hint) })) => {
+                Err(Failure { leader: self.index_of(NodeId(hint)) })
+            }
+            Err(ClientError::Disconnected(_)) => {
+                self.remote().reconnect(node).await;
+                Err(Failure { leader: None })
+            }
+            Err(_) => Err(Failure { leader: None }),
+        }
+    }
+
+    /// The index of the node whose replica of `group` leads, if one says so.
+    async fn leader_of(&self, group: GroupId) -> Option<usize> {
+        for index in 0..self.len() {
+            let leads = match self {
+                Cluster::Local(engines) => engines[index]
+                    .status(group)
+                    .await
+                    .is_ok_and(|status| status.leader == Some(engines[index].node())),
+                Cluster::Remote(remote) => remote
+                    .client(index)
+                    .status(group.0)
+                    .await
+                    .is_ok_and(|status| status.role == Role::Leader),
+            };
+            if leads {
+                return Some(index);
+            }
+        }
+        None
+    }
+
+    async fn totals(&self) -> Result<Totals, BoxError> {
+        let mut totals = Totals::default();
+        match self {
+            Cluster::Local(engines) => {
+                for engine in engines {
+                    for shard in engine.shard_stats().await? {
+                        totals.fdatasyncs += shard.wal.fdatasyncs;
+                        totals.entries += shard.wal.entries;
+                        totals.frames += shard.frames_sent;
+                        totals.messages += shard.messages_sent;
+                    }
+                }
+            }
+            Cluster::Remote(remote) => {
+                for index in 0..remote.ids.len() {
+                    let stats = remote.client(index).stats().await?;
+                    totals.fdatasyncs += stats.fdatasyncs;
+                    totals.entries += stats.entries;
+                    totals.frames += stats.frames;
+                    totals.messages += stats.messages;
+                }
+            }
+        }
+        Ok(totals)
+    }
 }
 
 /// Counters the progress line reads while the workload runs.
@@ -259,37 +540,24 @@ struct Part {
     reads_in_window: u64,
 }
 
+/// Runs the workload on `cluster`, whose groups' leaders are `leaders` (found here if `None`).
 async fn drive(
     cli: &Cli,
-    engines: &[Engine],
-    addrs: &BTreeMap<NodeId, SocketAddr>,
+    cluster: &Cluster,
+    leaders: Option<BTreeMap<GroupId, usize>>,
 ) -> Result<Report, BoxError> {
-    let nodes: Vec<NodeId> = addrs.keys().copied().collect();
-    let backend = engines[0].backends().first().map_or("none", |backend| backend.name());
-    eprintln!(
-        "3 nodes on loopback, {} shard(s) each, WAL backend {backend}; {} groups, {} B values, \
-         {} proposers, read ratio {}, {:?} reads, {} s",
-        engines[0].backends().len(),
-        cli.groups,
-        cli.payload,
-        cli.proposers,
-        cli.read_ratio,
-        cli.consistency,
-        cli.duration
-    );
-    for engine in engines {
-        for group in 1..=cli.groups {
-            engine.create_group(GroupId(group), &nodes).await?;
-        }
-    }
-    let leaders = balance(engines, elect(engines, cli.groups).await?).await;
-    let mut leaders_per_node = vec![0; engines.len()];
+    let (backend, shards_per_node) = cluster.describe().await?;
+    let leaders = match leaders {
+        Some(leaders) => leaders,
+        None => elect(cluster, cli.groups).await?,
+    };
+    let mut leaders_per_node = vec![0; cluster.len()];
     for index in leaders.values() {
         leaders_per_node[*index] += 1;
     }
-    eprintln!("leaders per node: {leaders_per_node:?}");
+    print_banner(cli, cluster, &backend, shards_per_node, &leaders_per_node);
 
-    let before = totals(engines).await?;
+    let before = cluster.totals().await?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(cli.duration);
     let live = Arc::new(Live::default());
@@ -307,7 +575,7 @@ async fn drive(
         let worker = Worker {
             proposer,
             group: GroupId(proposer % cli.groups + 1),
-            engines: engines.to_vec(),
+            cluster: cluster.clone(),
             leaders: Arc::clone(&leaders),
             live: Arc::clone(&live),
             value: value.clone(),
@@ -317,7 +585,7 @@ async fn drive(
         };
         tasks.spawn(worker.run());
     }
-    let (parts, after) = collect(engines, tasks, &live, started, deadline).await?;
+    let (parts, after) = collect(cluster, tasks, &live, started, deadline).await?;
     // Rates are over the load window; operations still in flight at its end are waited for
     // (their latencies count) but not counted as done within it.
     let window = (deadline - started).as_secs_f64();
@@ -340,15 +608,15 @@ async fn drive(
     let frames = after.frames - before.frames;
     let messages = after.messages - before.messages;
     Ok(Report {
-        nodes: engines.len(),
+        nodes: cluster.len(),
         groups: cli.groups,
-        shards_per_node: engines[0].backends().len(),
+        shards_per_node,
         proposers: cli.proposers,
         payload_bytes: cli.payload,
         read_ratio: cli.read_ratio,
         consistency: cli.consistency,
         sync: true,
-        backend: backend.to_string(),
+        backend,
         leaders_per_node,
         duration_secs: window,
         drain_secs: drain,
@@ -368,10 +636,36 @@ async fn drive(
     })
 }
 
+/// Says on stderr what is about to run.
+fn print_banner(
+    cli: &Cli,
+    cluster: &Cluster,
+    backend: &str,
+    shards_per_node: usize,
+    leaders_per_node: &[usize],
+) {
+    let place = match cluster {
+        Cluster::Local(_) => "on loopback in this process".to_string(),
+        Cluster::Remote(_) => format!("at {:?}", cli.nodes),
+    };
+    eprintln!(
+        "{} nodes {place}, {shards_per_node} shard(s) each, WAL backend {backend}; {} groups, \
+         {} B values, {} proposers, read ratio {}, {:?} reads, {} s",
+        cluster.len(),
+        cli.groups,
+        cli.payload,
+        cli.proposers,
+        cli.read_ratio,
+        cli.consistency,
+        cli.duration
+    );
+    eprintln!("leaders per node: {leaders_per_node:?}");
+}
+
 /// Waits for every worker, drawing the progress line meanwhile; returns their results and the
 /// shards' counters at the deadline.
 async fn collect(
-    engines: &[Engine],
+    cluster: &Cluster,
     mut tasks: JoinSet<Part>,
     live: &Live,
     started: Instant,
@@ -389,7 +683,7 @@ async fn collect(
                 None => break,
             },
             () = tokio::time::sleep_until(deadline.into()), if at_deadline.is_none() => {
-                at_deadline = Some(totals(engines).await?);
+                at_deadline = Some(cluster.totals().await?);
             }
             _ = ticker.tick() => {
                 let elapsed = started.elapsed();
@@ -407,7 +701,7 @@ async fn collect(
     progress.finish_and_clear();
     let at_deadline = match at_deadline {
         Some(totals) => totals,
-        None => totals(engines).await?,
+        None => cluster.totals().await?,
     };
     Ok((parts, at_deadline))
 }
@@ -430,7 +724,7 @@ fn progress_bar(seconds: u64) -> ProgressBar {
 struct Worker {
     proposer: u64,
     group: GroupId,
-    engines: Vec<Engine>,
+    cluster: Cluster,
     leaders: Arc<BTreeMap<GroupId, usize>>,
     live: Arc<Live>,
     value: Bytes,
@@ -463,17 +757,10 @@ impl Worker {
             let asked = Instant::now();
             let result = if is_read {
                 // Stale reads are served by any replica: spread them over the nodes.
-                let node = if stale { (random as usize) % self.engines.len() } else { leader };
-                self.engines[node]
-                    .read(self.group, Query::Get { key }, self.consistency)
-                    .await
-                    .map(|_| ())
+                let node = if stale { (random as usize) % self.cluster.len() } else { leader };
+                self.cluster.read(node, self.group, key, self.consistency).await
             } else {
-                let command = Command::Put { key, value: self.value.clone() };
-                self.engines[leader]
-                    .propose_kv(self.group, Request::Unsessioned(command))
-                    .await
-                    .map(|_| ())
+                self.cluster.write(leader, self.group, key, self.value.clone()).await
             };
             let done = Instant::now();
             let micros = u64::try_from((done - asked).as_micros()).unwrap_or(u64::MAX).max(1);
@@ -490,19 +777,17 @@ impl Worker {
                     self.live.writes.fetch_add(1, Ordering::Relaxed);
                     sequence += 1;
                 }
-                Err(error) => {
+                Err(failure) => {
                     if is_read {
                         part.read_errors += 1;
                     } else {
                         part.write_errors += 1;
                     }
                     self.live.errors.fetch_add(1, Ordering::Relaxed);
-                    match error {
-                        Error::NotLeader { leader_hint: Some(hint) } => {
-                            leader = usize::try_from(hint.0 - 1).unwrap_or(0) % self.engines.len();
-                        }
-                        _ => {
-                            leader = (leader + 1) % self.engines.len();
+                    match failure.leader {
+                        Some(hinted) => leader = hinted,
+                        None => {
+                            leader = (leader + 1) % self.cluster.len();
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
                     }
@@ -514,17 +799,13 @@ impl Worker {
 }
 
 /// Waits until every group has a leader; returns the index of each group's leader's engine.
-async fn elect(engines: &[Engine], groups: u64) -> Result<BTreeMap<GroupId, usize>, BoxError> {
+async fn elect(cluster: &Cluster, groups: u64) -> Result<BTreeMap<GroupId, usize>, BoxError> {
     let mut leaders = BTreeMap::new();
     let started = Instant::now();
     while (leaders.len() as u64) < groups {
         for group in (1..=groups).map(GroupId) {
-            for (index, engine) in engines.iter().enumerate() {
-                if let Ok(status) = engine.status(group).await
-                    && status.leader == Some(engine.node())
-                {
-                    leaders.insert(group, index);
-                }
+            if let Some(index) = cluster.leader_of(group).await {
+                leaders.insert(group, index);
             }
         }
         if started.elapsed() > Duration::from_secs(30) {
@@ -581,19 +862,6 @@ struct Totals {
     entries: u64,
     frames: u64,
     messages: u64,
-}
-
-async fn totals(engines: &[Engine]) -> Result<Totals, Error> {
-    let mut totals = Totals::default();
-    for engine in engines {
-        for shard in engine.shard_stats().await? {
-            totals.fdatasyncs += shard.wal.fdatasyncs;
-            totals.entries += shard.wal.entries;
-            totals.frames += shard.frames_sent;
-            totals.messages += shard.messages_sent;
-        }
-    }
-    Ok(totals)
 }
 
 fn print_table(report: &Report) {
