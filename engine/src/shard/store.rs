@@ -139,6 +139,22 @@ impl ShardStore {
         Ok((Self { dir: dir.to_path_buf(), wal, catalog, catalog_dirty: false }, recovery))
     }
 
+    /// [`ShardStore::open`] with the WAL on `wal_storage` instead of `dir/wal`: the cluster
+    /// simulator puts it on a simulated disk (`flotilla_wal::sim::SimStorage`) that can crash
+    /// and tear writes. Snapshot files and the catalog stay in `dir`: they are replaced
+    /// atomically (temp file, fsync, rename, directory fsync), so after a crash each is either
+    /// the old or the new file, which a real directory models exactly.
+    pub fn open_with(
+        dir: &Path,
+        wal_storage: std::sync::Arc<dyn flotilla_wal::io::Storage>,
+        wal_config: flotilla_wal::Config,
+    ) -> Result<(Self, Recovery), StoreError> {
+        fs::create_dir_all(dir.join("snapshots")).map_err(io_error("creating", dir))?;
+        let (wal, recovery) = Wal::open_with(wal_storage, wal_config)?;
+        let catalog = read_catalog(&dir.join("catalog"))?;
+        Ok((Self { dir: dir.to_path_buf(), wal, catalog, catalog_dirty: false }, recovery))
+    }
+
     /// The shard's log.
     pub fn wal(&self) -> &Wal {
         &self.wal
@@ -310,11 +326,18 @@ impl ShardStore {
 
     /// Makes the WAL drop `group`'s entries through `meta.index`, keeping later ones only if the
     /// entry at `meta.index` has the snapshot's term (Raft's rule for installing a snapshot).
+    /// A snapshot at or below the WAL's compaction point changes nothing: it is a local snapshot
+    /// whose file was written after a newer one from the leader was installed, and the entries
+    /// after it are the newer snapshot's log (the WAL no longer knows the stale index's term, so
+    /// the rule above would truncate them).
     fn compact_to(&self, group: GroupId, meta: &SnapshotMeta, batch: &mut WriteBatch) {
         let index = meta.index.0;
-        let matches = self.wal.term(group, index) == Some(meta.term.0);
         let state = self.wal.group_state(group);
         let compacted = state.and_then(|s| s.compacted).map_or(0, |(i, _)| i);
+        if state.is_some() && index <= compacted {
+            return;
+        }
+        let matches = self.wal.term(group, index) == Some(meta.term.0);
         if index > compacted {
             batch.compact(group, index, meta.term.0);
         }
@@ -432,7 +455,17 @@ impl ShardStore {
 
 /// Writes `snapshot` as `group`'s snapshot file at `path`, durably (see the module doc for the
 /// layout). Blocking: the shard driver runs it off the shard thread.
+///
+/// A file already there with a later snapshot is kept: a local snapshot whose write finishes
+/// after the leader's newer snapshot was installed must not replace it (the WAL was compacted
+/// past the older one, so recovering from it would leave a hole in the log).
 pub fn write_snapshot(path: &Path, group: GroupId, snapshot: &Snapshot) -> Result<(), StoreError> {
+    if let Ok(existing) = fs::read(path)
+        && let Ok(existing) = decode_snapshot(&Bytes::from(existing), group)
+        && existing.meta.index > snapshot.meta.index
+    {
+        return Ok(());
+    }
     let membership = snapshot.meta.membership.encode();
     let mut out = Vec::with_capacity(64 + membership.len() + snapshot.data.len());
     out.extend_from_slice(SNAPSHOT_MAGIC);
@@ -683,6 +716,58 @@ mod tests {
             recovered,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_stale_local_snapshot_finishing_after_a_newer_installed_one_changes_nothing() {
+        // Found by the cluster simulator (seed 1): a shard snapshots a group at 43 and starts
+        // writing the file; meanwhile the leader's snapshot at 44 is installed (file written,
+        // WAL compacted to 44, entries 45.. appended). Then the local write finishes: it must
+        // neither replace the newer file nor truncate the log after 43.
+        let dir = tempfile::tempdir().unwrap();
+        let group = GroupId(4);
+        let snapshot_at = |index: u64| Snapshot {
+            meta: SnapshotMeta {
+                index: LogIndex(index),
+                term: Term(3),
+                membership: Membership { voters: vec![NodeId(1)], ..Membership::default() },
+            },
+            data: Bytes::from(format!("image {index}")),
+        };
+        let mut store = inline_store(dir.path());
+        store.add_group(group, &[NodeId(1)]).unwrap();
+        let mut items = vec![(
+            group,
+            PersistItem {
+                snapshot: Some(snapshot_at(44)),
+                entries: (45..=47)
+                    .map(|i| Entry {
+                        index: LogIndex(i),
+                        term: Term(3),
+                        kind: EntryKind::Normal,
+                        payload: Bytes::from(format!("e{i}")),
+                    })
+                    .collect(),
+                hard_state: Some(HardState { term: Term(3), vote: None, commit: LogIndex(45) }),
+            },
+        )];
+        let mut batch = WriteBatch::new();
+        store.stage(&mut items, &mut batch).unwrap();
+        flotilla_wal::block_on(store.wal().append(batch)).unwrap();
+
+        let stale = snapshot_at(43);
+        write_snapshot(&store.snapshot_path(group), group, &stale).unwrap();
+        flotilla_wal::block_on(store.compact_log(group, &stale.meta)).unwrap();
+        assert_eq!(store.load_snapshot(group).unwrap().unwrap().meta.index, LogIndex(44));
+        let state = store.wal().group_state(group).unwrap();
+        assert_eq!((state.first_index, state.last_index, state.compacted), (45, 47, Some((44, 3))));
+        store.close().unwrap();
+
+        let store = inline_store(dir.path());
+        let recovered = store.recover_group(group).unwrap();
+        assert_eq!(recovered.applied, LogIndex(44));
+        assert_eq!(recovered.last_index, LogIndex(47));
+        assert_eq!(recovered.entries.first().map(|e| e.index), Some(LogIndex(45)));
     }
 
     #[test]

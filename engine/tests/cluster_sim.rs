@@ -1,0 +1,480 @@
+//! Deterministic simulation of whole Flotilla clusters (TESTING.md S1, and S5's reads).
+//!
+//! Each seed builds a cluster of 3, 4 or 5 nodes, each one shard: the real `ShardCore` (every
+//! group's `Replica` and `KvStateMachine`) and the real `ShardStore` (its WAL on a simulated
+//! disk that loses and tears unsynced writes, its snapshot files and catalog in a directory),
+//! run by a copy of the shard driver's loop (`cluster_sim/node.rs`) in one thread, with a
+//! simulated network and simulated time; every random choice comes from the seed. Clients run
+//! at least 2,000 get / put / compare-and-set operations on keys of at least 8 groups
+//! (linearizable reads through `ShardCore::read`, writes through `ShardCore::propose`) while
+//! the nemesis partitions (both ways and one way), drops, duplicates, delays and reorders
+//! frames, crashes nodes (quietly, or in the middle of a WAL write, tearing it) and restarts
+//! them through `ShardStore::recover_group`, pauses them past the election timeout, stalls
+//! disks and moves leadership; nodes tick at different rates; groups are snapshotted and their
+//! logs compacted on the driver's cadence, so lagging replicas get snapshots. Then everything
+//! heals, and every group must commit a write and every replica converge within a bound.
+//!
+//! Checked: after every unit of time, each replica's `check_invariants`, one leader per term
+//! per group, one entry per index of a group whoever applies it, the same state at the same
+//! applied index on every replica (also after a snapshot restore), each write at one log index;
+//! at the end, the linearizability of every key's history (WGL; an unanswered write counts as
+//! applied by its first application if some replica applied it, and is left out otherwise),
+//! the durability of every acknowledged write, that no write reported dropped was applied, and
+//! identical state machines everywhere.
+//!
+//! - `cargo test --release -p flotilla --test cluster_sim` runs [`DEFAULT_SEEDS`] seeds (and the
+//!   regression seeds); `CLUSTER_SIM_SEEDS=n` runs `n`, `CLUSTER_SIM_SEED_BASE=b` starts at `b`;
+//! - `CLUSTER_SIM_SEED=s` replays seed `s` alone, bit for bit (a failing seed prints this);
+//! - `CLUSTER_SIM_VERBOSE=1` prints every seed's figures.
+
+#[path = "cluster_sim/cluster.rs"]
+mod cluster;
+#[path = "cluster_sim/machine.rs"]
+mod machine;
+#[path = "cluster_sim/nemesis.rs"]
+mod nemesis;
+#[path = "cluster_sim/node.rs"]
+mod node;
+#[path = "cluster_sim/workload.rs"]
+mod workload;
+
+use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flotilla::kv::{Command, Proposal, QueryResult, Request};
+use flotilla::raftgroup::testkit::{CheckOptions, NetConfig, SimRng, Verdict, check_kv};
+use flotilla::shard::Completion;
+use flotilla::wal::{Config as WalConfig, GroupId, WriterMode};
+
+use cluster::Cluster;
+use machine::{mix, op_of};
+use nemesis::Nemesis;
+use node::{DriverBug, NodeConfig};
+use workload::{KEY_SPACE, Workload, WorkloadConfig, group_of, key_bytes};
+
+/// Seeds that failed once, kept forever: `(seed, what it found)`.
+const REGRESSION_SEEDS: &[(u64, &str)] = &[
+    (
+        1,
+        "store bug, fixed: a local snapshot's file finishing after the leader's newer snapshot \
+         was installed replaced the newer file, and its WAL compaction truncated the log after it",
+    ),
+    (
+        318,
+        "core bug, worked around (KNOWN_BUGS): proposals covered by an installed snapshot \
+         reported ProposalDropped",
+    ),
+];
+
+/// Seeds that fail because of a known engine bug not fixed yet: `(seed, the bug)`. They run
+/// only when named with `CLUSTER_SIM_SEED`.
+const KNOWN_FAILURES: &[(u64, &str)] = &[];
+
+/// Engine bugs the simulation found and works around until they are fixed; each with the seed
+/// that showed it first. The workaround is named where it is applied.
+///
+/// - Seed 318, `ShardCore` (core.rs `apply`): a replica holding pending proposals (a deposed
+///   leader) that installs a leader's snapshot keeps them queued; when the next entry after the
+///   snapshot applies, every proposal at or below the snapshot's index is completed with
+///   `RequestError::ProposalDropped` ("not applied") although it may be in the snapshot — in
+///   seed 318 operation #160 was applied at index <= 18 on n3, n2 installed the snapshot at 18,
+///   then reported the proposal dropped. Workaround: `Frontend::dropped_under_snapshot` treats
+///   such a report as an unknown outcome (counted in the seed's summary); every other
+///   `ProposalDropped` must still mean "never applied".
+#[allow(dead_code, reason = "documentation of the workarounds in force")]
+const KNOWN_BUGS: () = ();
+
+/// Seeds run by default, split between two tests (one per core): 1,000 in release builds
+/// (about 1 min of two cores), 64 in debug builds, whose runs are ten times slower.
+const DEFAULT_SEEDS: u64 = if cfg!(debug_assertions) { 64 } else { 1_000 };
+
+/// Client operations per seed.
+const OPERATIONS: usize = 2_000;
+
+/// One seed in this many runs twice and must leave the same trace.
+const REPLAY_EVERY: u64 = 50;
+
+/// Time units per tick of a node whose clock has no skew.
+const TICK_UNITS: u64 = 20;
+
+/// The election timeout, in ticks.
+const ELECTION_TICKS: u32 = 10;
+
+/// After the heal, the time within which every group must commit a write and every replica
+/// converge (60 election timeouts), and within which a final read must be answered.
+const HEAL_BOUND: u64 = 60 * ELECTION_TICKS as u64 * TICK_UNITS;
+
+/// What one seed's run produced.
+#[derive(Debug)]
+struct RunReport {
+    trace: u64,
+    operations: u64,
+    answered: u64,
+    end_time: u64,
+    summary: String,
+}
+
+/// The configuration of seed `seed`.
+fn scenario(seed: u64, rng: &mut SimRng) -> (NodeConfig, Vec<u64>, u64, NetConfig, WorkloadConfig) {
+    let nodes = 3 + seed % 3;
+    let groups = rng.between(8, 12);
+    // Clock skew: usually within ±5 %, in one seed in five up to ±30 %.
+    let skew = if rng.percent(20) { TICK_UNITS * 3 / 10 } else { TICK_UNITS / 20 };
+    let tick_units: Vec<u64> =
+        (0..nodes).map(|_| rng.between(TICK_UNITS - skew, TICK_UNITS + skew)).collect();
+    let segment_bytes = [32 << 10, 64 << 10, 128 << 10][rng.index(3)];
+    let config = NodeConfig {
+        wal: WalConfig {
+            segment_bytes,
+            batch_bytes_max: (segment_bytes / 2) as usize,
+            writer: WriterMode::Inline,
+            ..WalConfig::default()
+        },
+        election_ticks: ELECTION_TICKS,
+        heartbeat_ticks: rng.between(1, 3) as u32,
+        snapshot_entries: rng.between(4, 64),
+        segments_target: rng.between(2, 6),
+        disk_delay_max: rng.between(1, 40),
+        snapshot_delay_max: rng.between(1, 200),
+        bug: None,
+    };
+    let delay_max = rng.between(1, 30);
+    let network = NetConfig {
+        drop_percent: rng.between(0, 30),
+        duplicate_percent: rng.between(0, 5),
+        delay_min: 1,
+        delay_max,
+        slow_percent: rng.between(0, 5),
+        slow_delay_max: 10 * delay_max,
+    };
+    let election_units = u64::from(ELECTION_TICKS) * TICK_UNITS;
+    let timeout = rng.between(2 * election_units, 4 * election_units);
+    let workload = WorkloadConfig {
+        clients: rng.between(3, 10),
+        operations: OPERATIONS,
+        groups,
+        keys_per_group: rng.between(1, 4),
+        timeout,
+        read_retry: timeout / 3,
+        backoff_max: 2 * TICK_UNITS,
+        think_max: TICK_UNITS,
+    };
+    (config, tick_units, groups, network, workload)
+}
+
+fn deliver(cluster: &mut Cluster, workload: &mut Workload) {
+    let (completions, refusals) = cluster.take_completions();
+    if !completions.is_empty() || !refusals.is_empty() {
+        workload.on_completions(cluster, completions, refusals);
+    }
+}
+
+/// Runs one seed; panics on any violation.
+fn run(seed: u64) -> RunReport {
+    run_with(seed, None)
+}
+
+/// [`run`], with a deliberate driver bug.
+fn run_with(seed: u64, bug: Option<DriverBug>) -> RunReport {
+    let mut rng = SimRng::new(seed);
+    let (mut config, tick_units, groups, network, workload_config) = scenario(seed, &mut rng);
+    config.bug = bug;
+    let election_units = u64::from(ELECTION_TICKS) * TICK_UNITS;
+    let mut cluster = Cluster::new(seed, config, &tick_units, groups, network, rng.fork());
+    let mut workload = Workload::new(workload_config, cluster.ids().to_vec(), rng.fork());
+    let mut nemesis = Nemesis::new(rng.fork(), election_units);
+
+    let deadline = OPERATIONS as u64 * workload_config.timeout;
+    while !workload.is_done() {
+        cluster.advance();
+        deliver(&mut cluster, &mut workload);
+        nemesis.step(&mut cluster);
+        deliver(&mut cluster, &mut workload);
+        workload.step(&mut cluster);
+        deliver(&mut cluster, &mut workload);
+        assert!(cluster.now() < deadline, "seed {seed}: the workload did not finish");
+    }
+
+    let mut next_token = u64::MAX / 2;
+    heal(seed, &mut cluster, &mut nemesis, &mut next_token);
+    let finals = final_reads(seed, &mut cluster, &mut workload, &mut next_token);
+
+    let oracle = cluster.oracle();
+    let (history, never_applied) = workload.resolved_history(&oracle);
+    if let Err(error) = workload.check_durability(&oracle, &finals) {
+        panic!("seed {seed}: durability: {error}");
+    }
+    match check_kv(&history, &CheckOptions::default()) {
+        Verdict::Linearizable => {}
+        verdict => panic!("seed {seed}: client history: {verdict}"),
+    }
+    let stats = workload.stats();
+    let (applies, restores) = (oracle.applies, oracle.restores);
+    drop(oracle);
+    RunReport {
+        trace: mix(cluster.trace(), history.len() as u64),
+        operations: stats.issued,
+        answered: stats.answered,
+        end_time: cluster.now(),
+        summary: format!(
+            "{} nodes, {} groups, {} keys, end at {}, {never_applied} unanswered writes never \
+             applied, {applies} entries applied, {restores} snapshots restored, {} proposals \
+             reported dropped under a snapshot (known bug), {:?}, {:?}, {:?}, {:?}",
+            cluster.ids().len(),
+            groups,
+            finals.len(),
+            cluster.now(),
+            cluster.dropped_under_snapshot,
+            stats,
+            cluster.stats(),
+            nemesis.stats(),
+            cluster.network_stats()
+        ),
+    }
+}
+
+/// Heals everything; then every group must commit a write (a probe through its leader), and
+/// every replica converge, within [`HEAL_BOUND`].
+fn heal(seed: u64, cluster: &mut Cluster, nemesis: &mut Nemesis, next_token: &mut u64) {
+    nemesis.heal_all(cluster, NetConfig::reliable(1, 10));
+    let healed_at = cluster.now();
+    let bound = HEAL_BOUND;
+    let election_units = u64::from(ELECTION_TICKS) * TICK_UNITS;
+    let mut probes: BTreeMap<GroupId, (u64, Option<u64>)> = BTreeMap::new();
+    let mut committed: BTreeMap<GroupId, bool> = BTreeMap::new();
+    loop {
+        cluster.advance();
+        let (completions, _) = cluster.take_completions();
+        for completion in completions {
+            if let Completion::Applied { token, .. } = completion {
+                for (group, (probe, _)) in &probes {
+                    if *probe == token {
+                        committed.insert(*group, true);
+                    }
+                }
+            }
+        }
+        if committed.len() == cluster.groups().len() && cluster.converged() {
+            break;
+        }
+        for group in cluster.groups().to_vec() {
+            if committed.contains_key(&group) {
+                continue;
+            }
+            let resend = probes
+                .get(&group)
+                .is_none_or(|(_, at)| at.is_none_or(|at| cluster.now() >= at + election_units));
+            if resend && let Some(leader) = cluster.leader_of(group) {
+                *next_token += 1;
+                let command = Command::Put {
+                    key: Bytes::from_static(b"probe"),
+                    // Not 8 bytes: no client operation's id.
+                    value: Bytes::from_static(b"probe"),
+                };
+                let payload =
+                    Proposal { leader_time_ms: 0, request: Request::Unsessioned(command) }
+                        .to_bytes();
+                let sent =
+                    workload::Frontend::propose(cluster, leader, group, payload, *next_token);
+                probes.insert(group, (*next_token, sent.is_ok().then_some(cluster.now())));
+            }
+        }
+        assert!(
+            cluster.now() < healed_at + bound,
+            "seed {seed}: no convergence {bound} units after healing ({} of {} groups committed \
+             a write):\n{}",
+            committed.len(),
+            cluster.groups().len(),
+            cluster.describe()
+        );
+    }
+}
+
+/// Reads every key linearizably through its group's leader, records the reads in the history,
+/// and returns each key's converged value.
+fn final_reads(
+    seed: u64,
+    cluster: &mut Cluster,
+    workload: &mut Workload,
+    next_token: &mut u64,
+) -> BTreeMap<u64, Option<u64>> {
+    let mut finals = BTreeMap::new();
+    for key in workload.keys() {
+        let group = group_of(key);
+        let value = cluster.final_value(group, &key_bytes(key)).map(|v| op_of(&v).expect("an id"));
+        finals.insert(key, value);
+        let leader = cluster.leader_of(group).expect("converged groups have a leader");
+        *next_token += 1;
+        let token = *next_token;
+        let invoke = cluster.stamp();
+        workload::Frontend::read(cluster, leader, group, key_bytes(key), token)
+            .unwrap_or_else(|error| panic!("seed {seed}: final read refused: {error}"));
+        let started = cluster.now();
+        let read = loop {
+            cluster.advance();
+            let (completions, _) = cluster.take_completions();
+            let answer = completions.into_iter().find_map(|completion| match completion {
+                Completion::Read { token: t, result: QueryResult::Value(value), .. }
+                    if t == token =>
+                {
+                    Some(value.map(|v| op_of(&v).expect("an id")))
+                }
+                _ => None,
+            });
+            if let Some(answer) = answer {
+                break answer;
+            }
+            assert!(
+                cluster.now() < started + HEAL_BOUND,
+                "seed {seed}: the final read of key {key} was not answered"
+            );
+        };
+        let at = cluster.stamp();
+        assert_eq!(
+            read, value,
+            "seed {seed}: the final read of key {key} disagrees with the state"
+        );
+        workload.record_final_read(key, read, invoke, at);
+    }
+
+    finals
+}
+
+/// Runs `seed`, printing how to replay it if it fails; one in [`REPLAY_EVERY`] runs twice and
+/// must leave the same trace.
+fn run_reported(seed: u64) -> RunReport {
+    let report = match catch_unwind(AssertUnwindSafe(|| run(seed))) {
+        Ok(report) => report,
+        Err(panic) => {
+            eprintln!(
+                "cluster simulation failed for seed {seed}; replay it with\n  \
+                 CLUSTER_SIM_SEED={seed} cargo test --release -p flotilla --test cluster_sim\n\
+                 and add it to REGRESSION_SEEDS (or KNOWN_FAILURES, with the bug) in \
+                 engine/tests/cluster_sim.rs"
+            );
+            resume_unwind(panic);
+        }
+    };
+    if seed.is_multiple_of(REPLAY_EVERY) {
+        let again = run(seed);
+        assert_eq!(report.trace, again.trace, "seed {seed} did not replay bit for bit");
+        assert_eq!(report.end_time, again.end_time, "seed {seed} did not replay bit for bit");
+    }
+    report
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    Some(value.parse().unwrap_or_else(|_| panic!("{name} must be a number, not {value:?}")))
+}
+
+/// Runs the seeds with `seed % 2 == half` and reports the figures.
+fn run_seeds(half: u64) {
+    let seeds: Vec<u64> = match env_u64("CLUSTER_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => {
+            let base = env_u64("CLUSTER_SIM_SEED_BASE").unwrap_or(0);
+            let count = env_u64("CLUSTER_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
+            (base..base + count)
+                .filter(|seed| !KNOWN_FAILURES.iter().any(|(known, _)| known == seed))
+                .collect()
+        }
+    };
+    let seeds: Vec<u64> = seeds.into_iter().filter(|seed| seed % 2 == half).collect();
+    let verbose = env_u64("CLUSTER_SIM_VERBOSE").is_some_and(|verbose| verbose > 0);
+    let (mut operations, mut answered) = (0, 0);
+    let started = Instant::now();
+    for &seed in &seeds {
+        let report = run_reported(seed);
+        assert!(report.operations >= OPERATIONS as u64, "seed {seed}: {}", report.summary);
+        // A run where almost nothing succeeded tested almost nothing.
+        assert!(
+            report.answered * 4 >= report.operations,
+            "seed {seed}: only {} of {} operations answered: {}",
+            report.answered,
+            report.operations,
+            report.summary
+        );
+        if verbose || seeds.len() == 1 {
+            eprintln!("seed {seed}: {}", report.summary);
+        }
+        operations += report.operations;
+        answered += report.answered;
+    }
+    let elapsed: Duration = started.elapsed();
+    eprintln!(
+        "{} cluster seeds: {operations} operations ({answered} answered) in {elapsed:.1?}",
+        seeds.len()
+    );
+}
+
+#[test]
+fn clusters_of_even_seeds_stay_linearizable_and_durable_under_faults() {
+    run_seeds(0);
+}
+
+#[test]
+fn clusters_of_odd_seeds_stay_linearizable_and_durable_under_faults() {
+    run_seeds(1);
+}
+
+#[test]
+fn regression_seeds_pass() {
+    if env_u64("CLUSTER_SIM_SEED").is_some() {
+        return;
+    }
+    for &(seed, _found) in REGRESSION_SEEDS {
+        run_reported(seed);
+    }
+}
+
+/// Keys are numbered per group: a key's group is recoverable from it.
+#[test]
+fn keys_know_their_group() {
+    assert_eq!(group_of(7 * KEY_SPACE + 3), GroupId(7));
+}
+
+/// The first of `seeds` whose run with `bug` fails with a message containing one of
+/// `expected`, and that message.
+fn first_failure(
+    bug: DriverBug,
+    seeds: std::ops::Range<u64>,
+    expected: &[&str],
+) -> Option<(u64, String)> {
+    seeds.into_iter().find_map(|seed| {
+        let panic = catch_unwind(AssertUnwindSafe(|| run_with(seed, Some(bug)))).err()?;
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(ToString::to_string))
+            .unwrap_or_default();
+        expected.iter().any(|what| message.contains(what)).then_some((seed, message))
+    })
+}
+
+#[test]
+fn the_simulation_catches_acks_sent_before_persistence() {
+    // Acknowledging entries and votes before they are durable loses them in crashes: some seed
+    // must show it as a broken safety property (liveness failures do not count here).
+    let safety = [
+        "election safety",
+        "state machine safety",
+        "differs from",
+        "applied twice",
+        "durability",
+        "not linearizable",
+        "disagrees",
+    ];
+    let (seed, message) = first_failure(DriverBug::AckBeforePersist, 0..40, &safety)
+        .expect("acknowledging before persisting broke no safety property in 40 seeds");
+    eprintln!("acks before persistence caught by seed {seed}: {message}");
+}
+
+#[test]
+fn the_simulation_catches_stale_local_reads() {
+    let (seed, message) = first_failure(DriverBug::LocalReads, 0..10, &["not linearizable"])
+        .expect("reads served without ReadIndex went unnoticed in 10 seeds");
+    eprintln!("local reads caught by seed {seed}: {message}");
+}
