@@ -295,7 +295,7 @@ impl Replica {
                 }
             }
             MessageBody::TimeoutNow => {
-                if self.role != Role::Leader && self.is_promotable() {
+                if self.role != Role::Leader && self.can_campaign() {
                     self.campaign(false, true);
                 }
             }

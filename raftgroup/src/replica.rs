@@ -266,7 +266,7 @@ impl Replica {
             self.tick_leader();
         } else {
             self.election_elapsed += 1;
-            if self.election_elapsed >= self.randomized_election_ticks && self.is_promotable() {
+            if self.election_elapsed >= self.randomized_election_ticks && self.can_campaign() {
                 self.election_elapsed = 0;
                 self.campaign(self.settings.pre_vote, false);
             }
@@ -318,7 +318,7 @@ impl Replica {
     /// Starts an election now (as if the election timeout fired), with pre-vote if configured.
     /// Does nothing on a leader or a non-voter.
     pub fn campaign_now(&mut self) {
-        if self.role != Role::Leader && self.is_promotable() {
+        if self.role != Role::Leader && self.can_campaign() {
             self.campaign(self.settings.pre_vote, false);
         }
     }
@@ -701,6 +701,34 @@ impl Replica {
         self.membership().is_voter(self.id)
     }
 
+    /// Whether this replica may start an election: it votes in the membership it applied, and
+    /// no committed membership entry is waiting to be applied (etcd's rule). A change takes
+    /// effect when applied, so until then the membership in effect may be stale — after a
+    /// restart it is the snapshot's (or the initial one) until the log after it is replayed —
+    /// and a campaign under it could count votes of nodes that no longer vote, or make a
+    /// removed node a candidate.
+    ///
+    /// Committed entries are handed out first (membership takes effect as they are), so a
+    /// replica that just learned the commit index — a transfer target told it together with
+    /// `TimeoutNow` — campaigns under the membership in effect there.
+    pub(crate) fn can_campaign(&mut self) -> bool {
+        self.collect_committed();
+        self.is_promotable() && !self.has_unapplied_membership()
+    }
+
+    /// True if an entry between the applied and the commit index may change the membership.
+    /// Entries no longer in memory count as such: the campaign waits until they are applied.
+    fn has_unapplied_membership(&self) -> bool {
+        if self.applying >= self.log.commit {
+            return false;
+        }
+        let mut entries = Vec::new();
+        match self.log.entries(self.applying.next(), self.log.commit, u64::MAX, &mut entries) {
+            Ok(()) => entries.iter().any(|entry| entry.kind == EntryKind::Membership),
+            Err(_) => true,
+        }
+    }
+
     pub(crate) fn progress_of(&self, id: NodeId) -> Option<&Progress> {
         self.progress.iter().find(|p| p.id == id)
     }
@@ -763,7 +791,7 @@ impl Replica {
     }
 
     /// Hands out committed entries from memory; fetches the ones no longer cached.
-    fn collect_committed(&mut self) {
+    pub(crate) fn collect_committed(&mut self) {
         if self.applying >= self.log.commit || self.apply_fetching {
             return;
         }
