@@ -90,6 +90,15 @@ pub fn cpu_time() -> Duration {
     micros(usage.ru_utime) + micros(usage.ru_stime)
 }
 
+/// This process's resident set size in bytes (from `/proc/self/statm`; 0 where unavailable).
+pub fn rss_bytes() -> u64 {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
+}
+
 /// `per_second` of `count` events in `elapsed`.
 pub fn rate(count: f64, elapsed: Duration) -> f64 {
     let secs = elapsed.as_secs_f64();

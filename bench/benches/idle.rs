@@ -1,0 +1,230 @@
+//! Idle groups (issue 5): what tens of thousands of groups cost a node when nothing happens, and
+//! how a node's death is handled while they are quiet.
+//!
+//! Three nodes in one process on loopback (one shard each), every node hosting every group:
+//! 1. `quiet`: with quiescence (the default), after one write per group, wait until every group
+//!    is quiet, then measure the process's CPU time over a window (per node: divided by three)
+//!    and its resident memory per replica (RSS growth since before the nodes started, divided
+//!    by 3 × groups);
+//! 2. `dead node`: kill the node leading the most groups, time until every group has a leader
+//!    on the survivors, until they are all quiet again, and the survivors' idle CPU after;
+//! 3. the same idle measurement side by side with quiescence off, on fewer groups (every group
+//!    then heartbeats; 10,000 of them would saturate this machine) — the ratio is the figure.
+//!
+//! Not a criterion benchmark: the figures are a steady-state CPU share and times, printed as a
+//! table. `cargo bench -p flotilla-bench --bench idle` (`IDLE_GROUPS`, default 10,000;
+//! `IDLE_WINDOW_SECS`, default 10); `cargo test --benches` runs it shrunk.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flotilla::raftgroup::Role;
+use flotilla::{Engine, GroupId, NodeId};
+use flotilla_bench::cluster::Cluster;
+use flotilla_bench::{cpu_time, quick_mode, rss_bytes};
+
+/// Counts live heap bytes, so the figure per replica can be told apart from what the allocator
+/// keeps resident after the write burst (RSS).
+struct Counting;
+
+static LIVE_HEAP: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call forwards to the system allocator unchanged; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE_HEAP.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed through.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LIVE_HEAP.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed through.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_HEAP.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed through.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE_HEAP.fetch_add(new_size, Ordering::Relaxed);
+        LIVE_HEAP.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed through.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The share of one core the process used over `window`, per node (`nodes` of them).
+fn idle_cpu(window: Duration, nodes: usize) -> f64 {
+    let (cpu, wall) = (cpu_time(), Instant::now());
+    std::thread::sleep(window);
+    let used = cpu_time().saturating_sub(cpu);
+    used.as_secs_f64() / wall.elapsed().as_secs_f64() / nodes as f64
+}
+
+async fn awake(engines: &[Engine]) -> usize {
+    let mut sum = 0;
+    for engine in engines {
+        sum += engine
+            .shard_stats()
+            .await
+            .expect("stats")
+            .iter()
+            .map(|s| s.groups_awake)
+            .sum::<usize>();
+    }
+    sum
+}
+
+/// Waits until no group of `engines` is awake; returns how long that took.
+fn wait_quiet(cluster: &Cluster, patience: Duration) -> Duration {
+    let started = Instant::now();
+    cluster.block_on(async {
+        while awake(cluster.engines()).await > 0 {
+            assert!(started.elapsed() < patience, "groups never went quiet");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    started.elapsed()
+}
+
+/// Groups without a leader among `engines` (a leader counts only if its own node says so).
+async fn leaderless(engines: &[Engine], groups: u64) -> u64 {
+    let mut missing = 0;
+    for group in (1..=groups).map(GroupId) {
+        let mut led = false;
+        for engine in engines {
+            if let Ok(status) = engine.status(group).await
+                && status.role == Role::Leader
+            {
+                led = true;
+                break;
+            }
+        }
+        missing += u64::from(!led);
+    }
+    missing
+}
+
+struct Figures {
+    groups: u64,
+    quiesce: bool,
+    rss_per_replica: f64,
+    heap_per_replica: f64,
+    idle_cpu: f64,
+    quiet_after: Duration,
+}
+
+fn idle(groups: u64, quiesce: bool, window: Duration) -> (Cluster, Figures) {
+    let rss_before = rss_bytes();
+    let heap_before = LIVE_HEAP.load(Ordering::Relaxed);
+    let cluster = Cluster::start_with(groups, 1, |config| {
+        config.quiesce = quiesce;
+        // Small segments: 30,000 replicas' first entries fit in one; the default 64 MiB
+        // preallocations would dominate the disk, not the memory.
+        config.wal.segment_bytes = 8 << 20;
+        // Every group is created (and written) at once: room for all of those requests.
+        config.inbox_capacity =
+            config.inbox_capacity.max(usize::try_from(groups).expect("fits") * 2);
+    })
+    .expect("cluster");
+    eprintln!("{groups} groups, quiesce {quiesce}: set up in {:?}", cluster.setup_time());
+    // One write per group, so every replica has an entry and an applied state machine.
+    let value = Bytes::from_static(b"v");
+    let run = cluster.run(&value, usize::try_from(groups).expect("fits"), 1);
+    assert_eq!(run.committed, groups);
+    let quiet_after =
+        if quiesce { wait_quiet(&cluster, Duration::from_secs(120)) } else { Duration::ZERO };
+    // Let allocator caches and the last rounds settle before measuring.
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = rss_bytes().saturating_sub(rss_before);
+    let heap = LIVE_HEAP.load(Ordering::Relaxed).saturating_sub(heap_before);
+    let idle_cpu = idle_cpu(window, 3);
+    let figures = Figures {
+        groups,
+        quiesce,
+        rss_per_replica: rss as f64 / (3 * groups) as f64,
+        heap_per_replica: heap as f64 / (3 * groups) as f64,
+        idle_cpu,
+        quiet_after,
+    };
+    (cluster, figures)
+}
+
+fn print(figures: &Figures) {
+    println!(
+        "idle/{}groups/quiesce={:<5}  idle CPU per node {:6.2} % of a core   per replica: RSS {:6.0} B, live heap {:6.0} B   quiet {:?} after the writes",
+        figures.groups,
+        figures.quiesce,
+        figures.idle_cpu * 100.0,
+        figures.rss_per_replica,
+        figures.heap_per_replica,
+        figures.quiet_after,
+    );
+}
+
+fn main() {
+    let quick = quick_mode();
+    let groups = if quick { 64 } else { env_or("IDLE_GROUPS", 10_000) };
+    let compare_groups = if quick { 64 } else { env_or("IDLE_COMPARE_GROUPS", 1_000) };
+    let window = Duration::from_secs(if quick { 1 } else { env_or("IDLE_WINDOW_SECS", 10) });
+
+    // 1. Quiet groups.
+    let (mut cluster, quiet) = idle(groups, true, window);
+    print(&quiet);
+
+    // 2. The node leading the most groups dies.
+    let leaders = cluster.leaders_per_node();
+    let victim_index = (0..3).max_by_key(|i| leaders[*i]).expect("three nodes");
+    let killed_at = Instant::now();
+    let victim = cluster.kill(victim_index);
+    let survivors: Vec<NodeId> = cluster.engines().iter().map(Engine::node).collect();
+    let patience = Duration::from_secs(120);
+    let elected = cluster.block_on(async {
+        loop {
+            let missing = leaderless(cluster.engines(), groups).await;
+            if missing == 0 {
+                return killed_at.elapsed();
+            }
+            assert!(killed_at.elapsed() < patience, "{missing} groups never elected a leader");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let quiet_again = wait_quiet(&cluster, patience) + elected;
+    std::thread::sleep(Duration::from_millis(500));
+    let after_cpu = idle_cpu(window, survivors.len());
+    println!(
+        "idle/{groups}groups/dead-node  {victim} (leading {} groups) killed: every group led by \
+         {survivors:?} after {elected:?}, all quiet after {quiet_again:?}; idle CPU per survivor \
+         {:.2} % of a core",
+        leaders[victim_index],
+        after_cpu * 100.0,
+    );
+    cluster.shutdown();
+
+    // 3. Side by side: the same idle measurement with and without quiescence.
+    let mut side = Vec::new();
+    for quiesce in [true, false] {
+        let (cluster, figures) = idle(compare_groups, quiesce, window);
+        print(&figures);
+        side.push(figures);
+        cluster.shutdown();
+    }
+    let ratio = side[1].idle_cpu / side[0].idle_cpu.max(1e-9);
+    println!(
+        "idle/{compare_groups}groups  idle CPU without quiescence / with: {ratio:.1}x   RSS per replica without / with: {:.2}x",
+        side[1].rss_per_replica / side[0].rss_per_replica.max(1.0)
+    );
+}
