@@ -27,15 +27,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use flotilla_raftgroup::{LogIndex, NodeId, Role, Term};
+use flotilla_raftgroup::{LogIndex, Membership, MembershipChange, NodeId, Role, Term};
 use flotilla_wal::{ActiveBackend, GroupId};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::kv::{self, KvConfig, KvStateMachine, StateMachine};
 use crate::liveness::Liveness;
-use crate::shard::ShardCore;
 use crate::shard::driver::{self, Request, ShardContext};
+use crate::shard::{MembershipEdit, ShardCore};
 use crate::transport::ClusterId;
 use crate::transport::faults::Faults;
 
@@ -74,9 +74,22 @@ pub enum Error {
     /// A leader change overwrote the proposal's log position: it was not applied.
     #[error("proposal dropped by a leader change")]
     ProposalDropped,
-    /// The arguments are wrong (a bad member list, for instance).
+    /// The arguments are wrong (a bad member list, an unknown node, promoting a node that is not
+    /// a learner, removing the last voter...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Another membership change of the group is still under way (one at a time, as in etcd):
+    /// retry once [`Engine::membership`] shows it done.
+    #[error("a membership change is already in progress")]
+    MembershipChangePending,
+    /// The learner to promote lags the leader's log by more than
+    /// [`crate::shard::PROMOTE_LAG_ENTRIES_MAX`] entries: as a voter it would stall commits
+    /// until it caught up. Retry later.
+    #[error("learner {node} has not caught up with the leader yet")]
+    LearnerNotReady {
+        /// The learner.
+        node: NodeId,
+    },
     /// The configuration is wrong, or does not match the data directory.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -129,6 +142,8 @@ pub struct GroupStatus {
     pub applied: LogIndex,
     /// Its last log index.
     pub last_index: LogIndex,
+    /// Its latest snapshot's index: the log before it is compacted away.
+    pub snapshot_index: LogIndex,
 }
 
 /// What one shard has done since the node started: for tools, benchmarks and tests.
@@ -476,6 +491,61 @@ where
     pub async fn create_group(&self, group: GroupId, voters: &[NodeId]) -> Result<(), Error> {
         let voters = voters.to_vec();
         self.call(group, |reply| Request::CreateGroup { group, voters, reply }).await
+    }
+
+    /// Hosts an empty replica of an existing `group`, to be added by
+    /// [`Engine::add_learner`] (before or after this call): it neither votes nor campaigns and
+    /// learns everything — membership included — from the leader's snapshot or log, as etcd's
+    /// `--initial-cluster-state existing`. Durable before it returns. The node must be among
+    /// the other nodes' [`EngineConfig::peers`].
+    pub async fn join_group(&self, group: GroupId) -> Result<(), Error> {
+        self.call(group, |reply| Request::JoinGroup { group, reply }).await
+    }
+
+    /// Adds `node` to `group` as a learner (it receives the log, does not vote). Asked of the
+    /// leader; returns the membership once the change is committed and applied here (its joint
+    /// configuration entered and left). `node` hosts the group through [`Engine::join_group`].
+    pub async fn add_learner(&self, group: GroupId, node: NodeId) -> Result<Membership, Error> {
+        self.edit_membership(group, MembershipEdit::AddLearner(node)).await
+    }
+
+    /// Makes the learner `node` a voter of `group`; as [`Engine::add_learner`]. Refused with
+    /// [`Error::LearnerNotReady`] while it still lags far behind the leader.
+    pub async fn promote(&self, group: GroupId, node: NodeId) -> Result<Membership, Error> {
+        self.edit_membership(group, MembershipEdit::Promote(node)).await
+    }
+
+    /// Removes the voter or learner `node` from `group` (never the last voter); as
+    /// [`Engine::add_learner`]. The leader may remove itself: it hands leadership to a voter
+    /// holding its whole log and steps down. A removed replica stops (no ticks, no campaigns)
+    /// but keeps its data until [`Engine::remove_group`] deletes it there.
+    pub async fn remove_member(&self, group: GroupId, node: NodeId) -> Result<Membership, Error> {
+        self.edit_membership(group, MembershipEdit::Remove(node)).await
+    }
+
+    /// Moves `group` to exactly `change`'s voters and learners in one joint-consensus change
+    /// (any number of nodes at once); as [`Engine::add_learner`].
+    pub async fn change_membership(
+        &self,
+        group: GroupId,
+        change: MembershipChange,
+    ) -> Result<Membership, Error> {
+        self.edit_membership(group, MembershipEdit::Replace(change)).await
+    }
+
+    async fn edit_membership(
+        &self,
+        group: GroupId,
+        edit: MembershipEdit,
+    ) -> Result<Membership, Error> {
+        let deadline = Instant::now() + self.inner.request_timeout;
+        self.call(group, |reply| Request::ChangeMembership { group, edit, deadline, reply }).await
+    }
+
+    /// The membership in effect on this node's replica of `group` (the last one it applied:
+    /// on a follower it may trail the leader's).
+    pub async fn membership(&self, group: GroupId) -> Result<Membership, Error> {
+        self.call(group, |reply| Request::Membership { group, reply }).await
     }
 
     /// Stops hosting `group` and deletes its data here; its pending requests fail.

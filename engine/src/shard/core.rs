@@ -18,8 +18,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use bytes::Bytes;
 use flotilla_raftgroup::quorum::{self, VoteResult};
 use flotilla_raftgroup::{
-    Config, Entry, Fetch, HardState, LogIndex, Message, MessageBody, NodeId, ProposeError,
-    ReadError, ReadMode, RecoveredState, Replica, Role, Snapshot, Term, TransferError,
+    Config, Entry, Fetch, HardState, LogIndex, Membership, MembershipChange, Message, MessageBody,
+    NodeId, ProposeError, ReadError, ReadMode, RecoveredState, Replica, Role, Snapshot, Term,
+    TransferError,
 };
 use flotilla_wal::GroupId;
 
@@ -52,9 +53,97 @@ pub enum RequestError {
     /// down: refused at once instead of waiting for a quorum that cannot answer (CP).
     #[error("no quorum of the group's nodes is reachable")]
     NoQuorum,
+    /// A membership change of the group is still under way (not yet committed, or its joint
+    /// configuration not yet left): one at a time. Retry once it is done.
+    #[error("a membership change is already in progress")]
+    MembershipChangePending,
+    /// The learner to promote is still catching up with the leader's log: promoting it now
+    /// would make the group's commits wait for it. Retry once it caught up.
+    #[error("learner {0} has not caught up with the leader yet")]
+    LearnerNotReady(NodeId),
+    /// The request makes no sense for the group as it is (promoting a node that is not a
+    /// learner, removing the last voter...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// The group rejected the request for another reason.
     #[error("rejected: {0}")]
     Rejected(String),
+}
+
+/// A change to a group's membership, relative to the membership in effect on its leader (see
+/// [`ShardCore::change_membership`]). Each runs as one joint-consensus change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipEdit {
+    /// Adds a learner: it receives the log but neither votes nor counts toward quorums.
+    AddLearner(NodeId),
+    /// Makes a caught-up learner a voter.
+    Promote(NodeId),
+    /// Removes a voter or a learner (never the last voter).
+    Remove(NodeId),
+    /// Moves to exactly these voters and learners.
+    Replace(MembershipChange),
+}
+
+/// Entries a learner may still lag behind the leader's commit index when it is promoted: it
+/// then counts toward quorums, so a far-behind learner would stall commits until it caught up
+/// (etcd refuses such promotions the same way).
+pub const PROMOTE_LAG_ENTRIES_MAX: u64 = 1_000;
+
+impl MembershipEdit {
+    /// The target membership this edit asks for, given the one in effect.
+    pub fn plan(&self, current: &Membership) -> Result<MembershipChange, RequestError> {
+        let invalid = |what: String| Err(RequestError::InvalidArgument(what));
+        let mut voters = current.voters.clone();
+        let mut learners = current.learners.clone();
+        match self {
+            Self::AddLearner(node) => {
+                if current.is_member(*node) {
+                    return invalid(format!("{node} is already a member"));
+                }
+                learners.push(*node);
+            }
+            Self::Promote(node) => {
+                if !learners.contains(node) {
+                    return invalid(format!("{node} is not a learner"));
+                }
+                learners.retain(|id| id != node);
+                voters.push(*node);
+            }
+            Self::Remove(node) => {
+                if !current.is_member(*node) {
+                    return invalid(format!("{node} is not a member"));
+                }
+                if voters == [*node] {
+                    return invalid(format!("{node} is the last voter"));
+                }
+                voters.retain(|id| id != node);
+                learners.retain(|id| id != node);
+            }
+            Self::Replace(change) => {
+                if change.voters.is_empty() {
+                    return invalid("no voters".to_owned());
+                }
+                if change.learners.iter().any(|id| change.voters.contains(id)) {
+                    return invalid("a node is both voter and learner".to_owned());
+                }
+                return Ok(change.clone());
+            }
+        }
+        if voters.contains(&NodeId::ZERO) || learners.contains(&NodeId::ZERO) {
+            return invalid("node id 0 is reserved".to_owned());
+        }
+        Ok(MembershipChange { voters, learners })
+    }
+
+    /// Every node the edit names.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        match self {
+            Self::AddLearner(node) | Self::Promote(node) | Self::Remove(node) => vec![*node],
+            Self::Replace(change) => {
+                change.voters.iter().chain(&change.learners).copied().collect()
+            }
+        }
+    }
 }
 
 /// What a completed request returns.
@@ -112,6 +201,9 @@ pub struct ShardOutput<S: StateMachine> {
     pub fetches: Vec<(GroupId, Fetch)>,
     /// Requests that finished.
     pub completions: Vec<Completion<S>>,
+    /// Membership changes that finished (their joint configuration entered and left, applied
+    /// here), with the membership now in effect; failures are in `completions`.
+    pub memberships: Vec<(Token, Membership)>,
 }
 
 impl<S: StateMachine> std::fmt::Debug for Completion<S>
@@ -160,6 +252,7 @@ impl<S: StateMachine> Default for ShardOutput<S> {
             send_after_persist: BTreeMap::new(),
             fetches: Vec::new(),
             completions: Vec::new(),
+            memberships: Vec::new(),
         }
     }
 }
@@ -173,6 +266,7 @@ impl<S: StateMachine> ShardOutput<S> {
             && self.send_after_persist.values().all(Vec::is_empty)
             && self.fetches.is_empty()
             && self.completions.is_empty()
+            && self.memberships.is_empty()
     }
 
     /// Empties the output, keeping its buffers.
@@ -183,6 +277,7 @@ impl<S: StateMachine> ShardOutput<S> {
         self.send_after_persist.values_mut().for_each(Vec::clear);
         self.fetches.clear();
         self.completions.clear();
+        self.memberships.clear();
     }
 
     /// Messages waiting to be sent (both kinds).
@@ -195,6 +290,15 @@ struct PendingProposal {
     index: LogIndex,
     term: Term,
     token: Token,
+}
+
+/// A membership change this replica proposed as leader: done once its entry at `index` (of
+/// `term`) is applied and the joint configuration it entered is left again.
+struct PendingMembership {
+    index: LogIndex,
+    term: Term,
+    token: Token,
+    entered: bool,
 }
 
 struct PendingRead<Q> {
@@ -221,6 +325,8 @@ struct Group<S: StateMachine> {
     queued: bool,
     proposals: VecDeque<PendingProposal>,
     reads: Vec<PendingRead<S::Query>>,
+    /// Boxed: rare, and an idle group should stay small.
+    membership_change: Option<Box<PendingMembership>>,
     responses: Vec<S::Response>,
 }
 
@@ -405,6 +511,7 @@ impl<S: StateMachine> ShardCore<S> {
                 queued: false,
                 proposals: VecDeque::new(),
                 reads: Vec::new(),
+                membership_change: None,
                 responses: Vec::new(),
             },
         );
@@ -425,6 +532,12 @@ impl<S: StateMachine> ShardCore<S> {
         for read in removed.reads {
             out.completions.push(Completion::Failed {
                 token: read.token,
+                error: RequestError::GroupNotFound(group),
+            });
+        }
+        if let Some(change) = removed.membership_change {
+            out.completions.push(Completion::Failed {
+                token: change.token,
                 error: RequestError::GroupNotFound(group),
             });
         }
@@ -470,18 +583,28 @@ impl<S: StateMachine> ShardCore<S> {
             }
         }
         let mut awake = std::mem::take(&mut self.awake);
-        let Self { groups, dirty, quiescence, down, .. } = self;
+        let Self { node, groups, dirty, quiescence, down, .. } = self;
         awake.retain(|group| {
             let Some(slot) = groups.get_mut(group) else { return false };
             if slot.asleep {
                 slot.listed = false;
                 return false;
             }
-            if quiescence.is_some()
-                && slot.proposals.is_empty()
+            let idle = slot.proposals.is_empty()
                 && slot.reads.is_empty()
-                && slot.replica.quiesce(|id| !down.contains(&id))
+                && slot.membership_change.is_none();
+            if idle
+                && slot.replica.role() != Role::Leader
+                && !slot.replica.membership().is_member(*node)
             {
+                // Not a member (removed, or joined and not yet added): it never campaigns, so it
+                // needs no clock — with or without quiescence. A leader's message wakes it (a
+                // re-added node catches up that way).
+                slot.asleep = true;
+                slot.listed = false;
+                return false;
+            }
+            if quiescence.is_some() && idle && slot.replica.quiesce(|id| !down.contains(&id)) {
                 slot.asleep = true;
                 slot.listed = false;
             } else {
@@ -584,6 +707,52 @@ impl<S: StateMachine> ShardCore<S> {
         Ok(())
     }
 
+    /// Changes `group`'s membership by `edit` (relative to the membership in effect here, on its
+    /// leader) through joint consensus: completes in [`ShardOutput::memberships`] once the joint
+    /// configuration was entered and left again (both entries applied here), or fails with
+    /// [`RequestError::NotLeader`], [`RequestError::MembershipChangePending`] (one change at a
+    /// time), [`RequestError::InvalidArgument`], [`RequestError::LearnerNotReady`].
+    pub fn change_membership(
+        &mut self,
+        group: GroupId,
+        edit: &MembershipEdit,
+        token: Token,
+    ) -> Result<(), RequestError> {
+        self.check_quorum_live(group)?;
+        self.wake(group);
+        let slot = self.groups.get_mut(&group).ok_or(RequestError::GroupNotFound(group))?;
+        let replica = &slot.replica;
+        if replica.role() != Role::Leader {
+            return Err(RequestError::NotLeader { leader_hint: replica.leader() });
+        }
+        if slot.membership_change.is_some() || replica.membership().is_joint() {
+            return Err(RequestError::MembershipChangePending);
+        }
+        let change = edit.plan(replica.membership())?;
+        if let MembershipEdit::Promote(learner) = edit {
+            let matched =
+                replica.progress(*learner).map_or(LogIndex::ZERO, |(matched, ..)| matched);
+            if matched.0 + PROMOTE_LAG_ENTRIES_MAX < replica.commit_index().0 {
+                return Err(RequestError::LearnerNotReady(*learner));
+            }
+        }
+        let index = slot.replica.propose_membership(&change).map_err(|error| match error {
+            ProposeError::NotLeader { leader_hint } => RequestError::NotLeader { leader_hint },
+            ProposeError::Busy { .. } => RequestError::Busy,
+            ProposeError::MembershipChangePending => RequestError::MembershipChangePending,
+            ProposeError::InvalidMembership { reason } => {
+                RequestError::InvalidArgument(reason.to_owned())
+            }
+            ProposeError::ProposalDropped => RequestError::ProposalDropped,
+            other => RequestError::Rejected(other.to_string()),
+        })?;
+        let term = slot.replica.term();
+        slot.membership_change =
+            Some(Box::new(PendingMembership { index, term, token, entered: false }));
+        self.mark(group);
+        Ok(())
+    }
+
     /// A leader without a live quorum (by node-level liveness) refuses at once: its followers'
     /// silence means a proposal or read would only wait out its deadline.
     fn check_quorum_live(&self, group: GroupId) -> Result<(), RequestError> {
@@ -646,6 +815,13 @@ impl<S: StateMachine> ShardCore<S> {
                     true
                 }
             });
+            if let Some(change) = slot.membership_change.take_if(|change| expired(change.token)) {
+                // The change may still complete in the log; the caller reads the membership.
+                out.completions.push(Completion::Failed {
+                    token: change.token,
+                    error: RequestError::NotLeader { leader_hint },
+                });
+            }
         }
     }
 
@@ -681,6 +857,10 @@ impl<S: StateMachine> ShardCore<S> {
         max_lag_ticks: u32,
     ) -> Result<(LogIndex, S::QueryResult), RequestError> {
         let slot = self.groups.get(&group).ok_or(RequestError::GroupNotFound(group))?;
+        if !slot.replica.membership().is_member(self.node) {
+            // Removed (or not yet added): nobody keeps it up to date any more.
+            return Err(RequestError::NotLeader { leader_hint: slot.replica.leader() });
+        }
         let contact = if slot.asleep {
             // A quiet replica's clock stands still: node-level liveness says how fresh it is.
             self.quiet_contact_ticks(&slot.replica)
@@ -824,6 +1004,7 @@ fn collect_group<S: StateMachine>(group: GroupId, slot: &mut Group<S>, out: &mut
     out.fetches.extend(ready.fetches.iter().map(|fetch| (group, *fetch)));
     if !ready.committed_entries.is_empty() {
         apply(slot, &ready.committed_entries, out);
+        settle_membership_change(slot, &ready.committed_entries, out);
     }
     for state in &ready.read_states {
         if let Some(read) = slot.reads.iter_mut().find(|read| read.context == state.context) {
@@ -861,6 +1042,34 @@ fn apply<S: StateMachine>(slot: &mut Group<S>, entries: &[Entry], out: &mut Shar
     }
     if let Some(last) = entries.last() {
         slot.replica.on_applied(last.index);
+    }
+}
+
+/// Follows this replica's membership change through the entries just applied: its entry
+/// overwritten by another leader's fails it; once applied, the change is done when the joint
+/// configuration it entered has been left (the leave-joint entry applied too).
+fn settle_membership_change<S: StateMachine>(
+    slot: &mut Group<S>,
+    entries: &[Entry],
+    out: &mut ShardOutput<S>,
+) {
+    let Some(change) = slot.membership_change.as_mut() else { return };
+    if !change.entered
+        && let Some(entry) = entries.iter().find(|entry| entry.index == change.index)
+    {
+        if entry.term != change.term {
+            let token = change.token;
+            slot.membership_change = None;
+            out.completions
+                .push(Completion::Failed { token, error: RequestError::ProposalDropped });
+            return;
+        }
+        change.entered = true;
+    }
+    let membership = slot.replica.membership();
+    if change.entered && !membership.is_joint() {
+        out.memberships.push((change.token, membership.clone()));
+        slot.membership_change = None;
     }
 }
 

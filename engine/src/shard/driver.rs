@@ -25,13 +25,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla_raftgroup::{
-    Config, Entry, LogIndex, Message, NodeId, ReadMode, RecoveredState, Snapshot, SnapshotMeta,
-    Term,
+    Config, Entry, LogIndex, Membership, Message, NodeId, ReadMode, RecoveredState, Snapshot,
+    SnapshotMeta, Term,
 };
 use flotilla_wal::{ActiveBackend, AppendFuture, GroupId, WalError, WriteBatch};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::core::{Completion, Quiescence, RequestError, ShardCore, ShardOutput, Token};
+use super::core::{
+    Completion, MembershipEdit, Quiescence, RequestError, ShardCore, ShardOutput, Token,
+};
 use super::store::{ShardStore, StoreError, write_snapshot};
 use crate::engine::{
     Applied, Consistency, EngineConfig, Error, GroupStatus, MachineFactory, ShardStats, shard_of,
@@ -83,6 +85,22 @@ pub(crate) enum Request<S: StateMachine> {
         voters: Vec<NodeId>,
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    /// Hosts an empty replica that learns its membership from the leader (see
+    /// [`crate::Engine::join_group`]).
+    JoinGroup {
+        group: GroupId,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    ChangeMembership {
+        group: GroupId,
+        edit: MembershipEdit,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<Membership, Error>>,
+    },
+    Membership {
+        group: GroupId,
+        reply: oneshot::Sender<Result<Membership, Error>>,
+    },
     RemoveGroup {
         group: GroupId,
         reply: oneshot::Sender<Result<(), Error>>,
@@ -131,18 +149,27 @@ enum Pending<S: StateMachine> {
         deadline: Instant,
         reply: oneshot::Sender<Result<S::QueryResult, Error>>,
     },
+    Membership {
+        group: GroupId,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<Membership, Error>>,
+    },
 }
 
 impl<S: StateMachine> Pending<S> {
     fn deadline(&self) -> Instant {
         match self {
-            Pending::Propose { deadline, .. } | Pending::Read { deadline, .. } => *deadline,
+            Pending::Propose { deadline, .. }
+            | Pending::Read { deadline, .. }
+            | Pending::Membership { deadline, .. } => *deadline,
         }
     }
 
     fn group(&self) -> GroupId {
         match self {
-            Pending::Propose { group, .. } | Pending::Read { group, .. } => *group,
+            Pending::Propose { group, .. }
+            | Pending::Read { group, .. }
+            | Pending::Membership { group, .. } => *group,
         }
     }
 
@@ -151,6 +178,7 @@ impl<S: StateMachine> Pending<S> {
         match self {
             Pending::Propose { reply, .. } => drop(reply.send(Err(error))),
             Pending::Read { reply, .. } => drop(reply.send(Err(error))),
+            Pending::Membership { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 }
@@ -444,6 +472,17 @@ where
                 Ok(()) => self.created.push(reply),
                 Err(error) => drop(reply.send(Err(error))),
             },
+            Request::JoinGroup { group, reply } => match self.host_group(group, Vec::new()) {
+                Ok(()) => self.created.push(reply),
+                Err(error) => drop(reply.send(Err(error))),
+            },
+            Request::ChangeMembership { group, edit, deadline, reply } => {
+                self.change_membership(group, &edit, deadline, reply);
+            }
+            Request::Membership { group, reply } => {
+                let membership = self.core.replica(group).map(|r| r.membership().clone());
+                let _ = reply.send(membership.ok_or(Error::GroupNotFound(group)));
+            }
             Request::RemoveGroup { group, reply } => self.remove_group(group, reply),
             Request::TransferLeadership { group, to, reply } => {
                 let result = self.core.transfer_leadership(group, to).map_err(request_error);
@@ -459,6 +498,7 @@ where
                         commit: status.commit,
                         applied: status.applied,
                         last_index: status.last_index,
+                        snapshot_index: status.snapshot_index,
                     }
                 });
                 let _ = reply.send(status.ok_or(Error::GroupNotFound(group)));
@@ -556,6 +596,15 @@ where
         {
             return Err(Error::InvalidArgument(format!("voter {unknown} is not a known peer")));
         }
+        self.host_group(group, voters)
+    }
+
+    /// Starts a replica of `group` here and stages its catalog record. `voters` is the group's
+    /// initial membership — the one at log index 0, before any membership entry — or empty for
+    /// a node joining an existing group: it learns the membership from the leader's snapshot or
+    /// log, like every replica after a restart (the catalog never overrides the log).
+    fn host_group(&mut self, group: GroupId, voters: Vec<NodeId>) -> Result<(), Error> {
+        let config = Arc::clone(&self.context.config);
         if self.core.replica(group).is_some() || self.store.contains(group) {
             return Err(Error::GroupExists(group));
         }
@@ -575,6 +624,34 @@ where
             .map_err(request_error)?;
         self.metrics.groups.set(self.core.groups().count() as f64);
         Ok(())
+    }
+
+    fn change_membership(
+        &mut self,
+        group: GroupId,
+        edit: &MembershipEdit,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<Membership, Error>>,
+    ) {
+        let config = &self.context.config;
+        // The leader must be able to reach every node it adds; an unknown id is a typo.
+        if let Some(unknown) = edit
+            .nodes()
+            .into_iter()
+            .find(|node| *node != config.node && !config.peers.contains_key(node))
+        {
+            let error = Error::InvalidArgument(format!("{unknown} is not a known peer"));
+            let _ = reply.send(Err(error));
+            return;
+        }
+        let token = self.token();
+        match self.core.change_membership(group, edit, token) {
+            Ok(()) => {
+                self.pending.insert(token, Pending::Membership { group, deadline, reply });
+                self.deadlines.push(Reverse((deadline, token)));
+            }
+            Err(error) => drop(reply.send(Err(request_error(error)))),
+        }
     }
 
     fn remove_group(&mut self, group: GroupId, reply: oneshot::Sender<Result<(), Error>>) {
@@ -867,6 +944,11 @@ where
             for completion in completions {
                 self.complete(completion);
             }
+            for (token, membership) in self.out.memberships.drain(..) {
+                if let Some(Pending::Membership { reply, .. }) = self.pending.remove(&token) {
+                    let _ = reply.send(Ok(membership));
+                }
+            }
             self.out.clear();
             if !again {
                 break;
@@ -989,8 +1071,12 @@ fn refuse<S: StateMachine>(request: Request<S>, error: &Error) {
         Request::Propose { reply, .. } => drop(reply.send(Err(error))),
         Request::Read { reply, .. } => drop(reply.send(Err(error))),
         Request::CreateGroup { reply, .. }
+        | Request::JoinGroup { reply, .. }
         | Request::RemoveGroup { reply, .. }
         | Request::TransferLeadership { reply, .. } => {
+            drop(reply.send(Err(error)));
+        }
+        Request::ChangeMembership { reply, .. } | Request::Membership { reply, .. } => {
             drop(reply.send(Err(error)));
         }
         Request::Status { reply, .. } => drop(reply.send(Err(error))),
@@ -1014,6 +1100,9 @@ fn request_error(error: RequestError) -> Error {
         RequestError::NotLeader { leader_hint } => Error::NotLeader { leader_hint },
         RequestError::ProposalDropped => Error::ProposalDropped,
         RequestError::Busy => Error::Busy,
+        RequestError::MembershipChangePending => Error::MembershipChangePending,
+        RequestError::LearnerNotReady(node) => Error::LearnerNotReady { node },
+        RequestError::InvalidArgument(reason) => Error::InvalidArgument(reason),
         RequestError::Rejected(reason) => Error::Rejected(reason),
     }
 }

@@ -5,5 +5,6 @@ pub(crate) mod driver;
 pub mod store;
 
 pub use self::core::{
-    Completion, PersistItem, Quiescence, RequestError, ShardCore, ShardOutput, Token,
+    Completion, MembershipEdit, PROMOTE_LAG_ENTRIES_MAX, PersistItem, Quiescence, RequestError,
+    ShardCore, ShardOutput, Token,
 };
