@@ -202,8 +202,8 @@ pub struct EngineConfig {
     pub wal_segments_target: u64,
     /// Let idle groups go quiet: no ticks, no heartbeats, until they have work again
     /// (see [`crate::shard::Quiescence`]). Node-level liveness (an empty frame per peer per
-    /// heartbeat interval) stands in for their heartbeats; a node unheard of for
-    /// `election_ticks` counts as down.
+    /// heartbeat interval) stands in for their heartbeats; a node unheard of for two
+    /// election timeouts counts as down.
     pub quiesce: bool,
     /// With `quiesce`: at most this many quiet groups wake per tick and shard after a node
     /// goes down or returns, or at start — so a node blip never wakes every group at once.

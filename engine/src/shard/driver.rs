@@ -309,6 +309,8 @@ struct Shard<S: StateMachine> {
     snapshotting: HashSet<GroupId>,
     failed: Option<Error>,
     ticks: u64,
+    /// When `on_tick` last ran (a gap means this thread stalled).
+    last_tick: Instant,
     frames_sent: u64,
     messages_sent: u64,
     metrics: Metrics,
@@ -330,7 +332,9 @@ where
         let mut core = ShardCore::new(config.node);
         if config.quiesce {
             core.enable_quiescence(Quiescence {
-                dead_after_ticks: config.election_ticks,
+                // Two election timeouts: a node whose shard thread stalls for one (a busy
+                // machine) is not declared down, which would wake groups and add to the load.
+                dead_after_ticks: config.election_ticks.saturating_mul(2),
                 wakes_per_tick: config.wakes_per_tick,
             });
         }
@@ -365,6 +369,7 @@ where
             snapshotting: HashSet::new(),
             failed: None,
             ticks: 0,
+            last_tick: Instant::now(),
             frames_sent: 0,
             messages_sent: 0,
             metrics,
@@ -680,10 +685,16 @@ where
         let now = Instant::now();
         let config = Arc::clone(&self.context.config);
         let tick = config.tick.as_nanos().max(1);
-        for (peer, age) in self.context.liveness.ages(now) {
-            if peer != config.node {
-                let age_ticks = u32::try_from(age.as_nanos() / tick).unwrap_or(u32::MAX);
-                self.core.node_contact(peer, age_ticks);
+        // After this thread stalled, its own connection readers (tasks on this thread) have not
+        // stamped what arrived meanwhile: judge the peers from the next tick on.
+        let stalled = now.saturating_duration_since(self.last_tick) > config.tick * 2;
+        self.last_tick = now;
+        if !stalled {
+            for (peer, age) in self.context.liveness.ages(now) {
+                if peer != config.node {
+                    let age_ticks = u32::try_from(age.as_nanos() / tick).unwrap_or(u32::MAX);
+                    self.core.node_contact(peer, age_ticks);
+                }
             }
         }
         self.core.tick();
