@@ -19,7 +19,7 @@ pub use engine::{
     Applied, Consistency, Engine, EngineConfig, Error, GroupStatus, MachineFactory, ShardStats,
     shard_of,
 };
-pub use flotilla_raftgroup::{LogIndex, NodeId};
+pub use flotilla_raftgroup::{LogIndex, Membership, MembershipChange, NodeId};
 pub use flotilla_wal::GroupId;
 pub use transport::ClusterId;
 pub use transport::faults::{Faults, LinkFault};
