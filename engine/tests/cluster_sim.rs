@@ -70,7 +70,16 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
 
 /// Seeds that fail because of a known engine bug not fixed yet: `(seed, the bug)`. They run
 /// only when named with `CLUSTER_SIM_SEED`.
-const KNOWN_FAILURES: &[(u64, &str)] = &[];
+const KNOWN_FAILURES: &[(u64, &str)] = &[(
+    3433,
+    "core bug (core.rs `apply`): n1 led an earlier term with proposals pending up to index 98, \
+     lost leadership (log truncated), was re-elected in term 56 and proposed #1661 at index 97; \
+     the pending queue was then [98 (old term), 97 (#1661)], so applying 97 stopped at the \
+     front (98 > 97) and applying 98 failed the old proposal and then #1661 with \
+     ProposalDropped, although #1661 was applied at 97. Pending proposals are assumed to have \
+     increasing indexes across terms; a proposal should fail the queued ones at or after its \
+     index (the new entry replaced them)",
+)];
 
 /// Engine bugs the simulation found and works around until they are fixed; each with the seed
 /// that showed it first. The workaround is named where it is applied.
