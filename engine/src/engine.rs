@@ -71,6 +71,11 @@ pub enum Error {
     /// retry through a client session to apply it exactly once.
     #[error("deadline exceeded")]
     Timeout,
+    /// The proposal may or may not have been applied (a snapshot from the leader replaced the
+    /// log before its fate was known): like [`Error::Timeout`], retry through a client session
+    /// to apply it exactly once.
+    #[error("outcome unknown")]
+    OutcomeUnknown,
     /// A leader change overwrote the proposal's log position: it was not applied.
     #[error("proposal dropped by a leader change")]
     ProposalDropped,
@@ -189,8 +194,9 @@ pub struct EngineConfig {
     pub heartbeat_ticks: u32,
     /// Let a leader answer [`Consistency::Lease`] reads from its lease.
     pub lease_reads: bool,
-    /// How long a proposal or a read may take before it fails with [`Error::Timeout`] (or
-    /// [`Error::NoQuorum`] / [`Error::NotLeader`] if that is why).
+    /// How long a proposal or a read may take before it fails: a proposal with
+    /// [`Error::Timeout`] (it may still be applied), a read with [`Error::Timeout`],
+    /// [`Error::NoQuorum`] or [`Error::NotLeader`] (whichever says why).
     pub request_timeout: Duration,
     /// Requests queued per shard before calls fail with [`Error::Busy`].
     pub inbox_capacity: usize,

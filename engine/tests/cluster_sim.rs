@@ -63,37 +63,21 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
     ),
     (
         318,
-        "core bug, worked around (KNOWN_BUGS): proposals covered by an installed snapshot \
-         reported ProposalDropped",
+        "core bug, fixed: proposals covered by a leader's snapshot installed on a deposed \
+         leader were reported ProposalDropped (not applied) although they may be inside it; \
+         they now fail with OutcomeUnknown",
+    ),
+    (
+        3433,
+        "core bug, fixed: a leader re-elected after its log was cut back proposed below proposals \
+         of its old term still pending; the queue was out of index order and the new proposal \
+         was reported ProposalDropped although applied. The queue is now kept in index order",
     ),
 ];
 
 /// Seeds that fail because of a known engine bug not fixed yet: `(seed, the bug)`. They run
 /// only when named with `CLUSTER_SIM_SEED`.
-const KNOWN_FAILURES: &[(u64, &str)] = &[(
-    3433,
-    "core bug (core.rs `apply`): n1 led an earlier term with proposals pending up to index 98, \
-     lost leadership (log truncated), was re-elected in term 56 and proposed #1661 at index 97; \
-     the pending queue was then [98 (old term), 97 (#1661)], so applying 97 stopped at the \
-     front (98 > 97) and applying 98 failed the old proposal and then #1661 with \
-     ProposalDropped, although #1661 was applied at 97. Pending proposals are assumed to have \
-     increasing indexes across terms; a proposal should fail the queued ones at or after its \
-     index (the new entry replaced them)",
-)];
-
-/// Engine bugs the simulation found and works around until they are fixed; each with the seed
-/// that showed it first. The workaround is named where it is applied.
-///
-/// - Seed 318, `ShardCore` (core.rs `apply`): a replica holding pending proposals (a deposed
-///   leader) that installs a leader's snapshot keeps them queued; when the next entry after the
-///   snapshot applies, every proposal at or below the snapshot's index is completed with
-///   `RequestError::ProposalDropped` ("not applied") although it may be in the snapshot — in
-///   seed 318 operation #160 was applied at index <= 18 on n3, n2 installed the snapshot at 18,
-///   then reported the proposal dropped. Workaround: `Frontend::dropped_under_snapshot` treats
-///   such a report as an unknown outcome (counted in the seed's summary); every other
-///   `ProposalDropped` must still mean "never applied".
-#[allow(dead_code, reason = "documentation of the workarounds in force")]
-const KNOWN_BUGS: () = ();
+const KNOWN_FAILURES: &[(u64, &str)] = &[];
 
 /// Seeds run by default, split between two tests (one per core): 1,000 in release builds
 /// (about 1 min of two cores), 64 in debug builds, whose runs are ten times slower.
@@ -229,13 +213,11 @@ fn run_with(seed: u64, bug: Option<DriverBug>) -> RunReport {
         end_time: cluster.now(),
         summary: format!(
             "{} nodes, {} groups, {} keys, end at {}, {never_applied} unanswered writes never \
-             applied, {applies} entries applied, {restores} snapshots restored, {} proposals \
-             reported dropped under a snapshot (known bug), {:?}, {:?}, {:?}, {:?}",
+             applied, {applies} entries applied, {restores} snapshots restored, {:?}, {:?}, {:?}, {:?}",
             cluster.ids().len(),
             groups,
             finals.len(),
             cluster.now(),
-            cluster.dropped_under_snapshot,
             stats,
             cluster.stats(),
             nemesis.stats(),

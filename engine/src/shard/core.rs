@@ -65,6 +65,11 @@ pub enum RequestError {
     /// learner, removing the last voter...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The proposal may or may not have been applied: a snapshot from the leader replaced
+    /// this replica's log before its entry's fate was known here. Retry through a client
+    /// session to apply it exactly once.
+    #[error("outcome unknown: a snapshot replaced the log before the proposal's fate was known")]
+    OutcomeUnknown,
     /// The group rejected the request for another reason.
     #[error("rejected: {0}")]
     Rejected(String),
@@ -666,7 +671,11 @@ impl<S: StateMachine> ShardCore<S> {
             other => RequestError::Rejected(other.to_string()),
         })?;
         let term = slot.replica.term();
-        slot.proposals.push_back(PendingProposal { index, term, token });
+        // Kept in index order, which `apply` relies on. A leader that lost its term and won
+        // again may append below proposals of its old term still pending (its log was cut
+        // back): those stay queued until an entry at their index is applied.
+        let at = slot.proposals.partition_point(|pending| pending.index <= index);
+        slot.proposals.insert(at, PendingProposal { index, term, token });
         self.mark(group);
         Ok(())
     }
@@ -974,7 +983,18 @@ fn collect_group<S: StateMachine>(group: GroupId, slot: &mut Group<S>, out: &mut
         // A snapshot from the leader replaces the state machine; proposals before it are gone.
         if snapshot.meta.index > slot.machine.applied_index() {
             match slot.machine.restore(&snapshot.data) {
-                Ok(()) => slot.replica.on_applied(snapshot.meta.index),
+                Ok(()) => {
+                    slot.replica.on_applied(snapshot.meta.index);
+                    // Proposals at or below the snapshot may be inside it or may have been
+                    // overwritten; their entries will never be applied here one by one.
+                    while slot.proposals.front().is_some_and(|p| p.index <= snapshot.meta.index) {
+                        let proposal = slot.proposals.pop_front().expect("front exists");
+                        out.completions.push(Completion::Failed {
+                            token: proposal.token,
+                            error: RequestError::OutcomeUnknown,
+                        });
+                    }
+                }
                 // The leader's snapshot does not restore: this replica cannot apply past it.
                 // It stays behind (and says so) rather than apply entries on a wrong base.
                 Err(error) => tracing::error!(%group, %error, "snapshot does not restore"),

@@ -732,14 +732,21 @@ where
             self.out.completions.clear();
             for token in expired {
                 let pending = self.pending.remove(&token).expect("listed");
-                let error = match self
+                let leader = self
                     .core
                     .replica(pending.group())
-                    .and_then(flotilla_raftgroup::Replica::leader)
-                {
-                    None => Error::NoQuorum,
-                    Some(leader) if leader == self.context.config.node => Error::Timeout,
-                    Some(leader) => Error::NotLeader { leader_hint: Some(leader) },
+                    .and_then(flotilla_raftgroup::Replica::leader);
+                let error = match (&pending, leader) {
+                    // A write accepted into the log may still be applied: only `Timeout` says
+                    // so; `NotLeader` or `NoQuorum` would tell the caller it was not.
+                    (Pending::Propose { .. } | Pending::Membership { .. }, _) => Error::Timeout,
+                    (Pending::Read { .. }, None) => Error::NoQuorum,
+                    (Pending::Read { .. }, Some(leader)) if leader == self.context.config.node => {
+                        Error::Timeout
+                    }
+                    (Pending::Read { .. }, Some(leader)) => {
+                        Error::NotLeader { leader_hint: Some(leader) }
+                    }
                 };
                 if matches!(pending, Pending::Propose { .. }) {
                     self.metrics.proposals_failed.increment(1);
@@ -1110,6 +1117,7 @@ fn request_error(error: RequestError) -> Error {
         RequestError::NotLeader { leader_hint: None } | RequestError::NoQuorum => Error::NoQuorum,
         RequestError::NotLeader { leader_hint } => Error::NotLeader { leader_hint },
         RequestError::ProposalDropped => Error::ProposalDropped,
+        RequestError::OutcomeUnknown => Error::OutcomeUnknown,
         RequestError::Busy => Error::Busy,
         RequestError::MembershipChangePending => Error::MembershipChangePending,
         RequestError::LearnerNotReady(node) => Error::LearnerNotReady { node },

@@ -412,6 +412,7 @@ impl ShardStore {
     /// Deletes `group`'s snapshot file, if any (durably).
     pub fn delete_snapshot(&self, group: GroupId) -> Result<(), StoreError> {
         let path = self.snapshot_path(group);
+        let _writing = file_lock(&path);
         match fs::remove_file(&path) {
             Ok(()) => sync_dir(&self.dir.join("snapshots")),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -460,6 +461,10 @@ impl ShardStore {
 /// after the leader's newer snapshot was installed must not replace it (the WAL was compacted
 /// past the older one, so recovering from it would leave a hole in the log).
 pub fn write_snapshot(path: &Path, group: GroupId, snapshot: &Snapshot) -> Result<(), StoreError> {
+    // The shard thread (installing a leader's snapshot) and a blocking thread (writing a local
+    // one) may write the same group's file at once: the newer-file check, the temp file and the
+    // rename must not interleave, or an older image could replace a newer one.
+    let _writing = file_lock(path);
     if let Ok(existing) = fs::read(path)
         && let Ok(existing) = decode_snapshot(&Bytes::from(existing), group)
         && existing.meta.index > snapshot.meta.index
@@ -512,6 +517,18 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new file.
+/// Serializes the writers of one file (see [`write_snapshot`]): one of 64 process-wide
+/// stripes, chosen by the path's hash, so no allocation and no unbounded table.
+fn file_lock(path: &Path) -> std::sync::MutexGuard<'static, ()> {
+    use std::hash::{Hash, Hasher};
+    static STRIPES: [std::sync::Mutex<()>; 64] = [const { std::sync::Mutex::new(()) }; 64];
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut hasher);
+    let stripe = usize::try_from(hasher.finish() % 64).expect("below 64");
+    // The guarded data is `()`: a panic while holding it leaves nothing inconsistent.
+    STRIPES[stripe].lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
     let mut file = fs::File::create(&tmp).map_err(io_error("creating", &tmp))?;
@@ -768,6 +785,36 @@ mod tests {
         assert_eq!(recovered.applied, LogIndex(44));
         assert_eq!(recovered.last_index, LogIndex(47));
         assert_eq!(recovered.entries.first().map(|e| e.index), Some(LogIndex(45)));
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_snapshot_file_leave_the_newest_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("7.snap");
+        let group = GroupId(7);
+        let image = |index: u64| Snapshot {
+            meta: SnapshotMeta {
+                index: LogIndex(index),
+                term: Term(1),
+                membership: Membership::new(vec![NodeId(1)], Vec::new()),
+            },
+            data: Bytes::from(vec![u8::try_from(index % 251).unwrap(); 64 << 10]),
+        };
+        for round in 0..100u64 {
+            let (older, newer) = (image(2 * round + 1), image(2 * round + 2));
+            let barrier = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    write_snapshot(&path, group, &older).unwrap();
+                });
+                barrier.wait();
+                write_snapshot(&path, group, &newer).unwrap();
+            });
+            let bytes = Bytes::from(fs::read(&path).unwrap());
+            let written = decode_snapshot(&bytes, group).unwrap();
+            assert_eq!(written.meta.index, newer.meta.index, "round {round}");
+        }
     }
 
     #[test]

@@ -61,9 +61,6 @@ pub struct Cluster {
     outbox: Outbox,
     /// Accepted proposals: token → (node, group, index).
     proposals: HashMap<Token, (NodeId, GroupId, u64)>,
-    /// Proposals reported dropped although a snapshot covering them was installed (the known
-    /// core bug, see `KNOWN_BUGS` in `cluster_sim.rs`).
-    pub dropped_under_snapshot: u64,
     trace: u64,
     stats: ClusterStats,
     /// Per-node directories (snapshot files, catalog); removed with the cluster.
@@ -106,7 +103,6 @@ impl Cluster {
             leaders: HashMap::new(),
             outbox: Outbox::default(),
             proposals: HashMap::new(),
-            dropped_under_snapshot: 0,
             trace: seed,
             stats: ClusterStats::default(),
             _dir: dir,
@@ -478,15 +474,6 @@ impl Frontend for Cluster {
             self.proposals.insert(token, (node, group, index));
         }
         Ok(())
-    }
-
-    fn dropped_under_snapshot(&mut self, token: Token) -> bool {
-        let Some(&(node, group, index)) = self.proposals.get(&token) else { return false };
-        let covered = self.node(node).installed_snapshot(group) >= index;
-        if covered {
-            self.dropped_under_snapshot += 1;
-        }
-        covered
     }
 
     fn read(

@@ -116,8 +116,6 @@ struct Running {
     snapshot_writes: Vec<SnapshotWrite>,
     snapshotting: BTreeSet<GroupId>,
     ticks: u64,
-    /// Per group, the index of the last snapshot installed from a leader.
-    installed: BTreeMap<GroupId, u64>,
 }
 
 /// One node.
@@ -300,7 +298,6 @@ impl Node {
             snapshot_writes: Vec::new(),
             snapshotting: BTreeSet::new(),
             ticks: 0,
-            installed: BTreeMap::new(),
         });
         self.paused = false;
         self.next_tick = now + 1;
@@ -379,11 +376,6 @@ impl Node {
     /// The index of the last entry of `group` here (right after a proposal: the proposal's).
     pub fn last_index(&self, group: GroupId) -> Option<u64> {
         Some(self.core()?.replica(group)?.last_index().0)
-    }
-
-    /// The index of the last snapshot of `group` installed from a leader in this incarnation.
-    pub fn installed_snapshot(&self, group: GroupId) -> u64 {
-        self.running.as_ref().and_then(|r| r.installed.get(&group).copied()).unwrap_or(0)
     }
 
     /// A client's linearizable read of `key`.
@@ -676,11 +668,6 @@ impl Node {
                                 ..item.entries.last().map(|e| e.index.0),
                             item.hard_state
                         );
-                    }
-                }
-                for (group, item) in &running.out.persist {
-                    if let Some(snapshot) = &item.snapshot {
-                        running.installed.insert(*group, snapshot.meta.index.0);
                     }
                 }
                 let mut batch = WriteBatch::new();

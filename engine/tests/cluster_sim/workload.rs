@@ -50,10 +50,6 @@ pub trait Frontend {
     ) -> Result<(), RequestError>;
     /// The client stopped waiting for `tokens` at `node`.
     fn expire(&mut self, node: NodeId, tokens: &[Token]);
-    /// Whether the node that reported proposal `token` dropped had installed a leader's snapshot
-    /// covering its index meanwhile: then "dropped" is the known core bug (the proposal may well
-    /// be in the snapshot), and the outcome is unknown rather than "not applied".
-    fn dropped_under_snapshot(&mut self, token: Token) -> bool;
 }
 
 /// The shape of the load.
@@ -395,9 +391,7 @@ impl Workload {
                             pending.op.0, pending.input, pending.tokens
                         );
                     }
-                    if error == RequestError::ProposalDropped
-                        && !frontend.dropped_under_snapshot(token)
-                    {
+                    if error == RequestError::ProposalDropped {
                         // Not applied, the core says: the oracle checks that at the end.
                         self.stats.dropped += 1;
                         let op_id = pending.op.0 as u64 + 1;

@@ -246,7 +246,8 @@ pub fn remote_error(error: Error) -> RemoteError {
         Error::GroupNotFound(group) => RemoteError::GroupNotFound { group: group.0 },
         Error::Busy => RemoteError::Busy,
         Error::ShuttingDown => RemoteError::ShuttingDown,
-        Error::Timeout => RemoteError::Timeout,
+        // Both say "may have been applied": the wire keeps one name for it.
+        Error::Timeout | Error::OutcomeUnknown => RemoteError::Timeout,
         Error::ProposalDropped => RemoteError::ProposalDropped,
         Error::InvalidArgument(text) | Error::Config(text) => RemoteError::InvalidArgument(text),
         Error::Storage(text) => RemoteError::Storage(text.to_string()),
