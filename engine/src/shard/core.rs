@@ -358,7 +358,9 @@ pub struct Quiescence {
 /// The pure shard loop: many groups, one output per iteration.
 pub struct ShardCore<S: StateMachine> {
     node: NodeId,
-    groups: HashMap<GroupId, Group<S>>,
+    /// Boxed: a table of tens of thousands of groups keeps up to half its slots empty, and an
+    /// empty slot then costs a pointer rather than a whole group (~1 KiB).
+    groups: HashMap<GroupId, Box<Group<S>>>,
     dirty: Vec<GroupId>,
     next_read_context: u64,
     quiescence: Option<Quiescence>,
@@ -507,7 +509,7 @@ impl<S: StateMachine> ShardCore<S> {
             Replica::new(config, recovered).map_err(|e| RequestError::Rejected(e.to_string()))?;
         self.groups.insert(
             group,
-            Group {
+            Box::new(Group {
                 replica,
                 machine,
                 dirty: false,
@@ -518,7 +520,7 @@ impl<S: StateMachine> ShardCore<S> {
                 reads: Vec::new(),
                 membership_change: None,
                 responses: Vec::new(),
-            },
+            }),
         );
         self.awake.push(group);
         self.mark(group);
