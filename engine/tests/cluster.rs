@@ -9,13 +9,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flotilla::kv::{Command, KvStateMachine, Query, QueryResult, Request};
+use flotilla::kv::{Command, Query, QueryResult, Request};
 use flotilla::{Consistency, Engine, EngineConfig, Error, Faults, GroupId, NodeId};
+
+mod common;
+
+use common::{PATIENCE, contents, free_addr, join_all};
 
 const NODES: u64 = 3;
 const GROUPS: u64 = 64;
-/// Longest any step below may take; far above what it needs, so a slow CI machine passes.
-const PATIENCE: Duration = Duration::from_secs(30);
 
 struct Cluster {
     dirs: Vec<tempfile::TempDir>,
@@ -23,11 +25,6 @@ struct Cluster {
     faults: Arc<Faults>,
     adjust: Box<dyn Fn(&mut EngineConfig)>,
     engines: Vec<Option<Engine>>,
-}
-
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
 }
 
 impl Cluster {
@@ -194,16 +191,6 @@ impl Cluster {
     }
 }
 
-async fn contents(engine: &Engine, group: GroupId) -> BTreeMap<Bytes, Bytes> {
-    engine
-        .inspect(group, |machine: &KvStateMachine| {
-            machine.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>()
-        })
-        .await
-        .unwrap()
-        .expect("group hosted")
-}
-
 async fn write_all(
     cluster: &Cluster,
     round: &str,
@@ -221,26 +208,6 @@ async fn write_all(
     for (group, value) in join_all(writes).await {
         acknowledged.insert((group, "key".to_owned()), value);
     }
-}
-
-/// Runs futures concurrently on the current task (the test needs no extra crate for this).
-async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(value) => *output = Some(value),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    outputs.into_iter().map(|output| output.expect("all ready")).collect()
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -543,16 +510,7 @@ impl Cluster {
 
     /// Waits until no group of any running node is being ticked.
     async fn wait_quiet(&self) {
-        let started = Instant::now();
-        loop {
-            let awake = self.total(|stats| stats.groups_awake as u64).await;
-            if awake == 0 {
-                eprintln!("every group quiet after {:?}", started.elapsed());
-                return;
-            }
-            assert!(started.elapsed() < PATIENCE, "{awake} groups never went quiet");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::wait_quiet(|| self.running().collect()).await;
     }
 }
 

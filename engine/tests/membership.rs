@@ -11,21 +11,18 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flotilla::kv::{Command, KvStateMachine, Request};
+use flotilla::kv::{Command, Request};
 use flotilla::raftgroup::{Membership, MembershipChange, Role};
 use flotilla::{Engine, EngineConfig, Error, GroupId, NodeId};
 
+mod common;
+
+use common::{PATIENCE, contents, free_addr};
+
 const NODES: u64 = 4;
-/// Longest any step below may take; far above what it needs, so a slow CI machine passes.
-const PATIENCE: Duration = Duration::from_secs(30);
 
 fn node_ids(raw: &[u64]) -> Vec<NodeId> {
     raw.iter().copied().map(NodeId).collect()
-}
-
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
 }
 
 struct Cluster {
@@ -242,16 +239,6 @@ enum Edit {
     Remove(NodeId),
 }
 
-async fn contents(engine: &Engine, group: GroupId) -> BTreeMap<Bytes, Bytes> {
-    engine
-        .inspect(group, |machine: &KvStateMachine| {
-            machine.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>()
-        })
-        .await
-        .unwrap()
-        .expect("group hosted")
-}
-
 /// Writes `w0`, `w1`, ... to `group` one at a time until `stop` is set (and at least `min`
 /// writes), recording each acknowledged write.
 async fn writer(
@@ -279,19 +266,7 @@ async fn create(cluster: &Cluster, group: GroupId, voters: &[NodeId]) {
 
 /// Waits until no group of any node is being ticked.
 async fn wait_quiet(cluster: &Cluster) {
-    let started = Instant::now();
-    loop {
-        let mut awake = 0;
-        for engine in cluster.engines.iter().flatten() {
-            awake +=
-                engine.shard_stats().await.unwrap().iter().map(|s| s.groups_awake).sum::<usize>();
-        }
-        if awake == 0 {
-            return;
-        }
-        assert!(started.elapsed() < PATIENCE, "{awake} groups never went quiet");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_quiet(|| cluster.engines.iter().flatten().collect()).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
