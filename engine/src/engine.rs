@@ -214,6 +214,11 @@ pub struct EngineConfig {
     /// With `quiesce`: at most this many quiet groups wake per tick and shard after a node
     /// goes down or returns, or at start — so a node blip never wakes every group at once.
     pub wakes_per_tick: usize,
+    /// fdatasync every WAL round before anything that depends on it is acknowledged. `false`
+    /// is unsafe, for benchmarks only (like etcd's `--unsafe-no-fsync`): rounds are written but
+    /// not synced, so a power failure or kernel crash can lose acknowledged writes and votes (a
+    /// process crash cannot: the bytes are in the page cache).
+    pub sync: bool,
     /// The WAL of each shard.
     pub wal: flotilla_wal::Config,
     /// The fault hook (tests): traffic rules consulted for every frame sent and received.
@@ -241,6 +246,7 @@ impl EngineConfig {
             wal_segments_target: 4,
             quiesce: true,
             wakes_per_tick: 256,
+            sync: true,
             wal: flotilla_wal::Config::default(),
             faults: None,
         }

@@ -949,7 +949,8 @@ where
                     })
                     .sum();
                 self.metrics.wal_batch_entries.record(entries as f64);
-                let append = self.store.wal().append(batch);
+                // Unsynced only when the operator asked for it (`EngineConfig::sync`).
+                let append = self.store.wal().append_with(batch, self.context.config.sync);
                 self.start_append(append, None);
                 let last = self.inflight.back_mut().expect("just pushed");
                 last.persisted = std::mem::take(&mut self.out.persisted);

@@ -74,8 +74,9 @@ struct Cli {
     /// For `--consistency stale`: how long ago a replica may last have heard from its leader.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     max_lag_ms: u64,
-    /// fdatasync every WAL round. Only `on` is supported: the engine has no way to turn
-    /// fdatasync off, so `off` is rejected rather than faked.
+    /// fdatasync every WAL round (`on`), or not (`off`: `EngineConfig::sync = false`, unsafe,
+    /// for comparison only: acknowledged writes survive a process crash but not a power
+    /// failure). With `--nodes` the nodes decide, so only `on` is accepted there.
     #[arg(long, value_enum, default_value_t = SyncArg::On)]
     sync: SyncArg,
     /// WAL IO backend (the FLOTILLA_WAL_BACKEND environment variable overrides it). `io_uring`
@@ -182,10 +183,10 @@ impl Latency {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.sync == SyncArg::Off {
+    if cli.sync == SyncArg::Off && !cli.nodes.is_empty() {
         eprintln!(
-            "error: --sync off is not supported: the engine always fdatasyncs its WAL and has no \
-             option to turn that off (numbers without it would be fake)"
+            "error: --sync off is not supported with --nodes: whether a node fdatasyncs is its \
+             own configuration, not the load tool's"
         );
         return ExitCode::from(2);
     }
@@ -283,6 +284,7 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
         config.peers = addrs.clone();
         config.shards = usize::try_from(cli.shards)?;
         config.lease_reads = matches!(cli.consistency, ConsistencyArg::Lease);
+        config.sync = cli.sync == SyncArg::On;
         config.wal.backend = match cli.backend {
             BackendArg::Auto => Backend::Auto,
             BackendArg::IoUring => Backend::IoUring,
@@ -615,7 +617,7 @@ async fn drive(
         payload_bytes: cli.payload,
         read_ratio: cli.read_ratio,
         consistency: cli.consistency,
-        sync: true,
+        sync: cli.sync == SyncArg::On,
         backend,
         leaders_per_node,
         duration_secs: window,
