@@ -424,6 +424,9 @@ impl<S: StateMachine> ShardCore<S> {
         }
         let me = self.node;
         let dead = &self.down;
+        // Queued in group order, not the map's: which groups wake first must not depend on a
+        // hash seed, or a run cannot be replayed (the cluster simulator's seeds).
+        let mut woken = Vec::new();
         for (group, slot) in &mut self.groups {
             if !slot.asleep || slot.queued {
                 continue;
@@ -439,9 +442,11 @@ impl<S: StateMachine> ShardCore<S> {
             };
             if wake {
                 slot.queued = true;
-                self.wake_queue.push_back(*group);
+                woken.push(*group);
             }
         }
+        woken.sort_unstable();
+        self.wake_queue.extend(woken);
     }
 
     /// Whether node-level liveness currently declares `node` down.

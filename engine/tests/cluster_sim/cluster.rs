@@ -63,6 +63,10 @@ pub struct Cluster {
     proposals: HashMap<Token, (NodeId, GroupId, u64)>,
     trace: u64,
     stats: ClusterStats,
+    /// Raft messages handed to the network (node heartbeats, empty frames, are not counted).
+    raft_messages: u64,
+    /// By then every Raft message sent so far has been delivered or lost.
+    raft_delivered_by: u64,
     /// Per-node directories (snapshot files, catalog); removed with the cluster.
     _dir: tempfile::TempDir,
 }
@@ -105,6 +109,8 @@ impl Cluster {
             proposals: HashMap::new(),
             trace: seed,
             stats: ClusterStats::default(),
+            raft_messages: 0,
+            raft_delivered_by: 0,
             _dir: dir,
         };
         for index in 0..cluster.nodes.len() {
@@ -211,6 +217,7 @@ impl Cluster {
         let _ = self.nodes[index].flush_wal(&mut outbox);
         let now = self.now;
         for (from, to, frame) in outbox.frames.drain(..) {
+            self.count_raft(&frame);
             self.network.send(now, from.0, to.0, frame);
         }
         self.outbox = outbox;
@@ -311,14 +318,15 @@ impl Cluster {
         self.stamps_now = 0;
         let now = self.now;
         let config = self.config.clone();
+        let mut outbox = std::mem::take(&mut self.outbox);
         for node in &mut self.nodes {
-            node.run_ticks(now, &config, &mut self.rng);
+            node.run_ticks(now, &config, &mut self.rng, &mut outbox);
         }
         while let Some(envelope) = self.network.pop_due(now) {
             self.trace = mix(self.trace, envelope.from ^ (envelope.to << 8));
-            self.nodes[(envelope.to - 1) as usize].deliver(envelope.message);
+            let from = NodeId(envelope.from);
+            self.nodes[(envelope.to - 1) as usize].deliver(now, from, envelope.message);
         }
-        let mut outbox = std::mem::take(&mut self.outbox);
         for index in 0..self.nodes.len() {
             if let Err(error) =
                 self.nodes[index].complete_io(now, &config, &mut self.rng, &mut outbox)
@@ -335,6 +343,13 @@ impl Cluster {
             }
         }
         for (from, to, frame) in outbox.frames.drain(..) {
+            self.count_raft(&frame);
+            if super::node::debug() {
+                for (group, message) in &frame {
+                    let body = format!("{:?}", message.body);
+                    eprintln!("t{now} send {from}->{to} g{group} {body:.100}");
+                }
+            }
             self.network.send(now, from.0, to.0, frame);
         }
         self.outbox = outbox;
@@ -376,6 +391,57 @@ impl Cluster {
         }
         if let Some(problem) = problems.first() {
             self.fail(problem);
+        }
+    }
+
+    /// Raft messages sent so far (node heartbeats not counted).
+    pub fn raft_messages(&self) -> u64 {
+        self.raft_messages
+    }
+
+    /// The time by which every Raft message sent so far is delivered or lost: a message sent
+    /// before the network healed may still be on a slow path, and wake a quiet group when it
+    /// lands (as a late packet would).
+    pub fn raft_delivered_by(&self) -> u64 {
+        self.raft_delivered_by
+    }
+
+    fn count_raft(&mut self, frame: &Frame) {
+        if !frame.is_empty() {
+            self.raft_messages += frame.len() as u64;
+            let config = self.network.config();
+            let latest = self.now + config.delay_max.max(config.slow_delay_max);
+            self.raft_delivered_by = self.raft_delivered_by.max(latest);
+        }
+    }
+
+    /// Groups awake (ticked or queued to wake) on the nodes that run unpaused.
+    pub fn awake_count(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter(|node| node.is_up())
+            .filter_map(Node::core)
+            .map(flotilla::shard::ShardCore::awake_count)
+            .sum()
+    }
+
+    /// One `node:awake` pair per node that runs unpaused, and which groups are awake there.
+    pub fn describe_awake(&self) -> String {
+        let mut line = String::new();
+        for node in self.nodes.iter().filter(|node| node.is_up()) {
+            let core = node.core().expect("up");
+            let mut awake: Vec<u64> =
+                core.groups().filter(|g| !core.is_asleep(*g)).map(|g| g.0).collect();
+            awake.sort_unstable();
+            let _ = write!(line, " {}: {} awake {awake:?};", node.id, core.awake_count());
+        }
+        line
+    }
+
+    /// Fails every request pending on any node, as their deadlines would.
+    pub fn expire_all(&mut self) {
+        for node in &mut self.nodes {
+            node.expire_all();
         }
     }
 

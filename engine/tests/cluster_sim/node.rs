@@ -2,8 +2,10 @@
 //! by a driver that mirrors `engine/src/shard/driver.rs` step for step — one WAL append per loop
 //! iteration for every group, appends completing in order after a simulated disk delay,
 //! messages that wait for persistence, fetches answered from the WAL, snapshots every 8 ticks
-//! written "off the shard thread" (after a delay) before the WAL drops what they cover — but
-//! with simulated time and no threads.
+//! written "off the shard thread" (after a delay) before the WAL drops what they cover, node-level
+//! liveness reported to the core on every tick (not on the first tick after a stall) and an
+//! empty frame to every peer each heartbeat interval, recovered groups woken through
+//! `defer_wake` — but with simulated time and no threads.
 //!
 //! Snapshot files and the catalog live in a real per-node directory (on tmpfs when there is
 //! one). The store replaces both atomically (temp file, fsync, rename, directory fsync) and only
@@ -26,7 +28,7 @@ use flotilla::kv::{Query, StateMachine};
 use flotilla::raftgroup::testkit::SimRng;
 use flotilla::raftgroup::{Config, LogIndex, Message, NodeId, RecoveredState, Snapshot, Term};
 use flotilla::shard::store::{ShardStore, write_snapshot};
-use flotilla::shard::{Completion, RequestError, ShardCore, ShardOutput, Token};
+use flotilla::shard::{Completion, Quiescence, RequestError, ShardCore, ShardOutput, Token};
 use flotilla::wal::sim::{CrashMode, SimStorage};
 use flotilla::wal::{AppendFuture, GroupId, WalError, WriteBatch};
 
@@ -55,6 +57,8 @@ pub struct NodeConfig {
     pub disk_delay_max: u64,
     /// Longest time a snapshot file takes to be written.
     pub snapshot_delay_max: u64,
+    /// Quiet idle groups (`EngineConfig::quiesce`), or `None`.
+    pub quiescence: Option<Quiescence>,
     /// A deliberate driver bug, to prove the simulation catches what it claims to (`None` in
     /// real runs).
     pub bug: Option<DriverBug>,
@@ -131,7 +135,16 @@ pub struct Node {
     /// Time units between two ticks (clock skew).
     pub tick_units: u64,
     next_tick: u64,
-    held_frames: Vec<Frame>,
+    /// When the last tick ran (the driver's `last_tick`: a gap means the node stalled).
+    last_tick: u64,
+    /// The other nodes.
+    peers: Vec<NodeId>,
+    /// When each peer was last heard from (the driver's `Liveness`; a restart resets it to
+    /// the start, as `Liveness::new` does).
+    heard: BTreeMap<NodeId, u64>,
+    /// Frames that reached the node while it was paused, with their sender: read (and their
+    /// peers stamped) when it resumes.
+    held_frames: Vec<(NodeId, Frame)>,
     held_requests: Vec<Held>,
     /// Until then, WAL rounds take up to ten times longer (a stalled device).
     pub slow_disk_until: u64,
@@ -191,6 +204,9 @@ impl Node {
             paused: false,
             tick_units,
             next_tick: first_tick,
+            last_tick: 0,
+            peers: Vec::new(),
+            heard: BTreeMap::new(),
             held_frames: Vec::new(),
             held_requests: Vec::new(),
             slow_disk_until: 0,
@@ -243,6 +259,9 @@ impl Node {
         let (mut store, _recovery) = ShardStore::open_with(&self.dir, storage, config.wal.clone())
             .map_err(|error| format!("{} cannot open its store: {error}", self.id))?;
         let mut core = ShardCore::new(self.id);
+        if let Some(quiescence) = config.quiescence {
+            core.enable_quiescence(quiescence);
+        }
         if self.incarnation == 1 {
             for &group in groups {
                 store.stage_group(group, voters);
@@ -288,8 +307,13 @@ impl Node {
                 core.create_group(group, replica, recovered, machine).map_err(|error| {
                     format!("{} cannot restart group {group}: {error}", self.id)
                 })?;
+                // As `Shard::open`: recovered groups wake a bounded number per tick.
+                core.defer_wake(group);
             }
         }
+        self.peers = voters.iter().copied().filter(|peer| *peer != self.id).collect();
+        self.heard = self.peers.iter().map(|peer| (*peer, now)).collect();
+        self.last_tick = now;
         self.running = Some(Running {
             core,
             store,
@@ -332,30 +356,91 @@ impl Node {
         self.held_requests.clear();
     }
 
-    /// Runs the ticks due by `now` (all of them after a pause: the driver's burst), with the
-    /// driver's snapshot cadence.
-    pub fn run_ticks(&mut self, now: u64, config: &NodeConfig, rng: &mut SimRng) {
+    /// Runs the ticks due by `now` (all of them after a pause: the driver's burst), as the
+    /// driver's `on_tick`: node-level liveness reported to the core (unless the node just
+    /// stalled), the core's tick, a node heartbeat (an empty frame) to every peer each heartbeat
+    /// interval, and the snapshot cadence.
+    pub fn run_ticks(
+        &mut self,
+        now: u64,
+        config: &NodeConfig,
+        rng: &mut SimRng,
+        outbox: &mut Outbox,
+    ) {
         while !self.paused && self.next_tick <= now {
             self.next_tick += self.tick_units;
             let Some(running) = self.running.as_mut() else { continue };
-            running.core.tick();
             running.ticks += 1;
+            // The driver's rule: after a stall, what arrived meanwhile is not stamped yet, so
+            // the peers are judged from the next tick on (only the first tick of a burst).
+            let stalled = now.saturating_sub(self.last_tick) > 2 * self.tick_units;
+            self.last_tick = now;
+            if !stalled {
+                for (&peer, &heard) in &self.heard {
+                    let age = now.saturating_sub(heard) / self.tick_units.max(1);
+                    let was = running.core.is_node_down(peer);
+                    running.core.node_contact(peer, u32::try_from(age).unwrap_or(u32::MAX));
+                    if debug() && was != running.core.is_node_down(peer) {
+                        eprintln!("t{now} {} sees {peer} down: {}", self.id, !was);
+                    }
+                }
+            }
+            let awake = debug().then(|| running.core.awake_count());
+            running.core.tick();
+            if let Some(before) = awake
+                && before != running.core.awake_count()
+            {
+                eprintln!(
+                    "t{now} {} tick: awake {before} -> {}",
+                    self.id,
+                    running.core.awake_count()
+                );
+            }
+            if running.ticks.is_multiple_of(u64::from(config.heartbeat_ticks.max(1))) {
+                for &peer in &self.peers {
+                    outbox.frames.push((self.id, peer, Vec::new()));
+                }
+            }
             if running.ticks.is_multiple_of(8) {
                 self.compact(now, config, rng);
             }
         }
     }
 
-    /// A frame from a peer.
-    pub fn deliver(&mut self, frame: Frame) {
+    /// A frame from peer `from` (empty: a node heartbeat). Any frame, read, says its sender is up.
+    pub fn deliver(&mut self, now: u64, from: NodeId, frame: Frame) {
         if self.paused {
-            self.held_frames.push(frame);
+            self.held_frames.push((from, frame));
             return;
         }
         let Some(running) = self.running.as_mut() else { return };
-        for (group, message) in frame {
-            running.core.step(group, message);
+        if let Some(heard) = self.heard.get_mut(&from) {
+            *heard = now;
         }
+        for (group, message) in frame {
+            if debug() {
+                let before = running.core.is_asleep(group);
+                let body = format!("{:?}", message.body);
+                let term = message.term;
+                running.core.step(group, message);
+                eprintln!(
+                    "t{now} {from}->{} g{group} t{term:?} {:.120} asleep {before}->{}",
+                    self.id,
+                    body,
+                    running.core.is_asleep(group)
+                );
+            } else {
+                running.core.step(group, message);
+            }
+        }
+    }
+
+    /// Fails every request still pending here, as their deadlines would (the clients are gone).
+    pub fn expire_all(&mut self) {
+        self.held_requests.clear();
+        let Some(running) = self.running.as_mut() else { return };
+        running.core.fail_requests(|_| true, &mut running.out);
+        running.out.completions.clear();
     }
 
     /// A client's proposal. `Ok` means the node has it (accepted, or held while paused).
@@ -419,9 +504,9 @@ impl Node {
             return;
         }
         self.paused = false;
-        self.run_ticks(now, config, rng);
-        for frame in std::mem::take(&mut self.held_frames) {
-            self.deliver(frame);
+        self.run_ticks(now, config, rng, outbox);
+        for (from, frame) in std::mem::take(&mut self.held_frames) {
+            self.deliver(now, from, frame);
         }
         for held in std::mem::take(&mut self.held_requests) {
             let (token, result) = match held {
