@@ -95,22 +95,21 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
          of its old term still pending; the queue was out of index order and the new proposal \
          was reported ProposalDropped although applied. The queue is now kept in index order",
     ),
+    (2262, LOWER_TERM_QUIESCE),
+    (3504, LOWER_TERM_QUIESCE),
 ];
 
 /// Seeds that fail because of a known engine bug not fixed yet: `(seed, the bug)`. They run
 /// only when named with `CLUSTER_SIM_SEED`.
-const KNOWN_FAILURES: &[(u64, &str)] = &[(2262, LOWER_TERM_QUIESCE), (3504, LOWER_TERM_QUIESCE)];
+const KNOWN_FAILURES: &[(u64, &str)] = &[];
 
-/// The known failure of seeds 2262 and 3504.
-const LOWER_TERM_QUIESCE: &str = "raftgroup bug (quiescence): a replica whose term is ahead of \
-     its quiet group's leader (seed 2262: term 32 against 31; it campaigned and lost while the \
-     leader kept a quorum) never learns of the leader: a quiet leader sends it only Quiesce, and \
-     `Replica::step_message` answers a lower-term Append or Heartbeat with a rejection carrying \
-     the higher term (so the stale leader steps down) but drops a lower-term Quiesce silently. \
-     The replica stays awake and pre-votes every election timeout forever, waking the whole \
-     group, which refuses (in lease); the group never goes quiet. Fix (raft.rs, not applied \
-     here: not this change's file): answer a lower-term Quiesce like a lower-term Heartbeat; \
-     seeds 2262 and 3504 pass with it";
+/// What seeds 2262 and 3504 found.
+const LOWER_TERM_QUIESCE: &str = "raftgroup bug (quiescence), fixed: a replica whose term was \
+     ahead of its quiet group's leader (seed 2262: term 32 against 31) never learned of the \
+     leader, because a quiet leader sends only Quiesce and a lower-term Quiesce was dropped \
+     silently (a lower-term Append or Heartbeat is answered with the higher term); the replica \
+     pre-voted every election timeout forever and the group never went quiet. A lower-term \
+     Quiesce is now answered like a Heartbeat (raftgroup/testdata/quiesce.txt)";
 
 /// Seeds run by default, split between two tests (one per core): 1,000 in release builds
 /// (about 1 min of two cores), 64 in debug builds, whose runs are ten times slower.

@@ -185,18 +185,23 @@ impl Replica {
                 MessageBody::PreVote { .. } | MessageBody::PreVoteResponse { reject: false } => {}
                 MessageBody::Append { .. }
                 | MessageBody::Heartbeat { .. }
-                | MessageBody::Snapshot { .. } => {
+                | MessageBody::Snapshot { .. }
+                | MessageBody::Quiesce { .. } => {
                     self.become_follower(message.term, Some(message.from));
                 }
                 _ => self.become_follower(message.term, None),
             }
         } else if message.term < self.term {
             match message.body {
-                MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
+                MessageBody::Append { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::Quiesce { .. }
                     if self.settings.check_quorum || self.settings.pre_vote =>
                 {
                     // A stale leader (perhaps one whose pre-votes keep failing) learns the new
-                    // term from this and steps down.
+                    // term from this and steps down. A quiet leader sends nothing but its
+                    // `Quiesce`: left unanswered, this replica would stay a term ahead, never
+                    // follow, and wake the group with a pre-vote every election timeout.
                     let body = MessageBody::AppendResponse {
                         reject: true,
                         index: LogIndex::ZERO,
