@@ -384,3 +384,23 @@ fn quiet_groups_cost_nothing_and_a_lost_leader_node_wakes_them_a_few_at_a_time()
     }
     assert!(survivors.iter().all(|id| cluster.awake(*id) == 0), "survivors never went quiet");
 }
+
+/// A read that a deposed leader can no longer confirm fails as soon as leadership changes,
+/// rather than waiting for the driver's deadline (found by the cluster simulator, seed 275).
+#[test]
+fn a_read_on_a_leader_that_loses_its_term_fails_at_once() {
+    let mut cluster = Cluster::new(3, 1);
+    let group = GroupId(1);
+    cluster.elect(1);
+    let old = cluster.leader(group).unwrap();
+    // Cut off, the leader cannot confirm the read with a quorum round.
+    cluster.isolated = Some(old);
+    let core = &mut cluster.nodes.get_mut(&old).unwrap().core;
+    core.read(group, Query::Get { key: Bytes::from("x") }, 7).unwrap();
+    // `settle` ticks; check-quorum deposes the old leader within an election timeout or two.
+    match cluster.settle(7) {
+        Completion::Failed { error: RequestError::NotLeader { .. }, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(!cluster.nodes[&old].core.is_leader(group));
+}

@@ -312,6 +312,10 @@ struct PendingRead<Q> {
     query: Q,
     /// Set once the replica confirmed the read: serve when applied reaches it.
     read_index: Option<LogIndex>,
+    /// The replica's term and leader when the read was asked: if they change before the read
+    /// is confirmed, the confirmation is lost (a deposed leader drops its pending reads; a
+    /// follower's forwarded request or its answer may be lost with the old leader).
+    asked: (Term, Option<NodeId>),
 }
 
 #[expect(
@@ -718,7 +722,8 @@ impl<S: StateMachine> ShardCore<S> {
             other => RequestError::Rejected(other.to_string()),
         })?;
         self.next_read_context += 1;
-        slot.reads.push(PendingRead { context, token, query, read_index: None });
+        let asked = (slot.replica.term(), slot.replica.leader());
+        slot.reads.push(PendingRead { context, token, query, read_index: None, asked });
         self.mark(group);
         Ok(())
     }
@@ -1103,12 +1108,22 @@ fn settle_membership_change<S: StateMachine>(
 fn serve_reads<S: StateMachine>(slot: &mut Group<S>, out: &mut ShardOutput<S>) {
     let applied = slot.machine.applied_index();
     let machine = &slot.machine;
+    let now = (slot.replica.term(), slot.replica.leader());
     slot.reads.retain(|read| match read.read_index {
         Some(index) if index <= applied => {
             out.completions.push(Completion::Read {
                 token: read.token,
                 applied,
                 result: machine.query(&read.query),
+            });
+            false
+        }
+        // Leadership changed before the read was confirmed: it never will be. Fail it now
+        // rather than at its deadline (a read has no effect, so the caller simply retries).
+        None if read.asked != now => {
+            out.completions.push(Completion::Failed {
+                token: read.token,
+                error: RequestError::NotLeader { leader_hint: now.1 },
             });
             false
         }
