@@ -213,12 +213,7 @@ async fn write_all(
 #[tokio::test(flavor = "current_thread")]
 async fn three_engines_serve_64_groups_through_failure_restart_and_partition() {
     let mut cluster = Cluster::start();
-    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
-    for engine in cluster.running() {
-        for group in 1..=GROUPS {
-            engine.create_group(GroupId(group), &all).await.unwrap();
-        }
-    }
+    let all = cluster.create_all().await;
     let mut acknowledged = BTreeMap::new();
 
     // Writes and linearizable reads, through every node.
@@ -508,6 +503,17 @@ impl Cluster {
         sum
     }
 
+    /// Creates groups 1..=GROUPS on every node, every node a voter; returns the nodes.
+    async fn create_all(&self) -> Vec<NodeId> {
+        let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+        for engine in self.running() {
+            for group in 1..=GROUPS {
+                engine.create_group(GroupId(group), &all).await.unwrap();
+            }
+        }
+        all
+    }
+
     /// Waits until no group of any running node is being ticked.
     async fn wait_quiet(&self) {
         common::wait_quiet(|| self.running().collect()).await;
@@ -522,12 +528,7 @@ impl Cluster {
 #[tokio::test(flavor = "current_thread")]
 async fn idle_groups_go_quiet_wake_on_demand_and_survive_a_dead_node() {
     let mut cluster = Cluster::start();
-    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
-    for engine in cluster.running() {
-        for group in 1..=GROUPS {
-            engine.create_group(GroupId(group), &all).await.unwrap();
-        }
-    }
+    let all = cluster.create_all().await;
     let mut acknowledged = BTreeMap::new();
     write_all(&cluster, "first", &all, &mut acknowledged).await;
     cluster.wait_quiet().await;
