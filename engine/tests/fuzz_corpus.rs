@@ -3,50 +3,13 @@
 //! `-- --ignored write_seeds` regenerates the seed files.
 //!
 //! The checks are the fuzz targets' own, included from `fuzz/src/engine_checks.rs` (this crate
-//! cannot depend on the fuzz crate, which builds only under `cargo fuzz`). The allocator below is the one the fuzz crate installs (`fuzz/src/lib.rs`), so the replay holds
-//! the checks to the same 64 MiB cap.
+//! cannot depend on the fuzz crate, which builds only under `cargo fuzz`). So is the allocator
+//! the fuzz crate installs (`fuzz/src/capped_alloc.rs`), so the replay holds the checks to the
+//! same 64 MiB cap.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::Layout;
 
-/// The largest single allocation tolerated (TESTING.md S4: none of 64 MiB or more).
-const ALLOC_LIMIT: usize = 64 << 20;
-
-/// The system allocator, refusing any single allocation of [`ALLOC_LIMIT`] bytes or more: Rust
-/// then aborts with "memory allocation of N bytes failed".
-struct CappedAlloc;
-
-// SAFETY: every call forwards to `System` with the caller's arguments, or returns null, which the
-// `GlobalAlloc` contract allows for any request.
-unsafe impl GlobalAlloc for CappedAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() >= ALLOC_LIMIT {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: the caller upholds `alloc`'s contract, which is `System.alloc`'s.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() >= ALLOC_LIMIT {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `System` (every non-null pointer we hand out does).
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size >= ALLOC_LIMIT {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: `ptr` came from `System`; the caller upholds the rest of the contract.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+include!("../../fuzz/src/capped_alloc.rs");
 
 #[global_allocator]
 static ALLOCATOR: CappedAlloc = CappedAlloc;

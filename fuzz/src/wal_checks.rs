@@ -3,7 +3,6 @@
 // apart. It holds items only (no inner attributes or doc), and uses nothing but `flotilla-wal`,
 // `bytes` and `std`, which both crates have.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
@@ -21,47 +20,7 @@ use flotilla_wal::{
     Config, GroupId, GroupState, HardState, Op, RecoveryMode, Wal, WriteBatch, WriterMode,
 };
 
-/// The largest single allocation the checks tolerate (TESTING.md S4: none of 64 MiB or more).
-/// libFuzzer's `-malloc_limit_mb` needs a sanitizer's malloc hooks, which `--sanitizer none`
-/// lacks, so the cap is enforced here: a larger request gets null and the process aborts with
-/// "memory allocation of N bytes failed", which libFuzzer records as a crash.
-pub const ALLOC_LIMIT: usize = 64 << 20;
-
-/// The system allocator, refusing any single allocation of [`ALLOC_LIMIT`] bytes or more.
-pub struct CappedAlloc;
-
-// SAFETY: every call forwards to `System` with the caller's arguments, or returns null, which the
-// `GlobalAlloc` contract allows for any request.
-unsafe impl GlobalAlloc for CappedAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() >= ALLOC_LIMIT {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: the caller upholds `alloc`'s contract, which is `System.alloc`'s.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() >= ALLOC_LIMIT {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `System` (every non-null pointer we hand out does).
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size >= ALLOC_LIMIT {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: `ptr` came from `System`; the caller upholds the rest of the contract.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+include!("capped_alloc.rs");
 
 #[global_allocator]
 static ALLOCATOR: CappedAlloc = CappedAlloc;
