@@ -59,8 +59,6 @@ pub struct Cluster {
     /// `(group, term)` → the node that led it: at most one.
     leaders: HashMap<(GroupId, Term), NodeId>,
     outbox: Outbox,
-    /// Accepted proposals: token → (node, group, index).
-    proposals: HashMap<Token, (NodeId, GroupId, u64)>,
     trace: u64,
     stats: ClusterStats,
     /// Raft messages handed to the network (node heartbeats, empty frames, are not counted).
@@ -106,7 +104,6 @@ impl Cluster {
             oracle: Rc::new(RefCell::new(Oracle::default())),
             leaders: HashMap::new(),
             outbox: Outbox::default(),
-            proposals: HashMap::new(),
             trace: seed,
             stats: ClusterStats::default(),
             raft_messages: 0,
@@ -264,9 +261,6 @@ impl Cluster {
         let mut outbox = std::mem::take(&mut self.outbox);
         let (now, config) = (self.now, self.config.clone());
         self.nodes[index].resume(now, &config, &mut self.rng, &mut outbox);
-        for (token, group, at) in outbox.accepted.drain(..) {
-            self.proposals.insert(token, (node, group, at));
-        }
         self.outbox = outbox;
         self.record(mix(node.0, 0x60));
     }
@@ -533,13 +527,7 @@ impl Frontend for Cluster {
         token: Token,
     ) -> Result<(), RequestError> {
         self.record(mix(token, node.0));
-        self.node_mut(node).propose(group, payload, token)?;
-        if let Some(index) = self.node(node).last_index(group)
-            && self.node(node).is_up()
-        {
-            self.proposals.insert(token, (node, group, index));
-        }
-        Ok(())
+        self.node_mut(node).propose(group, payload, token)
     }
 
     fn read(

@@ -84,9 +84,6 @@ pub struct Outbox {
     pub completions: Vec<Completion<TracedKv>>,
     /// Requests held while the node was paused and refused when it resumed (never accepted).
     pub refusals: Vec<(Token, RequestError)>,
-    /// Proposals held while the node was paused and accepted when it resumed:
-    /// `(token, group, index)`.
-    pub accepted: Vec<(Token, GroupId, u64)>,
 }
 
 /// A client request that reached a paused node: handled when it resumes (the driver's inbox).
@@ -458,11 +455,6 @@ impl Node {
         running.core.propose(group, payload, token)
     }
 
-    /// The index of the last entry of `group` here (right after a proposal: the proposal's).
-    pub fn last_index(&self, group: GroupId) -> Option<u64> {
-        Some(self.core()?.replica(group)?.last_index().0)
-    }
-
     /// A client's linearizable read of `key`.
     pub fn read(&mut self, group: GroupId, key: Bytes, token: Token) -> Result<(), RequestError> {
         if self.paused && self.running.is_some() {
@@ -511,13 +503,7 @@ impl Node {
         for held in std::mem::take(&mut self.held_requests) {
             let (token, result) = match held {
                 Held::Propose { group, payload, token } => {
-                    let result = self.propose(group, payload, token);
-                    if result.is_ok()
-                        && let Some(index) = self.last_index(group)
-                    {
-                        outbox.accepted.push((token, group, index));
-                    }
-                    (token, result)
+                    (token, self.propose(group, payload, token))
                 }
                 Held::Read { group, key, token } => (token, self.read(group, key, token)),
             };
