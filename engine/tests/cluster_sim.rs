@@ -11,31 +11,47 @@
 //! frames, crashes nodes (quietly, or in the middle of a WAL write, tearing it) and restarts
 //! them through `ShardStore::recover_group`, pauses them past the election timeout, stalls
 //! disks and moves leadership; nodes tick at different rates; groups are snapshotted and their
-//! logs compacted on the driver's cadence, so lagging replicas get snapshots. About half the
+//! logs compacted on the driver's cadence, so lagging replicas get snapshots. Mixed in with
+//! those faults, an operator changes memberships through `ShardCore::change_membership` (joint
+//! consensus, one change at a time per group): it removes voters (down to three, or two in a
+//! cluster of three nodes; the leader itself about a third of the time), adds nodes back as
+//! learners — hosting an empty replica on them first, as `Engine::join_group` does, if they do
+//! not host the group — and promotes them, and replaces a voter by a node that does not host the
+//! group; refusals (a change pending, a learner not caught up, not the leader, no quorum) are
+//! expected, a finished change must report the membership asked for, and the replicas of
+//! removed nodes are deleted as `Engine::remove_group` does. About half the
 //! seeds (chosen from the seed) run with quiescence, as the engine does by default: idle groups
 //! go quiet, and node-level liveness (every frame stamps its sender; every heartbeat interval
 //! each node sends every peer an empty frame through the same faulty network) stands in for
 //! their heartbeats. Then everything heals, and every group must commit a write and every
-//! replica converge within a bound.
+//! current member's replica (voters and learners in effect on the leader) converge within a
+//! bound; the replicas of nodes that are not members are then deleted.
 //!
 //! Checked: after every unit of time, each replica's `check_invariants`, one leader per term
 //! per group, one entry per index of a group whoever applies it, the same state at the same
 //! applied index on every replica (also after a snapshot restore), each write at one log index;
 //! at the end, the linearizability of every key's history (WGL; an unanswered write counts as
 //! applied by its first application if some replica applied it, and is left out otherwise),
-//! the durability of every acknowledged write, that no write reported dropped was applied, and
-//! identical state machines everywhere. With quiescence, once the clients are gone, every group
-//! on every node must go quiet within a bound and then stay quiet, sending no Raft message.
+//! the durability of every acknowledged write (its value, or a later one, read from the
+//! group's current leader, whose state every current member shares), that no write reported
+//! dropped was applied, and identical state machines on every current member. With quiescence,
+//! once the clients are gone, every group on every node must go quiet within a bound and then
+//! stay quiet, sending no Raft message.
 //!
 //! - `cargo test --release -p flotilla --test cluster_sim` runs [`DEFAULT_SEEDS`] seeds (and the
 //!   regression seeds); `CLUSTER_SIM_SEEDS=n` runs `n`, `CLUSTER_SIM_SEED_BASE=b` starts at `b`;
 //! - `CLUSTER_SIM_SEED=s` replays seed `s` alone, bit for bit (a failing seed prints this);
-//! - `CLUSTER_SIM_VERBOSE=1` prints every seed's figures.
+//! - `CLUSTER_SIM_MEMBERSHIP=0` runs without membership changes, as the simulator did before
+//!   it had them (the older regression seeds run that way, so they replay what they found);
+//! - `CLUSTER_SIM_VERBOSE=1` prints every seed's figures; `CLUSTER_SIM_DEBUG=1` logs every
+//!   node's steps.
 
 #[path = "cluster_sim/cluster.rs"]
 mod cluster;
 #[path = "cluster_sim/machine.rs"]
 mod machine;
+#[path = "cluster_sim/membership.rs"]
+mod membership;
 #[path = "cluster_sim/nemesis.rs"]
 mod nemesis;
 #[path = "cluster_sim/node.rs"]
@@ -44,6 +60,7 @@ mod node;
 mod workload;
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::time::{Duration, Instant};
 
@@ -55,29 +72,42 @@ use flotilla::wal::{Config as WalConfig, GroupId, WriterMode};
 
 use cluster::Cluster;
 use machine::{mix, op_of};
+use membership::{MembershipStats, Reconfigurer};
 use nemesis::Nemesis;
 use node::{DriverBug, NodeConfig};
 use workload::{KEY_SPACE, Workload, WorkloadConfig, group_of, key_bytes};
 
-/// Seeds that failed once, kept forever: `(seed, what it found)`.
-const REGRESSION_SEEDS: &[(u64, &str)] = &[
+/// Runs with membership changes (every seed's default).
+const WITH_MEMBERSHIP: bool = true;
+
+/// Runs as the simulator did before it changed memberships (`CLUSTER_SIM_MEMBERSHIP=0`).
+const WITHOUT_MEMBERSHIP: bool = false;
+
+/// Seeds that failed once, kept forever: `(seed, whether the run changes memberships, what it
+/// found)`. Seeds found before membership changes were simulated run without them, so they
+/// replay exactly what they found.
+const REGRESSION_SEEDS: &[(u64, bool, &str)] = &[
     (
         1,
+        WITHOUT_MEMBERSHIP,
         "store bug, fixed: a local snapshot's file finishing after the leader's newer snapshot \
          was installed replaced the newer file, and its WAL compaction truncated the log after it",
     ),
     (
         0,
+        WITHOUT_MEMBERSHIP,
         "core bug, fixed: node-level liveness queued the quiet groups to wake in hash-map order, \
          so a run with quiescence could not be replayed; they are queued in group order",
     ),
     (
         153,
+        WITHOUT_MEMBERSHIP,
         "simulator: a Raft message sent before the heal on a slow path lands after the cluster \
          went quiet and wakes a group; quiet now also means no Raft message in flight",
     ),
     (
         275,
+        WITHOUT_MEMBERSHIP,
         "simulator: a final read sent to a leader deposed before answering it is never answered \
          there (the replica drops its read state on stepping down; the engine fails it at its \
          deadline), and in a quiet group the deposed node pre-votes every election timeout \
@@ -85,23 +115,48 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
     ),
     (
         318,
+        WITHOUT_MEMBERSHIP,
         "core bug, fixed: proposals covered by a leader's snapshot installed on a deposed \
          leader were reported ProposalDropped (not applied) although they may be inside it; \
          they now fail with OutcomeUnknown",
     ),
     (
         3433,
+        WITHOUT_MEMBERSHIP,
         "core bug, fixed: a leader re-elected after its log was cut back proposed below proposals \
          of its old term still pending; the queue was out of index order and the new proposal \
          was reported ProposalDropped although applied. The queue is now kept in index order",
     ),
-    (2262, LOWER_TERM_QUIESCE),
-    (3504, LOWER_TERM_QUIESCE),
+    (2262, WITHOUT_MEMBERSHIP, LOWER_TERM_QUIESCE),
+    (3504, WITHOUT_MEMBERSHIP, LOWER_TERM_QUIESCE),
 ];
 
 /// Seeds that fail because of a known engine bug not fixed yet: `(seed, the bug)`. They run
 /// only when named with `CLUSTER_SIM_SEED`.
-const KNOWN_FAILURES: &[(u64, &str)] = &[];
+const KNOWN_FAILURES: &[(u64, &str)] = &[
+    (252, FROZEN_JOINER),
+    (126, AWAKE_LEARNER),
+    (711, AWAKE_LEARNER),
+    (829, AWAKE_LEARNER),
+    (765, AWAKE_LEARNER),
+];
+
+/// What seed 252 finds (membership changes).
+const FROZEN_JOINER: &str = "core/raftgroup bug (membership): a replica that is not a member \
+     in its own view (an empty one hosted to join, or a removed one) is never ticked \
+     (`ShardCore::tick` puts idle non-members to sleep), so once it has heard from a leader its \
+     clock says so forever, and leader stickiness (`in_lease`, `heard_from_leader_recently`) \
+     makes it ignore every pre-vote. Seed 252: group 5 replaced voter 1 by node 2, which hosted \
+     an empty replica; the leader entered the joint configuration (voters 2,3 / outgoing 1,3) \
+     and lost leadership before node 2 caught up; nodes 1 and 3 pre-vote forever, node 2 never \
+     answers, and the group has no leader after the heal";
+
+/// What seeds 126, 711, 765 and 829 find (membership changes with quiescence).
+const AWAKE_LEARNER: &str = "core bug (quiescence with learners): a learner woken by a message \
+     after its leader went quiet (seed 711: a heartbeat of the current term on a slow path) \
+     ticks forever: it never campaigns, so nothing makes the leader send it `Quiesce` again, and \
+     `ShardCore::tick` puts to sleep only idle replicas that are not members at all; the group \
+     never goes quiet on that node";
 
 /// What seeds 2262 and 3504 found.
 const LOWER_TERM_QUIESCE: &str = "raftgroup bug (quiescence), fixed: a replica whose term was \
@@ -147,6 +202,7 @@ struct RunReport {
     operations: u64,
     answered: u64,
     quiescence: bool,
+    membership: Option<MembershipStats>,
     end_time: u64,
     summary: String,
 }
@@ -218,20 +274,25 @@ fn deliver(cluster: &mut Cluster, workload: &mut Workload) {
     }
 }
 
-/// Runs one seed; panics on any violation.
-fn run(seed: u64) -> RunReport {
-    run_with(seed, None)
+/// Whether runs change memberships: yes, unless `CLUSTER_SIM_MEMBERSHIP=0`.
+fn membership_default() -> bool {
+    env_u64("CLUSTER_SIM_MEMBERSHIP").is_none_or(|on| on > 0)
 }
 
-/// [`run`], with a deliberate driver bug.
-fn run_with(seed: u64, bug: Option<DriverBug>) -> RunReport {
+/// Runs one seed, with or without membership changes, and with a deliberate driver bug if
+/// `bug` says so; panics on any violation.
+fn run_with(seed: u64, bug: Option<DriverBug>, membership: bool) -> RunReport {
     let mut rng = SimRng::new(seed);
     let (mut config, tick_units, groups, network, workload_config) = scenario(seed, &mut rng);
     config.bug = bug;
     let election_units = u64::from(ELECTION_TICKS) * TICK_UNITS;
     let mut cluster = Cluster::new(seed, config.clone(), &tick_units, groups, network, rng.fork());
     let mut workload = Workload::new(workload_config, cluster.ids().to_vec(), rng.fork());
-    let mut nemesis = Nemesis::new(rng.fork(), election_units);
+    // A stream of its own: the other faults come when they came before membership changes.
+    let reconfigurer = membership.then(|| {
+        Reconfigurer::new(SimRng::new(mix(seed, 0x03E3_BE25)), tick_units.len(), election_units)
+    });
+    let mut nemesis = Nemesis::new(rng.fork(), election_units, reconfigurer);
 
     let deadline = OPERATIONS as u64 * workload_config.timeout;
     while !workload.is_done() {
@@ -261,31 +322,38 @@ fn run_with(seed: u64, bug: Option<DriverBug>) -> RunReport {
     let stats = workload.stats();
     let (applies, restores) = (oracle.applies, oracle.restores);
     drop(oracle);
+    let membership = nemesis.membership_stats();
+    let mut summary = format!(
+        "{} nodes, {} groups, {} keys, quiescence {:?} (quiet {quiet_at:?} after the clients \
+         left), end at {}, {never_applied} unanswered writes never applied, {applies} entries \
+         applied, {restores} snapshots restored, {:?}, {:?}, {:?}, {:?}",
+        cluster.ids().len(),
+        groups,
+        finals.len(),
+        config.quiescence,
+        cluster.now(),
+        stats,
+        cluster.stats(),
+        nemesis.stats(),
+        cluster.network_stats()
+    );
+    if let Some(membership) = membership {
+        let _ = write!(summary, ", {membership:?}");
+    }
     RunReport {
         trace: mix(cluster.trace(), history.len() as u64),
         operations: stats.issued,
         answered: stats.answered,
         quiescence: config.quiescence.is_some(),
+        membership,
         end_time: cluster.now(),
-        summary: format!(
-            "{} nodes, {} groups, {} keys, quiescence {:?} (quiet {quiet_at:?} after the clients \
-             left), end at {}, {never_applied} unanswered writes never applied, {applies} entries \
-             applied, {restores} snapshots restored, {:?}, {:?}, {:?}, {:?}",
-            cluster.ids().len(),
-            groups,
-            finals.len(),
-            config.quiescence,
-            cluster.now(),
-            stats,
-            cluster.stats(),
-            nemesis.stats(),
-            cluster.network_stats()
-        ),
+        summary,
     }
 }
 
 /// Heals everything; then every group must commit a write (a probe through its leader), and
-/// every replica converge, within [`HEAL_BOUND`].
+/// every current member's replica converge, within [`HEAL_BOUND`]. Once they have, the
+/// replicas of nodes that are not members are deleted (as an operator would).
 fn heal(seed: u64, cluster: &mut Cluster, nemesis: &mut Nemesis, next_token: &mut u64) {
     nemesis.heal_all(cluster, NetConfig::reliable(1, 10));
     let healed_at = cluster.now();
@@ -306,7 +374,11 @@ fn heal(seed: u64, cluster: &mut Cluster, nemesis: &mut Nemesis, next_token: &mu
             }
         }
         if committed.len() == cluster.groups().len() && cluster.converged() {
-            break;
+            // Their deletion is IO: converge again after it.
+            if cluster.remove_non_members() == 0 {
+                break;
+            }
+            continue;
         }
         for group in cluster.groups().to_vec() {
             if committed.contains_key(&group) {
@@ -390,12 +462,37 @@ fn final_reads(
     workload: &mut Workload,
     next_token: &mut u64,
 ) -> BTreeMap<u64, Option<u64>> {
+    // The converged values, taken at once: a group may change leaders during the reads.
+    let values: BTreeMap<u64, Option<u64>> = workload
+        .keys()
+        .into_iter()
+        .map(|key| {
+            let value = cluster.final_value(group_of(key), &key_bytes(key));
+            (key, value.map(|v| op_of(&v).expect("an id")))
+        })
+        .collect();
     let mut finals = BTreeMap::new();
     for key in workload.keys() {
         let group = group_of(key);
-        let value = cluster.final_value(group, &key_bytes(key)).map(|v| op_of(&v).expect("an id"));
+        let value = values[&key];
         finals.insert(key, value);
-        let mut leader = cluster.leader_of(group).expect("converged groups have a leader");
+        // A converged group may hold an election meanwhile (a straggling message woke a quiet
+        // follower): wait for its leader.
+        let waited_from = cluster.now();
+        let mut leader = loop {
+            if let Some(leader) = cluster.leader_of(group) {
+                break leader;
+            }
+            assert!(
+                cluster.now() < waited_from + HEAL_BOUND,
+                "seed {seed}: group {group} has had no leader for {HEAL_BOUND} units after \
+                 converging:{}\n{}",
+                cluster.describe_awake(),
+                cluster.describe()
+            );
+            cluster.advance();
+            let _ = cluster.take_completions();
+        };
         *next_token += 1;
         let mut token = *next_token;
         let invoke = cluster.stamp();
@@ -453,15 +550,17 @@ fn final_reads(
     finals
 }
 
-/// Runs `seed`, printing how to replay it if it fails; one in [`REPLAY_EVERY`] runs twice and
-/// must leave the same trace.
-fn run_reported(seed: u64) -> RunReport {
-    let report = match catch_unwind(AssertUnwindSafe(|| run(seed))) {
+/// Runs `seed` (with or without membership changes), printing how to replay it if it fails;
+/// one in [`REPLAY_EVERY`] runs twice and must leave the same trace.
+fn run_reported(seed: u64, membership: bool) -> RunReport {
+    let report = match catch_unwind(AssertUnwindSafe(|| run_with(seed, None, membership))) {
         Ok(report) => report,
         Err(panic) => {
+            let mode = if membership { "" } else { "CLUSTER_SIM_MEMBERSHIP=0 " };
             eprintln!(
                 "cluster simulation failed for seed {seed}; replay it with\n  \
-                 CLUSTER_SIM_SEED={seed} cargo test --release -p flotilla --test cluster_sim\n\
+                 {mode}CLUSTER_SIM_SEED={seed} cargo test --release -p flotilla --test \
+                 cluster_sim\n\
                  and add it to REGRESSION_SEEDS (or KNOWN_FAILURES, with the bug) in \
                  engine/tests/cluster_sim.rs"
             );
@@ -469,7 +568,7 @@ fn run_reported(seed: u64) -> RunReport {
         }
     };
     if seed.is_multiple_of(REPLAY_EVERY) {
-        let again = run(seed);
+        let again = run_with(seed, None, membership);
         assert_eq!(report.trace, again.trace, "seed {seed} did not replay bit for bit");
         assert_eq!(report.end_time, again.end_time, "seed {seed} did not replay bit for bit");
     }
@@ -496,9 +595,10 @@ fn run_seeds(half: u64) {
     let seeds: Vec<u64> = seeds.into_iter().filter(|seed| seed % 2 == half).collect();
     let verbose = env_u64("CLUSTER_SIM_VERBOSE").is_some_and(|verbose| verbose > 0);
     let (mut operations, mut answered, mut quiet) = (0, 0, 0);
+    let mut changes = MembershipStats::default();
     let started = Instant::now();
     for &seed in &seeds {
-        let report = run_reported(seed);
+        let report = run_reported(seed, membership_default());
         assert!(report.operations >= OPERATIONS as u64, "seed {seed}: {}", report.summary);
         // A run where almost nothing succeeded tested almost nothing.
         assert!(
@@ -514,12 +614,23 @@ fn run_seeds(half: u64) {
         operations += report.operations;
         answered += report.answered;
         quiet += u64::from(report.quiescence);
+        if let Some(membership) = report.membership {
+            changes.asked += membership.asked;
+            changes.accepted += membership.accepted;
+            changes.done += membership.done;
+            changes.replicas_removed += membership.replicas_removed;
+        }
     }
     let elapsed: Duration = started.elapsed();
     eprintln!(
         "{} cluster seeds ({quiet} with quiescence): {operations} operations ({answered} \
-         answered) in {elapsed:.1?}",
-        seeds.len()
+         answered), {} membership changes asked ({} accepted, {} finished; {} replicas of \
+         removed nodes deleted) in {elapsed:.1?}",
+        seeds.len(),
+        changes.asked,
+        changes.accepted,
+        changes.done,
+        changes.replicas_removed
     );
 }
 
@@ -538,8 +649,8 @@ fn regression_seeds_pass() {
     if env_u64("CLUSTER_SIM_SEED").is_some() {
         return;
     }
-    for &(seed, _found) in REGRESSION_SEEDS {
-        run_reported(seed);
+    for &(seed, membership, _found) in REGRESSION_SEEDS {
+        run_reported(seed, membership);
     }
 }
 
@@ -557,7 +668,8 @@ fn first_failure(
     expected: &[&str],
 ) -> Option<(u64, String)> {
     seeds.into_iter().find_map(|seed| {
-        let panic = catch_unwind(AssertUnwindSafe(|| run_with(seed, Some(bug)))).err()?;
+        let panic =
+            catch_unwind(AssertUnwindSafe(|| run_with(seed, Some(bug), WITH_MEMBERSHIP))).err()?;
         let message = panic
             .downcast_ref::<String>()
             .cloned()

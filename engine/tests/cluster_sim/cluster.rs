@@ -3,6 +3,10 @@
 //! choice comes from the run's seed. After every unit of time the Raft invariants are checked:
 //! each replica's own `check_invariants`, at most one leader per term per group, and what the
 //! [`Oracle`] saw applied.
+//!
+//! Groups start with every node a voter; membership changes (`membership.rs`) move them to any
+//! set of members, so the end-of-run agreement compares the group's current members only (the
+//! membership in effect on its leader), and replicas of removed nodes are deleted.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -12,8 +16,8 @@ use std::rc::Rc;
 use bytes::Bytes;
 use flotilla::kv::StateMachine;
 use flotilla::raftgroup::testkit::{NetConfig, NetStats, Network, SimRng};
-use flotilla::raftgroup::{NodeId, Role, Term};
-use flotilla::shard::{Completion, RequestError, Token};
+use flotilla::raftgroup::{Membership, NodeId, Role, Term};
+use flotilla::shard::{Completion, MembershipEdit, RequestError, Token};
 use flotilla::wal::GroupId;
 use flotilla::wal::sim::{CrashMode, Keep};
 
@@ -23,6 +27,12 @@ use super::workload::Frontend;
 
 /// Room for history timestamps within one unit of time.
 const STAMPS_PER_TIME: u64 = 1_000_000;
+
+/// Tokens of membership changes: above the clients' and below the final reads' and probes'.
+pub const MEMBERSHIP_TOKENS: std::ops::Range<Token> = u64::MAX / 4..u64::MAX / 2;
+
+/// How a membership change ended: the membership it left in effect, or why it failed.
+pub type MembershipResult = Result<Membership, RequestError>;
 
 /// What the cluster went through.
 #[derive(Clone, Copy, Debug, Default)]
@@ -65,6 +75,8 @@ pub struct Cluster {
     raft_messages: u64,
     /// By then every Raft message sent so far has been delivered or lost.
     raft_delivered_by: u64,
+    /// Membership changes that finished or failed, not yet taken.
+    membership_results: Vec<(Token, MembershipResult)>,
     /// Per-node directories (snapshot files, catalog); removed with the cluster.
     _dir: tempfile::TempDir,
 }
@@ -108,6 +120,7 @@ impl Cluster {
             stats: ClusterStats::default(),
             raft_messages: 0,
             raft_delivered_by: 0,
+            membership_results: Vec::new(),
             _dir: dir,
         };
         for index in 0..cluster.nodes.len() {
@@ -159,6 +172,11 @@ impl Cluster {
     /// Records `value` in the trace.
     pub fn record(&mut self, value: u64) {
         self.trace = mix(self.trace, value);
+    }
+
+    /// Fails the run with a violation found outside the cluster (by the membership operator).
+    pub fn violation(&self, what: &str) -> ! {
+        self.fail(what)
     }
 
     fn fail(&self, what: &str) -> ! {
@@ -284,6 +302,122 @@ impl Cluster {
     /// Whether `node` runs unpaused.
     pub fn is_up(&self, node: NodeId) -> bool {
         self.node(node).is_up()
+    }
+
+    // ----- membership -----
+
+    /// Whether `node` runs and hosts a replica of `group`.
+    pub fn hosts(&self, node: NodeId, group: GroupId) -> bool {
+        self.node(node).hosts(group)
+    }
+
+    /// The highest index of `group` that `node`'s WAL durably knows committed.
+    pub fn durable_commit(&self, node: NodeId, group: GroupId) -> Option<u64> {
+        self.node(node).durable_commit(group)
+    }
+
+    /// The index `node`'s replica of `group` applied.
+    pub fn applied(&self, node: NodeId, group: GroupId) -> Option<u64> {
+        Some(self.node(node).core()?.machine(group)?.applied_index().0)
+    }
+
+    /// The membership in effect on `node`'s replica of `group`.
+    pub fn membership(&self, node: NodeId, group: GroupId) -> Option<&Membership> {
+        self.node(node).membership(group)
+    }
+
+    /// Asks `node` to change `group`'s membership by `edit` (as `Engine::change_membership`);
+    /// the outcome comes back through [`Cluster::take_membership_results`].
+    pub fn change_membership(
+        &mut self,
+        node: NodeId,
+        group: GroupId,
+        edit: MembershipEdit,
+        token: Token,
+    ) -> Result<(), RequestError> {
+        debug_assert!(MEMBERSHIP_TOKENS.contains(&token));
+        self.record(mix(token, node.0 << 12));
+        if super::node::debug() {
+            eprintln!("t{} {node} g{group} change membership {edit:?} (token {token})", self.now);
+        }
+        let result = self.node_mut(node).change_membership(group, edit, token);
+        if super::node::debug() {
+            eprintln!("t{} {node} g{group} change membership: {result:?}", self.now);
+        }
+        result
+    }
+
+    /// Makes running `node` host an empty replica of `group` that learns everything from the
+    /// leader (as `Engine::join_group`).
+    pub fn host_group(&mut self, node: NodeId, group: GroupId) -> Result<(), RequestError> {
+        let index = (node.0 - 1) as usize;
+        let (now, config, oracle) = (self.now, self.config.clone(), Rc::clone(&self.oracle));
+        let result = self.nodes[index].host_group(now, &config, &mut self.rng, group, &oracle);
+        self.record(mix(mix(node.0, group.0), 0x4057 + u64::from(result.is_ok())));
+        result
+    }
+
+    /// Deletes `node`'s replica of `group` and its data (as `Engine::remove_group`).
+    pub fn remove_group(&mut self, node: NodeId, group: GroupId) -> Result<(), RequestError> {
+        let index = (node.0 - 1) as usize;
+        let (now, config) = (self.now, self.config.clone());
+        let result = self.nodes[index].remove_group(now, &config, &mut self.rng, group);
+        self.record(mix(mix(node.0, group.0), 0x2E30 + u64::from(result.is_ok())));
+        result
+    }
+
+    /// Membership changes that finished or failed since the last call, in token order.
+    pub fn take_membership_results(&mut self) -> Vec<(Token, MembershipResult)> {
+        self.split_membership_results();
+        let mut results = std::mem::take(&mut self.membership_results);
+        results.sort_by_key(|(token, _)| *token);
+        results
+    }
+
+    /// Moves what the nodes reported about membership changes out of the clients' way.
+    fn split_membership_results(&mut self) {
+        let results = &mut self.membership_results;
+        for (token, membership) in self.outbox.memberships.drain(..) {
+            results.push((token, Ok(membership)));
+        }
+        self.outbox.completions.retain(|completion| match completion {
+            Completion::Failed { token, error } if MEMBERSHIP_TOKENS.contains(token) => {
+                results.push((*token, Err(error.clone())));
+                false
+            }
+            _ => true,
+        });
+        self.outbox.refusals.retain(|(token, error)| {
+            if MEMBERSHIP_TOKENS.contains(token) {
+                results.push((*token, Err(error.clone())));
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Once the cluster converged, as an operator would: deletes every replica whose node is
+    /// not a member of its group (removed, or hosted for a change that never happened), on
+    /// groups whose leader committed its whole log (so no change still in some log can make
+    /// that node a member again). Returns how many it deleted.
+    pub fn remove_non_members(&mut self) -> usize {
+        let mut doomed = Vec::new();
+        for &group in &self.groups {
+            let Some(leader) = self.leader_of(group) else { continue };
+            let replica = self.node(leader).core().and_then(|core| core.replica(group));
+            let Some(replica) = replica else { continue };
+            let membership = replica.membership();
+            if membership.is_joint() || replica.status().last_index != replica.commit_index() {
+                continue;
+            }
+            for &node in &self.ids {
+                if !membership.is_member(node) && self.node(node).hosts(group) {
+                    doomed.push((node, group));
+                }
+            }
+        }
+        doomed.into_iter().filter(|&(node, group)| self.remove_group(node, group).is_ok()).count()
     }
 
     /// The unpaused replica leading `group` in the highest term, if any.
@@ -439,39 +573,49 @@ impl Cluster {
         }
     }
 
-    /// Completions and refusals since the last call.
+    /// Completions and refusals of client requests since the last call (those of membership
+    /// changes wait for [`Cluster::take_membership_results`]).
     pub fn take_completions(&mut self) -> (Vec<Completion<TracedKv>>, Vec<(Token, RequestError)>) {
+        self.split_membership_results();
         (std::mem::take(&mut self.outbox.completions), std::mem::take(&mut self.outbox.refusals))
     }
 
     // ----- the end -----
 
-    /// True if every node runs unpaused with no IO pending, and every group has a leader and
-    /// the same applied index and state on every replica, with everything committed applied.
+    /// True if every node runs unpaused with no IO pending, and every group has a leader, is
+    /// not in the middle of a membership change, and has the same applied index and state on
+    /// every member's replica (voters and learners of the membership in effect on the
+    /// leader), with everything committed applied.
     pub fn converged(&self) -> bool {
         if !self.nodes.iter().all(|node| node.is_up() && node.io_pending() == 0) {
             return false;
         }
         self.groups.iter().all(|&group| {
-            self.leader_of(group).is_some() && {
-                let states: Vec<(u64, u64, u64)> = self
-                    .nodes
-                    .iter()
-                    .map(|node| {
-                        let core = node.core().expect("up");
-                        let machine = core.machine(group).expect("hosted").inner();
-                        let commit = core.replica(group).expect("hosted").commit_index().0;
-                        (machine.applied_index().0, commit, digest(machine))
-                    })
-                    .collect();
-                states.iter().all(|state| state.0 == state.1 && *state == states[0])
+            let Some(leader) = self.leader_of(group) else { return false };
+            let membership = self.node(leader).membership(group).expect("the leader hosts it");
+            if membership.is_joint() {
+                return false;
             }
+            let states: Option<Vec<(u64, u64, u64)>> = membership
+                .members()
+                .map(|member| {
+                    let core = self.node(member).core().expect("up");
+                    let machine = core.machine(group)?.inner();
+                    let commit = core.replica(group)?.commit_index().0;
+                    Some((machine.applied_index().0, commit, digest(machine)))
+                })
+                .collect();
+            // A member that does not host the group never catches up: not converged.
+            states.is_some_and(|states| {
+                states.iter().all(|state| state.0 == state.1 && *state == states[0])
+            })
         })
     }
 
-    /// The value of `key` in `group` on the first node (after convergence: on every node).
+    /// The value of `key` in `group` on its leader (after convergence: on every member).
     pub fn final_value(&self, group: GroupId, key: &[u8]) -> Option<Bytes> {
-        let core = self.nodes[0].core().expect("up");
+        let leader = self.leader_of(group).expect("converged groups have a leader");
+        let core = self.node(leader).core().expect("up");
         core.machine(group).expect("hosted").inner().get(key).cloned()
     }
 
@@ -492,17 +636,28 @@ impl Cluster {
             for (group, replica) in node.replicas() {
                 let status = replica.status();
                 let applied = core.machine(group).expect("hosted").inner().applied_index().0;
+                let membership = replica.membership();
+                let ids =
+                    |list: &[NodeId]| list.iter().map(|id| id.0.to_string()).collect::<String>();
                 let _ = write!(
                     line,
-                    " g{}[{:?} t{} c{} a{} l{} s{}]",
+                    " g{}[{:?} t{} c{} a{} l{} s{} v{}",
                     group.0,
                     status.role,
                     status.term.0,
                     status.commit.0,
                     applied,
                     status.last_index.0,
-                    status.snapshot_index.0
+                    status.snapshot_index.0,
+                    ids(&membership.voters)
                 );
+                if membership.is_joint() {
+                    let _ = write!(line, "/{}", ids(&membership.outgoing));
+                }
+                if !membership.learners.is_empty() {
+                    let _ = write!(line, " L{}", ids(&membership.learners));
+                }
+                line.push(']');
             }
             lines.push(line);
         }

@@ -1,16 +1,18 @@
 //! The nemesis: at random moments it degrades the network (loss, duplication, delay,
 //! reordering), partitions it (both ways or one way), crashes nodes (quietly or in the middle of
 //! a WAL write, tearing it; rarely all of them), pauses them for longer than an election
-//! timeout, stalls disks and moves leadership; and it schedules the recoveries.
-//!
-//! TODO(membership): the engine has no membership-change API yet. When it does, add a fault
-//! here that adds and removes voters (and one that does so while a node is down), and make the
-//! convergence check in `cluster.rs` compare only current members.
+//! timeout, stalls disks, moves leadership and — unless the run is one of the regression runs
+//! from before membership changes were simulated — changes a group's membership (see
+//! `membership.rs`: removing voters, the leader included, adding learners on nodes that host
+//! the group or an empty replica of it, promoting them, replacing a voter by a node that does
+//! not host the group; interleaved with every other fault, so also while nodes are down,
+//! paused or cut off); and it schedules the recoveries.
 
 use flotilla::raftgroup::NodeId;
 use flotilla::raftgroup::testkit::{NetConfig, SimRng};
 
 use super::cluster::Cluster;
+use super::membership::{MembershipStats, Reconfigurer};
 
 /// Quiet time between two nemesis actions, in time units.
 const GAP_MIN: u64 = 40;
@@ -39,11 +41,14 @@ pub struct Nemesis {
     restarts: Vec<(u64, NodeId)>,
     resumes: Vec<(u64, NodeId)>,
     stats: NemesisStats,
+    /// Membership changes, if the run has them.
+    membership: Option<Reconfigurer>,
 }
 
 impl Nemesis {
-    /// A nemesis for a cluster whose election timeout is `election_units` long.
-    pub fn new(mut rng: SimRng, election_units: u64) -> Self {
+    /// A nemesis for a cluster whose election timeout is `election_units` long, changing
+    /// memberships through `membership` if given.
+    pub fn new(mut rng: SimRng, election_units: u64, membership: Option<Reconfigurer>) -> Self {
         let next_at = rng.between(GAP_MIN, GAP_MAX);
         Nemesis {
             rng,
@@ -53,7 +58,13 @@ impl Nemesis {
             restarts: Vec::new(),
             resumes: Vec::new(),
             stats: NemesisStats::default(),
+            membership,
         }
+    }
+
+    /// What the membership operator did, if the run changes memberships.
+    pub fn membership_stats(&self) -> Option<MembershipStats> {
+        self.membership.as_ref().map(Reconfigurer::stats)
     }
 
     /// What it did.
@@ -73,6 +84,9 @@ impl Nemesis {
         }
         for node in take_due(&mut self.resumes, now) {
             cluster.resume(node);
+        }
+        if let Some(membership) = self.membership.as_mut() {
+            membership.step(cluster);
         }
         if now < self.next_at {
             return;
@@ -156,7 +170,11 @@ impl Nemesis {
                 let until = now + self.rng.between(self.election_units, 6 * self.election_units);
                 cluster.stall_disk(node, until);
             }
-            _ => {}
+            _ => {
+                if let Some(membership) = self.membership.as_mut() {
+                    membership.act(cluster, group);
+                }
+            }
         }
     }
 

@@ -12,8 +12,17 @@
 //! the simulator's single thread writes them, so at a crash each is exactly the old or the new
 //! file; a snapshot still "being written" at a crash lands or not, at random.
 //!
+//! Membership, as the driver does it: [`Node::host_group`] (the driver's `host_group`, behind
+//! `JoinGroup`) starts an empty replica that learns everything from the leader, its catalog record
+//! made durable at the start of the next loop iteration, before any of its output;
+//! [`Node::change_membership`] asks the core for a joint-consensus change, finished changes leave
+//! in [`Outbox::memberships`]; [`Node::remove_group`] (the driver's `remove_group`) drops a
+//! replica and its data. The node remembers which groups its durable catalog lists, and a restart
+//! must find exactly those.
+//!
 //! Outputs that `ShardCore` produces in hash-map order (groups' persist items, messages, fetches,
-//! completions) are put in group or token order first, so a run is a function of its seed.
+//! completions, finished membership changes) are put in group or token order first, so a run is
+//! a function of its seed.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -26,9 +35,13 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use flotilla::kv::{Query, StateMachine};
 use flotilla::raftgroup::testkit::SimRng;
-use flotilla::raftgroup::{Config, LogIndex, Message, NodeId, RecoveredState, Snapshot, Term};
+use flotilla::raftgroup::{
+    Config, LogIndex, Membership, Message, NodeId, RecoveredState, Snapshot, Term,
+};
 use flotilla::shard::store::{ShardStore, write_snapshot};
-use flotilla::shard::{Completion, Quiescence, RequestError, ShardCore, ShardOutput, Token};
+use flotilla::shard::{
+    Completion, MembershipEdit, Quiescence, RequestError, ShardCore, ShardOutput, Token,
+};
 use flotilla::wal::sim::{CrashMode, SimStorage};
 use flotilla::wal::{AppendFuture, GroupId, WalError, WriteBatch};
 
@@ -84,6 +97,9 @@ pub struct Outbox {
     pub completions: Vec<Completion<TracedKv>>,
     /// Requests held while the node was paused and refused when it resumed (never accepted).
     pub refusals: Vec<(Token, RequestError)>,
+    /// Membership changes that finished, with the membership they left in effect (their
+    /// failures are in `completions`).
+    pub memberships: Vec<(Token, Membership)>,
 }
 
 /// A client request that reached a paused node: handled when it resumes (the driver's inbox).
@@ -91,6 +107,7 @@ pub struct Outbox {
 enum Held {
     Propose { group: GroupId, payload: Bytes, token: Token },
     Read { group: GroupId, key: Bytes, token: Token },
+    Membership { group: GroupId, edit: MembershipEdit, token: Token },
 }
 
 /// One WAL append and what waits for it (the driver's `InFlight`).
@@ -150,6 +167,8 @@ pub struct Node {
     pub dying: bool,
     /// Incarnations started.
     pub incarnation: u64,
+    /// The groups the durable catalog lists (what a restart must find).
+    catalog: BTreeSet<GroupId>,
     bug: Option<DriverBug>,
 }
 
@@ -209,6 +228,7 @@ impl Node {
             slow_disk_until: 0,
             dying: false,
             incarnation: 0,
+            catalog: BTreeSet::new(),
             bug,
         }
     }
@@ -239,8 +259,9 @@ impl Node {
     }
 
     /// Starts the node from its disk and directory as the driver's `Shard::open` does: every
-    /// group of the catalog recovered through `ShardStore::recover_group`. On the first start
-    /// the node creates `groups` with `voters` (catalog durable before any output).
+    /// group of the catalog recovered through `ShardStore::recover_group` (its catalog must list
+    /// exactly the groups it made durable there). On the first start the node creates `groups`
+    /// with `voters` (catalog durable before any output); `voters` are also its peers.
     pub fn start(
         &mut self,
         now: u64,
@@ -264,6 +285,7 @@ impl Node {
                 store.stage_group(group, voters);
             }
             store.sync_catalog().map_err(|error| format!("{}: catalog: {error}", self.id))?;
+            self.catalog = groups.iter().copied().collect();
             for &group in groups {
                 let machine = TracedKv::new(self.id, group, Rc::clone(oracle));
                 let replica = replica_config(config, self.id, group, voters.to_vec());
@@ -273,9 +295,12 @@ impl Node {
         } else {
             let catalog: Vec<(GroupId, Vec<NodeId>)> =
                 store.groups().map(|(group, voters)| (group, voters.to_vec())).collect();
-            let listed: Vec<GroupId> = catalog.iter().map(|(group, _)| *group).collect();
-            if listed != groups {
-                return Err(format!("{} forgot groups: catalog lists {listed:?}", self.id));
+            let listed: BTreeSet<GroupId> = catalog.iter().map(|(group, _)| *group).collect();
+            if listed != self.catalog {
+                return Err(format!(
+                    "{} lost catalog changes: it lists {listed:?}, not {:?}",
+                    self.id, self.catalog
+                ));
             }
             for (group, voters) in catalog {
                 let recovered = store.recover_group(group).map_err(|error| {
@@ -471,6 +496,115 @@ impl Node {
         running.core.read(group, Query::Get { key }, token)
     }
 
+    /// A joint-consensus change of `group`'s membership, asked of this node (the driver's
+    /// `change_membership`): `Ok` means the node has it (accepted, or held while paused); it
+    /// finishes in [`Outbox::memberships`] or fails in `completions`.
+    pub fn change_membership(
+        &mut self,
+        group: GroupId,
+        edit: MembershipEdit,
+        token: Token,
+    ) -> Result<(), RequestError> {
+        if self.paused && self.running.is_some() {
+            self.held_requests.push(Held::Membership { group, edit, token });
+            return Ok(());
+        }
+        let running = self.running.as_mut().ok_or(RequestError::NotLeader { leader_hint: None })?;
+        running.core.change_membership(group, &edit, token)
+    }
+
+    /// The driver's `host_group` for a node joining `group` (`Engine::join_group`): an empty
+    /// replica with no voters, which learns everything from the leader; its catalog record is
+    /// staged, and made durable before the replica's first output ([`Node::pump`]). Refused
+    /// while a snapshot file of the group is being written, or if the group is hosted here.
+    pub fn host_group(
+        &mut self,
+        now: u64,
+        config: &NodeConfig,
+        rng: &mut SimRng,
+        group: GroupId,
+        oracle: &Rc<RefCell<Oracle>>,
+    ) -> Result<(), RequestError> {
+        let id = self.id;
+        let running = self.running.as_mut().ok_or(RequestError::NotLeader { leader_hint: None })?;
+        if running.core.replica(group).is_some() || running.store.contains(group) {
+            return Err(RequestError::Rejected(format!("group {group} exists")));
+        }
+        if running.snapshotting.contains(&group) {
+            return Err(RequestError::Busy);
+        }
+        if running.store.wal().group_state(group).is_some() {
+            // Leftovers of a removal that did not finish: start clean.
+            let removal = running
+                .store
+                .remove_group(group)
+                .unwrap_or_else(|error| panic!("{id}: removing leftovers of {group}: {error}"));
+            self.start_append(now, config, rng, removal);
+        }
+        let running = self.running.as_mut().expect("running");
+        running.store.stage_group(group, &[]);
+        let machine = TracedKv::new(id, group, Rc::clone(oracle));
+        let replica = replica_config(config, id, group, Vec::new());
+        running.core.create_group(group, replica, RecoveredState::default(), machine)?;
+        if debug() {
+            eprintln!("t{now} {id} g{group} hosted (empty, joining)");
+        }
+        Ok(())
+    }
+
+    /// The driver's `remove_group`: stops hosting `group` (its pending requests fail) and
+    /// deletes its data — the catalog record at once, then its snapshot file, and a WAL record.
+    /// Refused while a snapshot file of the group is being written.
+    pub fn remove_group(
+        &mut self,
+        now: u64,
+        config: &NodeConfig,
+        rng: &mut SimRng,
+        group: GroupId,
+    ) -> Result<(), RequestError> {
+        let id = self.id;
+        let running = self.running.as_mut().ok_or(RequestError::NotLeader { leader_hint: None })?;
+        if running.snapshotting.contains(&group) {
+            return Err(RequestError::Busy);
+        }
+        if !running.core.remove_group(group, &mut running.out) {
+            return Err(RequestError::GroupNotFound(group));
+        }
+        let append = running
+            .store
+            .remove_group(group)
+            .unwrap_or_else(|error| panic!("{id}: removing {group}: {error}"));
+        if running.store.catalog_dirty() {
+            self.catalog.remove(&group);
+        } else {
+            // The catalog was written: with whatever else was staged in it.
+            self.catalog = running.store.groups().map(|(group, _)| group).collect();
+        }
+        if debug() {
+            eprintln!("t{now} {id} g{group} removed");
+        }
+        self.start_append(now, config, rng, append);
+        Ok(())
+    }
+
+    /// The highest index of `group` the node's WAL durably knows committed (its hard state's
+    /// commit, or its compaction point), while it runs.
+    pub fn durable_commit(&self, group: GroupId) -> Option<u64> {
+        let state = self.running.as_ref()?.store.wal().group_state(group)?;
+        let commit = state.hard_state.map_or(0, |hard_state| hard_state.commit);
+        Some(commit.max(state.compacted.map_or(0, |(index, _)| index)))
+    }
+
+    /// Whether the node runs and hosts a replica of `group`.
+    pub fn hosts(&self, group: GroupId) -> bool {
+        self.core().is_some_and(|core| core.replica(group).is_some())
+    }
+
+    /// The membership in effect on this node's replica of `group`, if it runs and hosts one.
+    pub fn membership(&self, group: GroupId) -> Option<&Membership> {
+        Some(self.core()?.replica(group)?.membership())
+    }
+
     /// Asks the leader of `group` here to hand over to `to`.
     pub fn transfer(&mut self, group: GroupId, to: NodeId) -> bool {
         if self.paused {
@@ -483,7 +617,9 @@ impl Node {
     pub fn expire(&mut self, tokens: &[Token]) {
         let Some(running) = self.running.as_mut() else { return };
         self.held_requests.retain(|held| match held {
-            Held::Propose { token, .. } | Held::Read { token, .. } => !tokens.contains(token),
+            Held::Propose { token, .. }
+            | Held::Read { token, .. }
+            | Held::Membership { token, .. } => !tokens.contains(token),
         });
         running.core.fail_requests(|token| tokens.contains(&token), &mut running.out);
         // The caller stopped waiting: the core's answers are not needed.
@@ -506,6 +642,9 @@ impl Node {
                     (token, self.propose(group, payload, token))
                 }
                 Held::Read { group, key, token } => (token, self.read(group, key, token)),
+                Held::Membership { group, edit, token } => {
+                    (token, self.change_membership(group, edit, token))
+                }
             };
             if let Err(error) = result {
                 outbox.refusals.push((token, error));
@@ -686,6 +825,15 @@ impl Node {
         }
         let id = self.id;
         let mut trace = 0;
+        // Groups hosted since the last iteration become durable before any of their output
+        // leaves: one catalog write for all of them.
+        if let Some(running) = self.running.as_mut()
+            && running.store.catalog_dirty()
+        {
+            running.store.sync_catalog().map_err(|error| format!("{id}: catalog: {error}"))?;
+            self.catalog = running.store.groups().map(|(group, _)| group).collect();
+            trace = mix(trace, self.catalog.len() as u64);
+        }
         loop {
             let Some(running) = self.running.as_mut() else { return Ok(trace) };
             running.core.collect(&mut running.out);
@@ -764,6 +912,7 @@ impl Node {
                 }
             }
             outbox.completions.append(&mut running.out.completions);
+            outbox.memberships.append(&mut running.out.memberships);
             running.out.clear();
             if !again {
                 return Ok(trace);
@@ -794,4 +943,5 @@ fn canonicalize(out: &mut ShardOutput<TracedKv>) {
         | Completion::Read { token, .. }
         | Completion::Failed { token, .. } => *token,
     });
+    out.memberships.sort_by_key(|(token, _)| *token);
 }
