@@ -25,7 +25,8 @@
 //! each node sends every peer an empty frame through the same faulty network) stands in for
 //! their heartbeats. Then everything heals, and every group must commit a write and every
 //! current member's replica (voters and learners in effect on the leader) converge within a
-//! bound; the replicas of nodes that are not members are then deleted.
+//! bound, all of them with the leader's membership; the replicas of nodes that are not members
+//! are then deleted.
 //!
 //! Checked: after every unit of time, each replica's `check_invariants`, one leader per term
 //! per group, one entry per index of a group whoever applies it, the same state at the same
@@ -129,6 +130,31 @@ const REGRESSION_SEEDS: &[(u64, bool, &str)] = &[
     ),
     (2262, WITHOUT_MEMBERSHIP, LOWER_TERM_QUIESCE),
     (3504, WITHOUT_MEMBERSHIP, LOWER_TERM_QUIESCE),
+    (
+        357,
+        WITH_MEMBERSHIP,
+        "simulator: the operator deleted a removed node's replica as soon as the change \
+         finished; the leader had replaced itself, and the other members, not yet knowing the \
+         leave-joint entry committed, were still in the joint configuration that needed the \
+         deleted replica's vote: the group could never elect again. Replicas are now deleted \
+         only once every current member durably knows the change committed (the wedge still \
+         replays with CLUSTER_SIM_EAGER_REMOVAL=1)",
+    ),
+    (
+        4,
+        WITH_MEMBERSHIP,
+        "simulator: final values were read from a group's leader key by key, and a converged \
+         quiet group held an election meanwhile (a straggling pre-vote woke a follower); the \
+         values are now taken at convergence and each final read waits for a leader (found by \
+         the first version of the membership operator; the run has changed since)",
+    ),
+    (
+        94,
+        WITH_MEMBERSHIP,
+        "simulator: a leader handing over leadership refuses a membership change at once with \
+         ProposalDropped (nothing appended): an expected refusal, not a violation (found by \
+         the first version of the membership operator; the run has changed since)",
+    ),
 ];
 
 /// Seeds that fail because of a known engine bug not fixed yet: `(seed, the bug)`. They run
@@ -374,6 +400,7 @@ fn heal(seed: u64, cluster: &mut Cluster, nemesis: &mut Nemesis, next_token: &mu
             }
         }
         if committed.len() == cluster.groups().len() && cluster.converged() {
+            cluster.check_memberships();
             // Their deletion is IO: converge again after it.
             if cluster.remove_non_members() == 0 {
                 break;

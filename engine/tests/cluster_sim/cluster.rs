@@ -612,6 +612,24 @@ impl Cluster {
         })
     }
 
+    /// After convergence: every member of every group applied the membership its leader has in
+    /// effect (the same log, so the same membership, also where it came from a snapshot).
+    pub fn check_memberships(&self) {
+        for &group in &self.groups {
+            let Some(leader) = self.leader_of(group) else { continue };
+            let Some(membership) = self.node(leader).membership(group) else { continue };
+            for member in membership.members() {
+                let theirs = self.node(member).membership(group);
+                if theirs != Some(membership) {
+                    self.fail(&format!(
+                        "{member}, a member of group {group}, has membership {theirs:?} at the \
+                         leader's applied index, where the leader {leader} has {membership:?}"
+                    ));
+                }
+            }
+        }
+    }
+
     /// The value of `key` in `group` on its leader (after convergence: on every member).
     pub fn final_value(&self, group: GroupId, key: &[u8]) -> Option<Bytes> {
         let leader = self.leader_of(group).expect("converged groups have a leader");
