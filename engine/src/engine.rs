@@ -35,6 +35,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::kv::{self, KvConfig, KvStateMachine, StateMachine};
 use crate::liveness::Liveness;
 use crate::shard::driver::{self, Request, ShardContext};
+use crate::shard::transfer::{SnapshotTransferStats, Transfers};
 use crate::shard::{MembershipEdit, ShardCore};
 use crate::transport::ClusterId;
 use crate::transport::faults::Faults;
@@ -104,6 +105,15 @@ pub enum Error {
     /// The group refused the request for another reason.
     #[error("rejected: {0}")]
     Rejected(String),
+    /// A proposal larger than [`EngineConfig::proposal_bytes_max`] (refused before it reaches
+    /// the group: every replica would have to log it).
+    #[error("proposal of {bytes} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// The proposal's length.
+        bytes: usize,
+        /// The limit in force.
+        max: usize,
+    },
 }
 
 /// How fresh a read must be.
@@ -200,8 +210,20 @@ pub struct EngineConfig {
     pub request_timeout: Duration,
     /// Requests queued per shard before calls fail with [`Error::Busy`].
     pub inbox_capacity: usize,
+    /// The longest proposal accepted, in bytes; longer ones fail with [`Error::TooLarge`]. The
+    /// limit in force is at most the WAL's `batch_bytes_max` less an entry's framing, since an
+    /// entry is written in one WAL record. etcd's default is 1.5 MiB, TiKV's 8 MiB.
+    pub proposal_bytes_max: usize,
     /// Snapshot a group's state machine (and compact its log) after this many applied entries.
     pub snapshot_entries: u64,
+    /// Bytes per second this node spends sending snapshots to peers, all streams together
+    /// (0: unlimited). A follower too far behind for the log receives its group's snapshot
+    /// file as a stream of chunks on a connection of its own; this bound keeps such streams
+    /// from starving the WAL and the Raft traffic of the node's other groups.
+    pub snapshot_bytes_per_sec: u64,
+    /// The bytes of one snapshot chunk: the most a stream holds in memory at once on either
+    /// side (4 KiB to 8 MiB).
+    pub snapshot_chunk_bytes: usize,
     /// Live WAL segments per shard above which the groups pinning the oldest segment are
     /// snapshotted (or copied forward) so it can be recycled: bounds disk use when many groups
     /// each write less than `snapshot_entries` between snapshots.
@@ -242,7 +264,10 @@ impl EngineConfig {
             lease_reads: false,
             request_timeout: Duration::from_secs(5),
             inbox_capacity: 16 << 10,
+            proposal_bytes_max: 1 << 20,
             snapshot_entries: 10_000,
+            snapshot_bytes_per_sec: 128 << 20,
+            snapshot_chunk_bytes: 256 << 10,
             wal_segments_target: 4,
             quiesce: true,
             wakes_per_tick: 256,
@@ -250,6 +275,14 @@ impl EngineConfig {
             wal: flotilla_wal::Config::default(),
             faults: None,
         }
+    }
+
+    /// The proposal limit in force: [`EngineConfig::proposal_bytes_max`], bounded by what one
+    /// WAL record holds.
+    pub fn proposal_limit(&self) -> usize {
+        let framing =
+            flotilla_wal::record::ENTRIES_ITEM_HEADER_LEN + flotilla_wal::record::ENTRY_HEADER_LEN;
+        self.proposal_bytes_max.min(self.wal.batch_bytes_max.saturating_sub(framing))
     }
 
     fn validate(&self) -> Result<(), Error> {
@@ -266,11 +299,17 @@ impl EngineConfig {
         if self.request_timeout < self.tick {
             return bad("request_timeout must be at least one tick");
         }
+        if self.proposal_limit() == 0 {
+            return bad("proposal_bytes_max must be positive");
+        }
         if self.inbox_capacity == 0 {
             return bad("inbox_capacity must be positive");
         }
         if self.quiesce && self.wakes_per_tick == 0 {
             return bad("wakes_per_tick must be positive when quiesce is on");
+        }
+        if !(4 << 10..=8 << 20).contains(&self.snapshot_chunk_bytes) {
+            return bad("snapshot_chunk_bytes must be in 4 KiB..=8 MiB");
         }
         if self.peers.keys().any(|id| id.0 == 0) {
             return bad("peer id 0 is reserved");
@@ -316,6 +355,8 @@ struct Inner<S: StateMachine> {
     shards: Vec<ShardHandle<S>>,
     local_addr: SocketAddr,
     backends: Vec<ActiveBackend>,
+    transfers: Arc<Transfers>,
+    proposal_limit: usize,
 }
 
 impl<S: StateMachine> Drop for Inner<S> {
@@ -409,6 +450,7 @@ where
         }
         let routes: Arc<[mpsc::Sender<Request<S>>]> = senders.clone().into();
         let liveness = Arc::new(Liveness::new(config.peers.keys().copied()));
+        let transfers = Arc::new(Transfers::new(&config));
         let config = Arc::new(config);
         let mut handles = Vec::with_capacity(shards);
         let mut starts = Vec::with_capacity(shards);
@@ -422,6 +464,7 @@ where
                 routes: Arc::clone(&routes),
                 factory: Arc::clone(factory),
                 liveness: Arc::clone(&liveness),
+                transfers: Arc::clone(&transfers),
             };
             let shard_listener = if index == 0 { listener.take() } else { None };
             let shard_stop = Arc::clone(&stop);
@@ -457,6 +500,8 @@ where
                 shards: handles,
                 local_addr,
                 backends,
+                transfers,
+                proposal_limit: config.proposal_limit(),
             }),
         })
     }
@@ -469,6 +514,11 @@ where
     /// The address peers reach this node at (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// Counters of the snapshots this node streamed to and received from its peers.
+    pub fn snapshot_transfers(&self) -> SnapshotTransferStats {
+        self.inner.transfers.stats()
     }
 
     /// The WAL backend each shard runs on (io_uring or portable).
@@ -583,6 +633,10 @@ where
         command: Bytes,
         timeout: Duration,
     ) -> Result<Applied<S::Response>, Error> {
+        let max = self.inner.proposal_limit;
+        if command.len() > max {
+            return Err(Error::TooLarge { bytes: command.len(), max });
+        }
         let deadline = Instant::now() + timeout;
         self.call(group, |reply| Request::Propose { group, payload: command, deadline, reply })
             .await

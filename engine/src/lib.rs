@@ -21,6 +21,7 @@ pub use engine::{
 };
 pub use flotilla_raftgroup::{LogIndex, Membership, MembershipChange, NodeId};
 pub use flotilla_wal::GroupId;
+pub use shard::SnapshotTransferStats;
 pub use transport::ClusterId;
 pub use transport::faults::{Faults, LinkFault};
 

@@ -348,6 +348,11 @@ async fn snapshots_compact_the_log_catch_up_a_lagging_node_and_survive_restart()
     cluster.faults.heal();
     converge_group(&cluster, group, &acknowledged).await;
     assert!(has_snapshot(&cluster, lagging, group), "the lagging node installed a snapshot");
+    // It came as a stream, spooled and then renamed into place.
+    assert!(cluster.engine(lagging).snapshot_transfers().received >= 1);
+    let shard_dir = cluster.dirs[2].path().join(format!("shard-{}", flotilla::shard_of(group, 2)));
+    let spool = shard_dir.join(format!("snapshots/{:016x}.recv", group.0));
+    assert!(!spool.exists(), "the spooled snapshot was installed by rename");
 
     // Every node restarts from its snapshot plus the log after it.
     for node in &all {
@@ -359,6 +364,146 @@ async fn snapshots_compact_the_log_catch_up_a_lagging_node_and_survive_restart()
     cluster.put(group, "after", "restart", &all).await;
     acknowledged.insert((group, "after".to_owned()), "restart".to_owned());
     converge_group(&cluster, group, &acknowledged).await;
+}
+
+/// With node 3 cut off, writes `count` values of 64 KiB to `group` through nodes 1 and 2 and
+/// waits until both snapshotted it: node 3 will need the snapshot. Returns what was written.
+async fn leave_node_3_behind(
+    cluster: &Cluster,
+    group: GroupId,
+    count: usize,
+) -> BTreeMap<(GroupId, String), String> {
+    let majority = [NodeId(1), NodeId(2)];
+    cluster.faults.isolate(NodeId(3));
+    let mut acknowledged = BTreeMap::new();
+    for i in 0..count {
+        let key = format!("big{i:04}");
+        let value = format!("{i:04}").repeat(16 << 10);
+        cluster.put(group, &key, &value, &majority).await;
+        acknowledged.insert((group, key), value);
+    }
+    let started = Instant::now();
+    while !majority.iter().all(|node| has_snapshot(cluster, *node, group)) {
+        assert!(started.elapsed() < PATIENCE, "no snapshot was taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    acknowledged
+}
+
+/// Leader and term of each of `groups`, as node `node` sees them.
+async fn leadership(
+    cluster: &Cluster,
+    node: NodeId,
+    groups: &[GroupId],
+) -> Vec<(Option<NodeId>, u64)> {
+    let mut out = Vec::new();
+    for group in groups {
+        let status = cluster.engine(node).status(*group).await.unwrap();
+        out.push((status.leader, status.term.0));
+    }
+    out
+}
+
+/// A snapshot larger than a frame may be (20–25 MiB, the frame limit is 16) reaches a follower as a
+/// rate-limited stream on its own connection, while the groups sharing the nodes, shards and
+/// peer connections with it keep their leaders and terms (no heartbeat of theirs was held up
+/// past an election timeout) and their writes stay prompt.
+#[tokio::test(flavor = "current_thread")]
+async fn a_large_snapshot_streams_rate_limited_and_other_groups_keep_their_leaders() {
+    const RATE: u64 = 8 << 20;
+    let cluster = Cluster::start_with(|config| {
+        // A leader defers compaction for a lagging follower up to 4 × this: the snapshot
+        // node 3 needs is then at least 320 × 64 KiB.
+        config.snapshot_entries = 80;
+        config.snapshot_bytes_per_sec = RATE;
+        config.snapshot_chunk_bytes = 64 << 10;
+    });
+    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+    let big = GroupId(1);
+    let others: Vec<GroupId> = (2..=9).map(GroupId).collect();
+    for engine in cluster.running() {
+        for group in std::iter::once(big).chain(others.iter().copied()) {
+            engine.create_group(group, &all).await.unwrap();
+        }
+    }
+    let (lagging, majority) = (NodeId(3), [NodeId(1), NodeId(2)]);
+    let acknowledged = leave_node_3_behind(&cluster, big, 400).await;
+    // Every other group has a leader on the majority side, settled.
+    for group in &others {
+        cluster.put(*group, "before", "heal", &majority).await;
+    }
+    let before = leadership(&cluster, NodeId(1), &others).await;
+
+    cluster.faults.heal();
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut writes = 0u64;
+    while cluster.engine(lagging).snapshot_transfers().received == 0 {
+        assert!(started.elapsed() < PATIENCE, "the snapshot never arrived");
+        for group in &others {
+            let asked = Instant::now();
+            cluster.put(*group, "during", &writes.to_string(), &majority).await;
+            slowest = slowest.max(asked.elapsed());
+            writes += 1;
+        }
+    }
+    let streamed = started.elapsed();
+    converge_group(&cluster, big, &acknowledged).await;
+
+    // Node 3 received everything after the heal (other snapshots, to node 2 while it lagged
+    // during the writes, went before).
+    let received = cluster.engine(lagging).snapshot_transfers().received_bytes;
+    // The snapshot covers most of the 25 MiB written (the rest follows as log entries): more
+    // than one frame may carry.
+    assert!(received > 16 << 20, "the file was streamed: {received} bytes");
+    // The limiter lets 200 ms of tokens through at once after a pause, no more.
+    let floor = Duration::from_secs_f64(received as f64 / RATE as f64 - 0.2);
+    assert!(streamed >= floor, "{received} bytes in {streamed:?}: faster than the limit");
+    assert_eq!(
+        leadership(&cluster, NodeId(1), &others).await,
+        before,
+        "other groups' leaders moved"
+    );
+    assert!(writes >= others.len() as u64 * 4, "{writes} writes while streaming");
+    assert!(slowest < Duration::from_secs(1), "a write took {slowest:?} during the stream");
+}
+
+/// A stream cut by a partition resumes from what the follower already holds.
+#[tokio::test(flavor = "current_thread")]
+async fn a_snapshot_stream_cut_by_a_partition_resumes_where_it_stopped() {
+    let cluster = Cluster::start_with(|config| {
+        config.snapshot_entries = 32;
+        config.snapshot_bytes_per_sec = 4 << 20;
+        config.snapshot_chunk_bytes = 64 << 10;
+    });
+    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+    let group = GroupId(1);
+    for engine in cluster.running() {
+        engine.create_group(group, &all).await.unwrap();
+    }
+    let (lagging, majority) = (NodeId(3), [NodeId(1), NodeId(2)]);
+    let acknowledged = leave_node_3_behind(&cluster, group, 160).await;
+    cluster.faults.heal();
+    let started = Instant::now();
+    while cluster.engine(lagging).snapshot_transfers().received_bytes < 3 << 20 {
+        assert!(started.elapsed() < PATIENCE, "the stream never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.faults.isolate(lagging);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cut_at = cluster.engine(lagging).snapshot_transfers().received_bytes;
+    assert_eq!(cluster.engine(lagging).snapshot_transfers().received, 0, "cut before the end");
+    cluster.faults.heal();
+    converge_group(&cluster, group, &acknowledged).await;
+
+    let received = cluster.engine(lagging).snapshot_transfers();
+    let resumed: u64 =
+        majority.iter().map(|node| cluster.engine(*node).snapshot_transfers().resumed_bytes).sum();
+    assert!(received.received >= 1, "{received:?}");
+    assert!(resumed >= cut_at - (256 << 10), "resumed {resumed} bytes of the {cut_at} held");
+    // Nothing was sent twice but the chunk in flight at the cut.
+    let file_bytes = 160 * (64 << 10);
+    assert!(received.received_bytes < file_bytes + (2 << 20), "{received:?}");
 }
 
 fn has_snapshot(cluster: &Cluster, node: NodeId, group: GroupId) -> bool {

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
+use flotilla::kv::StateMachine as _;
 use flotilla::kv::{
     Command, KvConfig, KvStateMachine, Outcome, Proposal, Query, QueryResult, Reply, Request,
 };
@@ -403,4 +404,46 @@ fn a_read_on_a_leader_that_loses_its_term_fails_at_once() {
         other => panic!("{other:?}"),
     }
     assert!(!cluster.nodes[&old].core.is_leader(group));
+}
+
+/// A leader does not compact a group under a follower that still needs the entries (it would
+/// then need a snapshot — or, being sent one, a newer one) until the deferral bound; once every
+/// follower holds them, it compacts at the threshold again.
+#[test]
+fn a_leader_defers_compaction_for_a_lagging_follower_up_to_a_bound() {
+    let mut cluster = Cluster::new(3, 1);
+    let group = GroupId(1);
+    cluster.elect(1);
+    let leader = cluster.leader(group).unwrap();
+    let lagging = cluster.nodes.keys().copied().find(|id| *id != leader).unwrap();
+    for node in cluster.nodes.values_mut() {
+        node.core.set_compaction_defer_entries(50);
+    }
+    let mut token = 100;
+    let mut write = |cluster: &mut Cluster, count: usize| {
+        for _ in 0..count {
+            token += 1;
+            let core = &mut cluster.nodes.get_mut(&leader).unwrap().core;
+            core.propose(group, put("k", &token.to_string()), token).unwrap();
+            assert!(matches!(cluster.settle(token), Completion::Applied { .. }));
+        }
+    };
+    let compacts = |cluster: &mut Cluster| {
+        let mut out = Vec::new();
+        cluster.nodes.get_mut(&leader).unwrap().core.compact_due(10, 1, |_| false, &mut out);
+        !out.is_empty()
+    };
+    cluster.isolated = Some(lagging);
+    write(&mut cluster, 20);
+    assert!(!compacts(&mut cluster), "20 entries past the threshold, but a follower lags");
+    write(&mut cluster, 40);
+    assert!(compacts(&mut cluster), "past the deferral bound the log is compacted anyway");
+    cluster.isolated = None;
+    for _ in 0..100 {
+        cluster.tick();
+    }
+    let caught_up = cluster.nodes[&lagging].core.machine(group).unwrap().applied_index();
+    assert_eq!(caught_up, cluster.nodes[&leader].core.machine(group).unwrap().applied_index());
+    write(&mut cluster, 12);
+    assert!(compacts(&mut cluster), "every follower holds the entries: compacted at 10");
 }

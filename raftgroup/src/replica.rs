@@ -509,6 +509,41 @@ impl Replica {
         Ok(meta)
     }
 
+    /// On a leader, the lowest index a member still needs from the log and is not known to be
+    /// receiving: `match + 1` of each member being probed, being sent a snapshot, or not heard
+    /// from within an election timeout. Compacting the log at or past it makes that member
+    /// need a snapshot (a newer one, if one is on its way). `None` on a follower, or while
+    /// every member keeps up.
+    pub fn lagging_from(&self) -> Option<LogIndex> {
+        if self.role() != Role::Leader {
+            return None;
+        }
+        let timeout = u64::from(self.settings.election_ticks);
+        self.progress
+            .iter()
+            .filter(|p| p.id != self.id)
+            .filter(|p| {
+                p.state != ProgressState::Replicate
+                    || self.ticks.saturating_sub(p.heard_tick) >= timeout
+            })
+            .map(|p| p.match_index.next())
+            .min()
+    }
+
+    /// Replaces the data of the latest snapshot, if it is still the one at `index`, with `data`,
+    /// which must be the same image: the application moved it (to a memory map of the file it
+    /// wrote, say), so that a heap copy as large as the state is not held until the next
+    /// compaction. Returns whether it did.
+    pub fn replace_snapshot_data(&mut self, index: LogIndex, data: Bytes) -> bool {
+        match self.snapshot.as_deref_mut() {
+            Some(snapshot) if snapshot.meta.index == index => {
+                snapshot.data = data;
+                true
+            }
+            _ => false,
+        }
+    }
+
     // ----- output -----
 
     /// True if [`Replica::ready`] has something to do.

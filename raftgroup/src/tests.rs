@@ -424,3 +424,40 @@ fn coalesced_appends_are_split_by_max_batch_bytes_and_bounded_by_the_window() {
     assert!(appends_to(&ready.messages, 3).is_empty(), "n3's window is still full");
     leader.check_invariants().expect("invariants");
 }
+
+/// A snapshot's data can be swapped for the same image held elsewhere (the engine maps the file
+/// it wrote rather than keep a heap copy); followers needing a snapshot then get the new data,
+/// and a stale index changes nothing.
+#[test]
+fn a_snapshot_s_data_can_be_replaced_only_at_its_own_index() {
+    let (mut leader, ready) = leader_with_unpersisted_noop();
+    leader.advance(ready);
+    leader.on_persisted(Term(1), LogIndex(1));
+    leader.step(ack(2, 1)).expect("valid");
+    leader.propose(Bytes::from_static(b"x")).expect("leader");
+    let ready = leader.ready();
+    leader.advance(ready);
+    leader.on_persisted(Term(1), LogIndex(2));
+    leader.step(ack(2, 2)).expect("valid");
+    assert_eq!(leader.commit_index(), LogIndex(2));
+    let ready = leader.ready();
+    leader.advance(ready);
+    leader.on_applied(LogIndex(2));
+    leader.compact(LogIndex(2), Bytes::from_static(b"heap")).expect("compactable");
+    assert!(!leader.replace_snapshot_data(LogIndex(1), Bytes::from_static(b"wrong")));
+    assert!(leader.replace_snapshot_data(LogIndex(2), Bytes::from_static(b"mapped")));
+    // Follower 3 (still probed from the election) rejects; the log it needs is compacted.
+    let reject = MessageBody::AppendResponse {
+        reject: true,
+        index: LogIndex(0),
+        hint_index: LogIndex::ZERO,
+        hint_term: Term::ZERO,
+    };
+    leader.step(message(3, 1, 1, reject)).expect("valid");
+    let ready = leader.ready();
+    let sent = ready.messages.iter().find_map(|m| match &m.body {
+        MessageBody::Snapshot { snapshot } if m.to == NodeId(3) => Some(snapshot.data.clone()),
+        _ => None,
+    });
+    assert_eq!(sent, Some(Bytes::from_static(b"mapped")));
+}

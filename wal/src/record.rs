@@ -22,8 +22,9 @@ const ITEM_TRUNCATE: u8 = 3;
 const ITEM_COMPACT: u8 = 4;
 const ITEM_REMOVE_GROUP: u8 = 5;
 
-/// Bytes of an entries item before its entries: kind, group, first index, count.
-const ENTRIES_ITEM_HEADER_LEN: usize = 1 + 8 + 8 + 4;
+/// Bytes of an entries item before its entries: kind, group, first index, count (what a
+/// caller cutting batches to a size adds per run of entries).
+pub const ENTRIES_ITEM_HEADER_LEN: usize = 1 + 8 + 8 + 4;
 /// Bytes of each entry before its payload: term (u64), payload length (u32), tag (u8). The tag is
 /// the last byte, so it sits immediately before the payload: a reader holding a payload's offset
 /// finds the tag at `offset - 1`.
@@ -644,6 +645,11 @@ impl WriteBatch {
     /// The operations, in order.
     pub fn ops(&self) -> &[Op] {
         &self.ops
+    }
+
+    /// The operations, in order, taken out of the batch.
+    pub fn into_ops(self) -> Vec<Op> {
+        self.ops
     }
 
     /// Whether the batch has no operations.

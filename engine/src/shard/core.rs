@@ -376,6 +376,8 @@ pub struct ShardCore<S: StateMachine> {
     node_age: BTreeMap<NodeId, u32>,
     /// Peer nodes declared down.
     down: BTreeSet<NodeId>,
+    /// See [`ShardCore::set_compaction_defer_entries`].
+    compaction_defer_entries: u64,
 }
 
 impl<S: StateMachine> std::fmt::Debug for ShardCore<S> {
@@ -400,7 +402,17 @@ impl<S: StateMachine> ShardCore<S> {
             wake_queue: VecDeque::new(),
             node_age: BTreeMap::new(),
             down: BTreeSet::new(),
+            compaction_defer_entries: COMPACTION_DEFER_DEFAULT,
         }
+    }
+
+    /// A leader holds off compacting a group while a member still needs entries the compaction
+    /// would drop — it is catching up from the log, or is down, or is being sent a snapshot —
+    /// until `entries` were applied since the last snapshot. Compacting under such a
+    /// follower makes it need a snapshot, and a snapshot in flight stale on arrival (the whole
+    /// state would be sent again). The engine passes four times its snapshot threshold.
+    pub fn set_compaction_defer_entries(&mut self, entries: u64) {
+        self.compaction_defer_entries = entries;
     }
 
     /// Lets idle groups go quiet (see [`Quiescence`]). The driver must then report node-level
@@ -936,7 +948,8 @@ impl<S: StateMachine> ShardCore<S> {
             if skip(*group) {
                 continue;
             }
-            if let Some(snapshot) = compact_group(slot, min_entries) {
+            if let Some(snapshot) = compact_group(slot, min_entries, self.compaction_defer_entries)
+            {
                 out.push((*group, snapshot));
             }
         }
@@ -945,7 +958,17 @@ impl<S: StateMachine> ShardCore<S> {
     /// Snapshots `group` if it applied anything since its last snapshot (the log store wants
     /// the segments its old entries pin): like [`ShardCore::compact_due`] for one group.
     pub fn compact_now(&mut self, group: GroupId) -> Option<Snapshot> {
-        compact_group(self.groups.get_mut(&group)?, 1)
+        let slot = self.groups.get_mut(&group)?;
+        compact_group(slot, 1, self.compaction_defer_entries)
+    }
+
+    /// Replaces the data of `group`'s latest snapshot, if it is still the one at `index`, with
+    /// `data` (the same image, elsewhere: a map of the file it was written to). See
+    /// [`flotilla_raftgroup::Replica::replace_snapshot_data`].
+    pub fn replace_snapshot_data(&mut self, group: GroupId, index: LogIndex, data: Bytes) -> bool {
+        self.groups
+            .get_mut(&group)
+            .is_some_and(|slot| slot.replica.replace_snapshot_data(index, data))
     }
 
     /// Asks `group`'s leader (this replica) to hand leadership to `to`: it brings `to` up to
@@ -973,10 +996,23 @@ fn live_quorum(replica: &Replica, me: NodeId, down: &BTreeSet<NodeId>) -> bool {
     replica.membership().vote_result(|id| Some(id == me || !down.contains(&id))) == VoteResult::Won
 }
 
-fn compact_group<S: StateMachine>(slot: &mut Group<S>, min_entries: u64) -> Option<Snapshot> {
+/// [`ShardCore::set_compaction_defer_entries`] until set: four times the engine's default
+/// snapshot threshold.
+const COMPACTION_DEFER_DEFAULT: u64 = 40_000;
+
+fn compact_group<S: StateMachine>(
+    slot: &mut Group<S>,
+    min_entries: u64,
+    defer_entries: u64,
+) -> Option<Snapshot> {
     let applied = slot.machine.applied_index();
     let since = applied.0.saturating_sub(slot.replica.status().snapshot_index.0);
     if since < min_entries.max(1) {
+        return None;
+    }
+    // Down or not: a follower that is down may be back in a moment (a snapshot cut by a blip
+    // resumes only into the same file), and the bound keeps what it holds small.
+    if since < defer_entries && slot.replica.lagging_from().is_some_and(|from| from <= applied) {
         return None;
     }
     let data = slot.machine.snapshot();

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla_raftgroup::{
-    Config, Entry, LogIndex, Membership, Message, NodeId, ReadMode, RecoveredState, Snapshot,
-    SnapshotMeta, Term,
+    Config, Entry, LogIndex, Membership, Message, MessageBody, NodeId, ReadMode, RecoveredState,
+    Snapshot, SnapshotMeta, Term,
 };
 use flotilla_wal::{ActiveBackend, AppendFuture, GroupId, WalError, WriteBatch};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -34,7 +34,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::core::{
     Completion, MembershipEdit, Quiescence, RequestError, ShardCore, ShardOutput, Token,
 };
-use super::store::{ShardStore, StoreError, write_snapshot};
+use super::store::{ShardStore, StoreError, map_snapshot, write_snapshot};
+use super::transfer::{self, Job, Receiver, Transfers};
 use crate::engine::{
     Applied, Consistency, EngineConfig, Error, GroupStatus, MachineFactory, ShardStats, shard_of,
 };
@@ -43,6 +44,7 @@ use crate::liveness::Liveness;
 use crate::transport::batch::{self, BatchWriter};
 use crate::transport::connection::{Connection, ConnectionConfig};
 use crate::transport::faults::{Faults, Verdict};
+use crate::transport::frame::FrameKind;
 use crate::transport::handshake::Identity;
 
 /// Inbox requests handled per loop iteration before the loop collects, so ticks and WAL
@@ -124,7 +126,8 @@ pub(crate) enum Request<S: StateMachine> {
     SnapshotSaved {
         group: GroupId,
         meta: SnapshotMeta,
-        result: Result<(), Error>,
+        /// The image as a map of the file written (if the file still holds this snapshot).
+        result: Result<Option<Bytes>, Error>,
     },
 }
 
@@ -135,6 +138,13 @@ pub(crate) struct ShardContext<S: StateMachine> {
     pub routes: Arc<[mpsc::Sender<Request<S>>]>,
     pub factory: MachineFactory<S>,
     pub liveness: Arc<Liveness>,
+    /// Node-wide snapshot-transfer rate limit and counters.
+    pub transfers: Arc<Transfers>,
+}
+
+/// The directory of shard `index` under the node's data directory.
+pub(crate) fn shard_dir(config: &EngineConfig, index: usize) -> std::path::PathBuf {
+    config.data_dir.join(format!("shard-{index}"))
 }
 
 enum Pending<S: StateMachine> {
@@ -301,6 +311,8 @@ struct Shard<S: StateMachine> {
     next_token: Token,
     inflight: VecDeque<InFlight>,
     peers: BTreeMap<NodeId, mpsc::Sender<Vec<u8>>>,
+    /// Per peer, the task streaming snapshots to it (see [`super::transfer`]).
+    snapshot_senders: BTreeMap<NodeId, mpsc::Sender<Job>>,
     fetched: Vec<Entry>,
     snapshots: Vec<(GroupId, Snapshot)>,
     /// Replies to `create_group` calls waiting for the catalog write.
@@ -325,11 +337,12 @@ where
 {
     fn open(context: ShardContext<S>, inbox: mpsc::Receiver<Request<S>>) -> Result<Self, Error> {
         let config = &context.config;
-        let dir = config.data_dir.join(format!("shard-{}", context.index));
+        let dir = shard_dir(config, context.index);
         let (store, recovery) =
             ShardStore::open(&dir, config.wal.clone()).map_err(storage_error)?;
         tracing::info!(shard = context.index, report = ?recovery.report, "shard log recovered");
         let mut core = ShardCore::new(config.node);
+        core.set_compaction_defer_entries(config.snapshot_entries.saturating_mul(4));
         if config.quiesce {
             core.enable_quiescence(Quiescence {
                 // Two election timeouts: a node whose shard thread stalls for one (a busy
@@ -363,6 +376,7 @@ where
             next_token: 1,
             inflight: VecDeque::new(),
             peers: BTreeMap::new(),
+            snapshot_senders: BTreeMap::new(),
             fetched: Vec::new(),
             snapshots: Vec::new(),
             created: Vec::new(),
@@ -542,6 +556,7 @@ where
                         Arc::clone(&self.context.config),
                         Arc::clone(&self.context.routes),
                         Arc::clone(&self.context.liveness),
+                        Arc::clone(&self.context.transfers),
                     ));
                 }
                 Err(error) => tracing::warn!(%error, "could not adopt an accepted connection"),
@@ -810,7 +825,15 @@ where
             let inbox = self.context.routes[self.context.index].clone();
             tokio::task::spawn_local(async move {
                 let meta = snapshot.meta.clone();
-                let write = move || write_snapshot(&path, group, &snapshot);
+                let write = move || {
+                    write_snapshot(&path, group, &snapshot)?;
+                    // The image the replica holds is a heap copy as large as the state: map the
+                    // file instead (unless a newer snapshot replaced it meanwhile).
+                    let mapped = map_snapshot(&path, group)?;
+                    Ok::<_, StoreError>(
+                        (mapped.meta.index == snapshot.meta.index).then_some(mapped.data),
+                    )
+                };
                 let result = match tokio::task::spawn_blocking(write).await {
                     Ok(result) => result.map_err(storage_error),
                     Err(error) => Err(Error::Storage(format!("snapshot writer: {error}").into())),
@@ -826,12 +849,18 @@ where
         &mut self,
         group: GroupId,
         meta: &SnapshotMeta,
-        result: Result<(), Error>,
+        result: Result<Option<Bytes>, Error>,
     ) {
         self.snapshotting.remove(&group);
-        if let Err(error) = result {
-            self.fail(error);
-            return;
+        let mapped = match result {
+            Ok(mapped) => mapped,
+            Err(error) => {
+                self.fail(error);
+                return;
+            }
+        };
+        if let Some(data) = mapped {
+            self.core.replace_snapshot_data(group, meta.index, data);
         }
         let append = self.store.compact_log(group, meta);
         self.start_append(append, None);
@@ -935,23 +964,36 @@ where
                     self.out.send_after_persist = after;
                 }
             } else {
-                let mut batch = WriteBatch::new();
-                if let Err(error) = self.store.stage(&mut self.out.persist, &mut batch) {
+                // Cut to the WAL's record size: a loop iteration may gather more than one
+                // record holds (many groups, large entries). Appends persist in order, so what
+                // waits for this iteration's writes waits for the last of them.
+                let mut batches = Vec::new();
+                let max_bytes = self.context.config.wal.batch_bytes_max;
+                if let Err(error) =
+                    self.store.stage_split(&mut self.out.persist, max_bytes, &mut batches)
+                {
                     self.fail(storage_error(error));
                     return;
                 }
-                let entries: usize = batch
-                    .ops()
-                    .iter()
-                    .map(|op| match op {
-                        flotilla_wal::Op::Entries { entries, .. } => entries.len(),
-                        _ => 0,
-                    })
-                    .sum();
-                self.metrics.wal_batch_entries.record(entries as f64);
-                // Unsynced only when the operator asked for it (`EngineConfig::sync`).
-                let append = self.store.wal().append_with(batch, self.context.config.sync);
-                self.start_append(append, None);
+                if batches.is_empty() {
+                    // Nothing to write after all (a stale snapshot's compaction): an empty
+                    // append still orders what waits for this iteration behind earlier ones.
+                    batches.push(WriteBatch::new());
+                }
+                for batch in batches {
+                    let entries: usize = batch
+                        .ops()
+                        .iter()
+                        .map(|op| match op {
+                            flotilla_wal::Op::Entries { entries, .. } => entries.len(),
+                            _ => 0,
+                        })
+                        .sum();
+                    self.metrics.wal_batch_entries.record(entries as f64);
+                    // Unsynced only when the operator asked for it (`EngineConfig::sync`).
+                    let append = self.store.wal().append_with(batch, self.context.config.sync);
+                    self.start_append(append, None);
+                }
                 let last = self.inflight.back_mut().expect("just pushed");
                 last.persisted = std::mem::take(&mut self.out.persisted);
                 last.after = std::mem::take(&mut self.out.send_after_persist);
@@ -1008,6 +1050,20 @@ where
             if list.is_empty() {
                 continue;
             }
+            // A snapshot goes as a stream of its file, on a connection of its own.
+            if list.iter().any(|(_, message)| matches!(message.body, MessageBody::Snapshot { .. }))
+            {
+                let (snapshots, rest) = std::mem::take(list)
+                    .into_iter()
+                    .partition(|(_, message)| matches!(message.body, MessageBody::Snapshot { .. }));
+                *list = rest;
+                for (group, message) in snapshots {
+                    self.send_snapshot(*peer, group, message);
+                }
+                if list.is_empty() {
+                    continue;
+                }
+            }
             let Some(sender) = self.peer(*peer) else {
                 list.clear();
                 continue;
@@ -1028,6 +1084,28 @@ where
                 let _ = sender.try_send(body);
             }
         }
+    }
+
+    /// Hands a snapshot Raft wants sent to `peer` to the task streaming snapshots to it.
+    fn send_snapshot(&mut self, peer: NodeId, group: GroupId, message: Message) {
+        let config = &self.context.config;
+        let Some(addr) = config.peers.get(&peer).copied() else { return };
+        let sender = self.snapshot_senders.entry(peer).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(transfer::QUEUE_MAX);
+            let identity = Identity { cluster: config.cluster, node: config.node };
+            tokio::task::spawn_local(transfer::send_snapshots(
+                identity,
+                peer,
+                addr,
+                rx,
+                config.faults.clone(),
+                Arc::clone(&self.context.transfers),
+                config.snapshot_chunk_bytes,
+            ));
+            tx
+        });
+        // A full queue drops the offer: Raft offers again after an election timeout.
+        let _ = sender.try_send(Job::new(group, message, self.store.snapshot_path(group)));
     }
 
     fn peer(&mut self, peer: NodeId) -> Option<mpsc::Sender<Vec<u8>>> {
@@ -1182,6 +1260,7 @@ async fn read_connection<S: StateMachine>(
     config: Arc<EngineConfig>,
     routes: Arc<[mpsc::Sender<Request<S>>]>,
     liveness: Arc<Liveness>,
+    transfers: Arc<Transfers>,
 ) {
     let identity = Identity { cluster: config.cluster, node: config.node };
     let members = config.peers.keys().copied().filter(|id| *id != config.node).collect();
@@ -1191,6 +1270,7 @@ async fn read_connection<S: StateMachine>(
     let peer = connection.peer();
     let mut messages = Vec::new();
     let mut per_shard: Vec<Vec<(GroupId, Message)>> = vec![Vec::new(); routes.len()];
+    let mut snapshots = None;
     loop {
         let frame = match connection.recv().await {
             Ok(frame) => frame,
@@ -1199,6 +1279,21 @@ async fn read_connection<S: StateMachine>(
                 return;
             }
         };
+        if frame.header.kind == FrameKind::Snapshot {
+            let receiver = snapshots.get_or_insert_with(|| {
+                Receiver::new(
+                    Arc::clone(&config),
+                    Arc::clone(&routes),
+                    Arc::clone(&transfers),
+                    peer,
+                )
+            });
+            if let Err(error) = receiver.on_frame(&frame.body, &mut connection).await {
+                tracing::warn!(%peer, %error, "bad snapshot stream from a peer; closing it");
+                return;
+            }
+            continue;
+        }
         if let Err(error) = batch::decode_shared(&frame.body, &mut messages) {
             tracing::warn!(%peer, %error, "bad batch from a peer; closing its connection");
             return;

@@ -3,8 +3,10 @@
 mod core;
 pub(crate) mod driver;
 pub mod store;
+pub(crate) mod transfer;
 
 pub use self::core::{
     Completion, MembershipEdit, PROMOTE_LAG_ENTRIES_MAX, PersistItem, Quiescence, RequestError,
     ShardCore, ShardOutput, Token,
 };
+pub use self::transfer::SnapshotTransferStats;

@@ -7,6 +7,8 @@
 //! wal/                 the shard's flotilla-wal log (see wal/FORMAT.md)
 //! catalog              the groups hosted here and their initial voters
 //! snapshots/<group>    the latest state-machine snapshot of each group (16 hex digits)
+//! snapshots/<group>.recv     a snapshot file arriving from the leader, spooled as it streams
+//! snapshots/<group>.recv-id  which file that is (so a cut stream resumes only into the same)
 //! ```
 //!
 //! Entries keep their [`EntryKind`] in the WAL's per-entry tag byte ([`tag_of`]), so reads stay
@@ -296,30 +298,71 @@ impl ShardStore {
 
     /// Adds what `items` ask to persist to `batch` (one WAL round for the whole shard). A
     /// snapshot in an item is written to its file (durably, now) before its compaction enters
-    /// the batch.
+    /// the batch. The batch may exceed the WAL's `batch_bytes_max`: see [`ShardStore::stage_split`].
     pub fn stage(
         &self,
         items: &mut [(GroupId, PersistItem)],
         batch: &mut WriteBatch,
     ) -> Result<(), StoreError> {
+        let mut batches = Vec::new();
+        self.stage_split(items, usize::MAX, &mut batches)?;
+        for op in batches.into_iter().flat_map(WriteBatch::into_ops) {
+            batch.push(op);
+        }
+        Ok(())
+    }
+
+    /// Like [`ShardStore::stage`], cut into batches of at most `max_bytes` each (the WAL's
+    /// `batch_bytes_max`), pushed onto `batches` in order. Appended in that order they persist
+    /// in that order, so a crash keeps a prefix: a group's entries before its hard state, a
+    /// snapshot's compaction before the entries after it. Only an entry larger than `max_bytes`
+    /// on its own makes a batch exceed it (the WAL refuses it; proposals are bounded below it).
+    pub fn stage_split(
+        &self,
+        items: &mut [(GroupId, PersistItem)],
+        max_bytes: usize,
+        batches: &mut Vec<WriteBatch>,
+    ) -> Result<(), StoreError> {
+        use flotilla_wal::record::{ENTRIES_ITEM_HEADER_LEN, ENTRY_HEADER_LEN};
+        // Small items (hard state, compaction, truncation) take at most this much.
+        const SMALL_ITEMS: usize = 64;
+        let mut batch = WriteBatch::new();
+        let mut room = |batch: &mut WriteBatch, need: usize| {
+            if !batch.is_empty() && batch.encoded_len().saturating_add(need) > max_bytes {
+                batches.push(std::mem::take(batch));
+            }
+        };
         for (group, item) in items {
             let group = *group;
             if let Some(snapshot) = item.snapshot.take() {
-                self.save_snapshot(group, &snapshot)?;
-                self.compact_to(group, &snapshot.meta, batch);
+                self.install_snapshot(group, &snapshot)?;
+                room(&mut batch, SMALL_ITEMS);
+                self.compact_to(group, &snapshot.meta, &mut batch);
             }
-            let entries = std::mem::take(&mut item.entries);
-            if let Some(first) = entries.first() {
+            let mut entries = std::mem::take(&mut item.entries).into_iter().peekable();
+            while let Some(first) = entries.peek() {
                 let first_index = first.index.0;
-                batch.add_tagged_entries(
-                    group,
-                    first_index,
-                    entries.into_iter().map(|e| (e.term.0, tag_of(e.kind), e.payload)),
-                );
+                room(&mut batch, ENTRIES_ITEM_HEADER_LEN + ENTRY_HEADER_LEN + first.payload.len());
+                let mut run_bytes = batch.encoded_len() + ENTRIES_ITEM_HEADER_LEN;
+                let mut run = Vec::new();
+                while let Some(entry) = entries.peek() {
+                    let cost = ENTRY_HEADER_LEN + entry.payload.len();
+                    if !run.is_empty() && run_bytes.saturating_add(cost) > max_bytes {
+                        break;
+                    }
+                    run_bytes = run_bytes.saturating_add(cost);
+                    let entry = entries.next().expect("peeked");
+                    run.push((entry.term.0, tag_of(entry.kind), entry.payload));
+                }
+                batch.add_tagged_entries(group, first_index, run);
             }
             if let Some(hs) = item.hard_state {
+                room(&mut batch, SMALL_ITEMS);
                 batch.set_hard_state(group, wal_hard_state(hs));
             }
+        }
+        if !batch.is_empty() {
+            batches.push(batch);
         }
         Ok(())
     }
@@ -401,7 +444,7 @@ impl ShardStore {
 
     /// Where `group`'s snapshot file lives.
     pub fn snapshot_path(&self, group: GroupId) -> PathBuf {
-        self.dir.join("snapshots").join(format!("{:016x}", group.0))
+        snapshot_file(&self.dir, group)
     }
 
     /// Writes `snapshot` as `group`'s snapshot file, durably.
@@ -413,6 +456,15 @@ impl ShardStore {
     pub fn delete_snapshot(&self, group: GroupId) -> Result<(), StoreError> {
         let path = self.snapshot_path(group);
         let _writing = file_lock(&path);
+        // A half-received stream of the group goes too (unlinking keeps any map of it valid).
+        for spooled in [spool_path(&path), spool_id_path(&path)] {
+            match fs::remove_file(&spooled) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_error("removing", &spooled)(error));
+                }
+                _ => {}
+            }
+        }
         match fs::remove_file(&path) {
             Ok(()) => sync_dir(&self.dir.join("snapshots")),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -420,17 +472,35 @@ impl ShardStore {
         }
     }
 
-    /// Reads `group`'s snapshot file, if any.
+    /// Maps `group`'s snapshot file, if any, verifying it whole. The data is a slice of the
+    /// map, not a copy: a replica keeps its latest snapshot to serve lagging followers, and an
+    /// image in memory per group would double the state's footprint.
     pub fn load_snapshot(&self, group: GroupId) -> Result<Option<Snapshot>, StoreError> {
+        match map_snapshot(&self.snapshot_path(group), group) {
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            result => result.map(Some),
+        }
+    }
+
+    /// Makes `snapshot`, which a leader sent, `group`'s snapshot file. A snapshot that arrived
+    /// by stream is already on disk, verified and synced, at [`spool_path`]: it is renamed into
+    /// place; otherwise the file is written.
+    fn install_snapshot(&self, group: GroupId, snapshot: &Snapshot) -> Result<(), StoreError> {
         let path = self.snapshot_path(group);
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => Bytes::from(bytes),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => return Err(io_error("reading", &path)(error)),
-        };
-        decode_snapshot(&bytes, group)
-            .map(Some)
-            .map_err(|detail| StoreError::Corrupt { path, detail })
+        let spool = spool_path(&path);
+        if peek_snapshot(&spool) == Some((snapshot.meta.index, snapshot.meta.term)) {
+            let _writing = file_lock(&path);
+            if peek_snapshot(&path).is_some_and(|(index, _)| index > snapshot.meta.index) {
+                return Ok(());
+            }
+            fs::rename(&spool, &path).map_err(io_error("renaming", &spool))?;
+            // The resume record now names a file that is gone; a stale one only costs a restart.
+            let _ = fs::remove_file(spool_id_path(&path));
+            return sync_dir(path.parent().expect("a file in a directory"));
+        }
+        write_snapshot(&path, group, snapshot)
     }
 
     fn write_catalog(&mut self) -> Result<(), StoreError> {
@@ -448,7 +518,7 @@ impl ShardStore {
         }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
-        write_atomically(&self.dir.join("catalog"), &out)?;
+        write_atomically(&self.dir.join("catalog"), &[&out])?;
         self.catalog_dirty = false;
         Ok(())
     }
@@ -465,27 +535,80 @@ pub fn write_snapshot(path: &Path, group: GroupId, snapshot: &Snapshot) -> Resul
     // one) may write the same group's file at once: the newer-file check, the temp file and the
     // rename must not interleave, or an older image could replace a newer one.
     let _writing = file_lock(path);
-    if let Ok(existing) = fs::read(path)
-        && let Ok(existing) = decode_snapshot(&Bytes::from(existing), group)
-        && existing.meta.index > snapshot.meta.index
-    {
+    if peek_snapshot(path).is_some_and(|(index, _)| index > snapshot.meta.index) {
         return Ok(());
     }
     let membership = snapshot.meta.membership.encode();
-    let mut out = Vec::with_capacity(64 + membership.len() + snapshot.data.len());
-    out.extend_from_slice(SNAPSHOT_MAGIC);
-    out.extend_from_slice(&FILE_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&group.0.to_le_bytes());
-    out.extend_from_slice(&snapshot.meta.index.0.to_le_bytes());
-    out.extend_from_slice(&snapshot.meta.term.0.to_le_bytes());
-    out.extend_from_slice(&(membership.len() as u32).to_le_bytes());
-    out.extend_from_slice(&membership);
-    out.extend_from_slice(&(snapshot.data.len() as u64).to_le_bytes());
-    out.extend_from_slice(&snapshot.data);
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    write_atomically(path, &out)
+    let mut header = Vec::with_capacity(64 + membership.len());
+    header.extend_from_slice(SNAPSHOT_MAGIC);
+    header.extend_from_slice(&FILE_VERSION.to_le_bytes());
+    header.extend_from_slice(&0u16.to_le_bytes());
+    header.extend_from_slice(&group.0.to_le_bytes());
+    header.extend_from_slice(&snapshot.meta.index.0.to_le_bytes());
+    header.extend_from_slice(&snapshot.meta.term.0.to_le_bytes());
+    header.extend_from_slice(&(membership.len() as u32).to_le_bytes());
+    header.extend_from_slice(&membership);
+    header.extend_from_slice(&(snapshot.data.len() as u64).to_le_bytes());
+    // Written piece by piece: the image is not copied into one buffer with its header.
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header);
+    crc.update(&snapshot.data);
+    let crc = crc.finalize().to_le_bytes();
+    write_atomically(path, &[&header, &snapshot.data, &crc])
+}
+
+/// Where a snapshot arriving by stream is spooled until the group installs it: beside the
+/// group's snapshot file (`<group>.recv`), so installing it is a rename.
+pub fn spool_path(snapshot_path: &Path) -> PathBuf {
+    snapshot_path.with_extension("recv")
+}
+
+/// Where the identity of the spooled file is kept (`<group>.recv-id`), so a stream cut by a
+/// disconnect or a restart resumes only into the same file.
+pub fn spool_id_path(snapshot_path: &Path) -> PathBuf {
+    snapshot_path.with_extension("recv-id")
+}
+
+/// The index and term a snapshot file's header names, without verifying the file (`None` if it
+/// is missing or too short): enough to decide which of two files is newer.
+pub fn peek_snapshot(path: &Path) -> Option<(LogIndex, Term)> {
+    use std::io::Read;
+    let mut header = [0u8; 32];
+    fs::File::open(path).ok()?.read_exact(&mut header).ok()?;
+    if &header[..4] != SNAPSHOT_MAGIC {
+        return None;
+    }
+    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    Some((LogIndex(u64_at(16)), Term(u64_at(24))))
+}
+
+/// Maps the snapshot file at `path` and verifies it whole (checksum, group, layout); the
+/// snapshot's data is a slice of the map. Blocking, and reads the whole file once.
+pub fn map_snapshot(path: &Path, group: GroupId) -> Result<Snapshot, StoreError> {
+    let file = fs::File::open(path).map_err(io_error("opening", path))?;
+    map_snapshot_file(&file, path, group).map(|(_, snapshot)| snapshot)
+}
+
+/// [`map_snapshot`] of an open `file` (named `path` in errors), also returning the whole
+/// file's bytes (the snapshot's data is a slice of them): what a sender streams.
+pub fn map_snapshot_file(
+    file: &fs::File,
+    path: &Path,
+    group: GroupId,
+) -> Result<(Bytes, Snapshot), StoreError> {
+    // SAFETY: snapshot files are never changed in place once complete: they are written under
+    // a temporary name and renamed, or spooled, synced and only then mapped; a file replaced
+    // or deleted is unlinked, which leaves a live map of it intact.
+    let map = unsafe { memmap2::Mmap::map(file) }.map_err(io_error("mapping", path))?;
+    let bytes = Bytes::from_owner(map);
+    let snapshot = decode_snapshot(&bytes, group)
+        .map_err(|detail| StoreError::Corrupt { path: path.to_path_buf(), detail })?;
+    Ok((bytes, snapshot))
+}
+
+/// Where the snapshot file of `group` lives under the shard directory `shard_dir`.
+pub fn snapshot_file(shard_dir: &Path, group: GroupId) -> PathBuf {
+    shard_dir.join("snapshots").join(format!("{:016x}", group.0))
 }
 
 fn to_raft_entry(group: GroupId, entry: flotilla_wal::Entry) -> Result<Entry, StoreError> {
@@ -529,10 +652,12 @@ fn file_lock(path: &Path) -> std::sync::MutexGuard<'static, ()> {
     STRIPES[stripe].lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+fn write_atomically(path: &Path, pieces: &[&[u8]]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
     let mut file = fs::File::create(&tmp).map_err(io_error("creating", &tmp))?;
-    file.write_all(bytes).map_err(io_error("writing", &tmp))?;
+    for piece in pieces {
+        file.write_all(piece).map_err(io_error("writing", &tmp))?;
+    }
     file.sync_all().map_err(io_error("syncing", &tmp))?;
     drop(file);
     fs::rename(&tmp, path).map_err(io_error("renaming", &tmp))?;
@@ -667,6 +792,61 @@ mod tests {
             ..flotilla_wal::Config::default()
         };
         ShardStore::open(dir, config).unwrap().0
+    }
+
+    /// One loop iteration may gather more than one WAL record holds: the persist is cut into
+    /// records of at most `batch_bytes_max`, in order, each group's hard state after its
+    /// entries — and all of it recovers.
+    #[test]
+    fn a_persist_larger_than_a_record_is_cut_into_records_that_recover_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = inline_store(dir.path());
+        let max = 64 << 10;
+        let entry = |i: u64| Entry {
+            index: LogIndex(i),
+            term: Term(2),
+            kind: EntryKind::Normal,
+            payload: Bytes::from(vec![i as u8; 5000]),
+        };
+        let hard_state = HardState { term: Term(2), vote: None, commit: LogIndex(40) };
+        let mut items: Vec<(GroupId, PersistItem)> = (1..=3)
+            .map(|group| {
+                let item = PersistItem {
+                    snapshot: None,
+                    entries: (1..=40).map(entry).collect(),
+                    hard_state: Some(hard_state),
+                };
+                (GroupId(group), item)
+            })
+            .collect();
+        let mut batches = Vec::new();
+        store.stage_split(&mut items, max, &mut batches).unwrap();
+        assert!(batches.len() >= 600_000 / max, "{} batches", batches.len());
+        let mut seen = BTreeMap::<GroupId, u64>::new();
+        for batch in &batches {
+            assert!(batch.encoded_len() <= max, "{} bytes", batch.encoded_len());
+            for op in batch.ops() {
+                match op {
+                    flotilla_wal::Op::Entries { group, first_index, entries } => {
+                        let next = seen.entry(*group).or_insert(1);
+                        assert_eq!(*first_index, *next, "entries of {group} in order");
+                        *next += entries.len() as u64;
+                    }
+                    flotilla_wal::Op::HardState { group, .. } => {
+                        assert_eq!(seen.get(group), Some(&41), "hard state after all entries");
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        for batch in batches {
+            flotilla_wal::block_on(store.wal().append(batch)).unwrap();
+        }
+        for group in 1..=3 {
+            let recovered = store.recover_group(GroupId(group)).unwrap();
+            assert_eq!(recovered.last_index, LogIndex(40));
+            assert_eq!(recovered.hard_state, hard_state);
+        }
     }
 
     #[test]

@@ -161,6 +161,15 @@ impl Connection {
         Ok(())
     }
 
+    /// Sends one snapshot-stream frame carrying `body` (see [`super::snapshot`]). Not
+    /// cancel-safe (see [`Connection::send`]).
+    pub async fn send_snapshot(&mut self, body: &[u8]) -> Result<(), ConnectionError> {
+        self.write_buffer.clear();
+        self.session.encode_snapshot(body, &mut self.write_buffer)?;
+        self.stream.write_all(&self.write_buffer).await?;
+        Ok(())
+    }
+
     /// Sends one data frame per body in `bodies`, all in one write: a writer that fell behind
     /// catches up with one system call instead of one per frame. Not cancel-safe (see
     /// [`Connection::send`]).

@@ -4,7 +4,8 @@
 //! offset  size  field
 //!      0     4  magic          "FLTF" (0x4654_4C46 read little-endian)
 //!      4     2  version        1
-//!      6     2  flags          bit 0: handshake frame; other bits must be 0
+//!      6     2  flags          bit 0: handshake frame; bit 1: snapshot stream frame;
+//!                              other bits (and both together) must be 0
 //!      8     8  cluster id
 //!     16     8  source node
 //!     24     8  target node
@@ -49,8 +50,10 @@ pub const RESERVE_BYTES_MAX: usize = 64 << 10;
 
 /// Flag bit of a handshake frame.
 const FLAG_HANDSHAKE: u16 = 1;
+/// Flag bit of a snapshot-stream frame (see [`super::snapshot`]).
+const FLAG_SNAPSHOT: u16 = 2;
 /// Every flag bit this version knows.
-const FLAGS_KNOWN: u16 = FLAG_HANDSHAKE;
+const FLAGS_KNOWN: u16 = FLAG_HANDSHAKE | FLAG_SNAPSHOT;
 /// Offset of the header checksum: it covers every byte before it.
 const HEADER_CRC_OFFSET: usize = 36;
 
@@ -63,6 +66,10 @@ pub enum FrameKind {
     Handshake,
     /// Everything after the handshake: a batch of Raft messages (see [`super::batch`]).
     Data,
+    /// After the handshake too, on a connection of its own: one message of a snapshot transfer
+    /// (see [`super::snapshot`]). A decoder expecting [`FrameKind::Data`] accepts it as well:
+    /// both belong to an established connection, and the reader tells them apart by kind.
+    Snapshot,
 }
 
 impl FrameKind {
@@ -70,6 +77,7 @@ impl FrameKind {
         match self {
             Self::Handshake => FLAG_HANDSHAKE,
             Self::Data => 0,
+            Self::Snapshot => FLAG_SNAPSHOT,
         }
     }
 }
@@ -458,7 +466,12 @@ fn check_header(bytes: &[u8], config: &DecoderConfig) -> Result<Pending, FrameEr
     if flags & !FLAGS_KNOWN != 0 {
         return Err(FrameError::UnknownFlags { flags });
     }
-    let kind = if flags & FLAG_HANDSHAKE == 0 { FrameKind::Data } else { FrameKind::Handshake };
+    let kind = match flags {
+        0 => FrameKind::Data,
+        FLAG_HANDSHAKE => FrameKind::Handshake,
+        FLAG_SNAPSHOT => FrameKind::Snapshot,
+        _ => return Err(FrameError::UnknownFlags { flags }),
+    };
     let header = FrameHeader {
         kind,
         cluster: ClusterId(u64_at(bytes, 8)),
@@ -484,8 +497,10 @@ fn check_header(bytes: &[u8], config: &DecoderConfig) -> Result<Pending, FrameEr
     {
         return Err(FrameError::WrongSource { expected, found: header.source });
     }
+    // A snapshot-stream frame belongs to the data stage of a connection, like a batch.
+    let stage = if kind == FrameKind::Snapshot { FrameKind::Data } else { kind };
     if let Some(expected) = config.kind
-        && kind != expected
+        && stage != expected
     {
         return Err(FrameError::WrongKind { expected, found: kind });
     }

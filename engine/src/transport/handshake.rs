@@ -422,6 +422,12 @@ impl Session {
         frame::encode(&self.header(), body, out, self.body_bytes_max())
     }
 
+    /// Appends a snapshot-stream frame carrying `body` to `out` (see [`super::snapshot`]).
+    pub fn encode_snapshot(&self, body: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
+        let header = FrameHeader { kind: FrameKind::Snapshot, ..self.header() };
+        frame::encode(&header, body, out, self.body_bytes_max())
+    }
+
     /// Completes a data frame begun with [`frame::begin`] at `start` in `out`.
     pub fn finish(&self, out: &mut Vec<u8>, start: usize) -> Result<(), FrameError> {
         frame::finish(&self.header(), out, start, self.body_bytes_max())

@@ -4,7 +4,8 @@
 //! clocks. A connection is a stream of *frames* ([`frame`]). The first frame each way is a
 //! *handshake* ([`handshake`]) that refuses foreign clusters and unknown nodes; every later frame
 //! is a *data* frame whose body is a *batch* ([`batch`]) of the Raft messages of many groups bound
-//! for the peer — one frame per peer node per flush of a shard.
+//! for the peer — one frame per peer node per flush of a shard. Snapshots travel apart, on a
+//! connection of their own, as a resumable stream of bounded chunks ([`snapshot`]).
 //!
 //! ```
 //! use bytes::BytesMut;
@@ -52,6 +53,7 @@ pub mod connection;
 pub mod faults;
 pub mod frame;
 pub mod handshake;
+pub mod snapshot;
 
 /// Identifies a cluster: every frame carries it, so nodes of two clusters that share a network
 /// (a staging and a production cluster, a restored backup) never mix their Raft traffic.
