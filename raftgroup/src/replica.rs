@@ -296,6 +296,20 @@ impl Replica {
         true
     }
 
+    /// On a quiet leader: tells follower `to` again to stop ticking. A follower woken by a
+    /// message still in flight when the group went quiet (a straggling heartbeat) answers it and
+    /// would otherwise tick on alone — forever, for a learner, which never campaigns. The
+    /// embedder calls it when such an answer reaches its quiet leader. Returns whether a
+    /// [`MessageBody::Quiesce`](crate::MessageBody::Quiesce) was queued (only on a leader, to
+    /// another member).
+    pub fn requiesce(&mut self, to: NodeId) -> bool {
+        if self.role() != Role::Leader || to == self.id || self.progress_of(to).is_none() {
+            return false;
+        }
+        self.send_quiesce(&|id| id == to);
+        true
+    }
+
     /// Resumes ticking after a quiet period (any role). The replica's clock stood still while
     /// real time passed, so heartbeats acknowledged before now no longer support a lease: the
     /// next lease read needs a fresh quorum round.

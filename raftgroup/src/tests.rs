@@ -461,3 +461,23 @@ fn a_snapshot_s_data_can_be_replaced_only_at_its_own_index() {
     });
     assert_eq!(sent, Some(Bytes::from_static(b"mapped")));
 }
+
+/// A quiet leader can tell one follower again to stop ticking; a follower cannot.
+#[test]
+fn a_leader_requiesces_one_follower_and_a_follower_cannot() {
+    let (mut leader, ready) = leader_with_unpersisted_noop();
+    leader.advance(ready);
+    leader.on_persisted(Term(1), LogIndex(1));
+    leader.step(ack(2, 1)).expect("valid");
+    let ready = leader.ready();
+    leader.advance(ready);
+    assert!(leader.requiesce(NodeId(3)));
+    assert!(!leader.requiesce(NodeId(1)), "not to itself");
+    assert!(!leader.requiesce(NodeId(9)), "not to a stranger");
+    let ready = leader.ready();
+    let sent: Vec<_> = ready.messages.iter().map(|m| (m.to, m.body.clone())).collect();
+    // Node 3 has acknowledged nothing: the commit it may take is what it holds.
+    assert_eq!(sent, vec![(NodeId(3), MessageBody::Quiesce { commit: LogIndex(0) })]);
+    let mut follower = three_voters(2);
+    assert!(!follower.requiesce(NodeId(3)));
+}

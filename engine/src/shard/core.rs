@@ -658,11 +658,17 @@ impl<S: StateMachine> ShardCore<S> {
         };
         // A straggling answer to a heartbeat sent before the leader went quiet needs no ticks:
         // it can no longer support a lease (see `Replica::wake`) and no read waits for it.
-        let wakes = quiesce.is_none()
-            && !(matches!(message.body, MessageBody::HeartbeatResponse { .. })
-                && message.term == slot.replica.term());
+        let straggler = matches!(message.body, MessageBody::HeartbeatResponse { .. })
+            && message.term == slot.replica.term();
+        let wakes = quiesce.is_none() && !straggler;
         // A malformed or stale message is the sender's problem; it changes nothing here.
         let _ = slot.replica.step(message);
+        // The follower that answered is ticking (a heartbeat in flight when the group went
+        // quiet woke it): tell it again, or it ticks alone forever (cluster simulator seeds
+        // 167, 208 — learners, which never campaign).
+        if straggler && slot.asleep {
+            slot.replica.requiesce(from);
+        }
         if let Some(commit) = quiesce
             && self.quiescence.is_some()
             && slot.replica.role() == Role::Follower
