@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# TESTING.md S4: a short cargo-fuzz run of every fuzz target (WAL, transport, Raft codec, KV), on
-# stable (`--sanitizer none`), from a copy of the committed corpus (the tree is left as it was).
+# TESTING.md S4: a short cargo-fuzz run of every fuzz target (WAL, transport, Raft codec, snapshot
+# stream, KV), on stable (`--sanitizer none`), from a copy of the committed corpus (the tree is left
+# as it was).
 # Fails on any crash, panic, timeout or allocation of 64 MiB or more (the targets enforce that cap
 # themselves: libFuzzer's -malloc_limit_mb needs a sanitizer's malloc hooks, which --sanitizer
 # none does not have). Ends with an "N passed, N failed" line; exits 1 if any target failed.
@@ -29,23 +30,31 @@ scale=${FUZZ_SCALE:-1}
 # The engine's targets (fuzz/src/engine.rs) must together add at most ~4 minutes on this loaded
 # 2-core machine. Measured the same way ("loaded": load average 7-17; "light": ~5):
 #   transport_frame   ~61,000 exec/s CPU, ~28,000-40,000 loaded, ~83,000 light
-#                     -> 3 M runs: 36 s light, stopped at 75 s loaded (~2.1 M runs)
+#                     -> 3 M runs: 36 s light, stopped at 70 s loaded (~2 M runs)
 #   raft_message     ~690,000 exec/s CPU, ~260,000-440,000 loaded, ~710,000 light
 #                     -> 10 M runs: 14 s light, stopped at 20 s loaded (~5 M runs)
+#   snapshot_stream  ~840,000 exec/s CPU, ~670,000-806,000 light (load ~3); not measured loaded,
+#                     ~320,000-530,000 if it slows like raft_message (an offer's Raft message goes
+#                     through raft_message's check) -> 10 M runs: 12 s light, stopped at 20 s
+#                     loaded (~6-10 M runs); coverage still creeps up past 20 M runs
 #   kv_command       ~108,000 exec/s CPU, ~47,000-53,000 loaded, ~61,000 light
-#                     -> 3 M runs: 50 s light, stopped at 60 s loaded (~2.8 M runs)
-# So at most 155 s of fuzzing plus ~2 s of start-up each, and ~1 min more of build the first time
-# (the fuzz crate now also builds `flotilla` and its dependencies): under 4 minutes in all. The
-# three together took 104-113 s in two runs of this script at load averages of 5-25.
+#                     -> 3 M runs: 50 s light, stopped at 55 s loaded (~2.6 M runs)
+# So at most 165 s of fuzzing plus ~2 s of start-up each, and ~1 min more of build the first time
+# (the fuzz crate now also builds `flotilla` and its dependencies): under 4 minutes in all.
+# snapshot_stream's 20 s came from transport_frame (75 -> 70 s) and kv_command (60 -> 55 s). The
+# first three together took 104-113 s in two runs of this script at load averages of 5-25 (with
+# the older 75 s and 60 s limits).
 declare -A runs=([record_decode]=1000000 [batch_roundtrip]=1000000 [recover_image]=1000000
-    [transport_frame]=3000000 [raft_message]=10000000 [kv_command]=3000000)
+    [transport_frame]=3000000 [raft_message]=10000000 [snapshot_stream]=10000000
+    [kv_command]=3000000)
 declare -A max_time=([record_decode]=240 [batch_roundtrip]=240 [recover_image]=240
-    [transport_frame]=75 [raft_message]=20 [kv_command]=60)
+    [transport_frame]=70 [raft_message]=20 [snapshot_stream]=20 [kv_command]=55)
 
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
-    targets=(record_decode batch_roundtrip recover_image transport_frame raft_message kv_command)
+    targets=(record_decode batch_roundtrip recover_image transport_frame raft_message
+        snapshot_stream kv_command)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -1,5 +1,5 @@
 //! Replays the committed fuzz corpus of the engine's targets (`fuzz/corpus/{transport_frame,
-//! raft_message,kv_command}/*`) through their checks under `cargo test` (TESTING.md S4);
+//! raft_message,snapshot_stream,kv_command}/*`) through their checks under `cargo test` (TESTING.md S4);
 //! `-- --ignored write_seeds` regenerates the seed files.
 //!
 //! The checks are the fuzz targets' own, included from `fuzz/src/engine_checks.rs` (this crate
@@ -20,15 +20,17 @@ include!("../../fuzz/src/engine_checks.rs");
 mod corpus {
     use std::path::{Path, PathBuf};
 
+    use flotilla::transport::snapshot::{RefuseReason, StreamId};
     use flotilla_raftgroup::{Membership, Snapshot, SnapshotMeta};
 
     use super::*;
 
     type Check = fn(&[u8]);
 
-    const TARGETS: [(&str, Check); 3] = [
+    const TARGETS: [(&str, Check); 4] = [
         ("transport_frame", check_transport_frame),
         ("raft_message", check_raft_message),
+        ("snapshot_stream", check_snapshot_stream),
         ("kv_command", check_kv_command),
     ];
 
@@ -42,6 +44,11 @@ mod corpus {
     #[test]
     fn raft_message_corpus() {
         assert!(replay("corpus", "raft_message") >= 5);
+    }
+
+    #[test]
+    fn snapshot_stream_corpus() {
+        assert!(replay("corpus", "snapshot_stream") >= 5);
     }
 
     #[test]
@@ -298,6 +305,51 @@ mod corpus {
         ]
     }
 
+    /// One snapshot-stream message of every kind (a chunk with data and an empty one, a refusal
+    /// for every reason); the offer carries a Raft `Snapshot` message with empty data, as a
+    /// leader's node sends it.
+    fn snapshot_stream_seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let id = StreamId { group: GroupId(7), index: LogIndex(9), term: Term(2) };
+        let snapshot = Snapshot {
+            meta: SnapshotMeta { index: id.index, term: id.term, membership: membership() },
+            data: Bytes::new(),
+        };
+        let mut raft = Vec::new();
+        codec::encode(&message(1, 2, MessageBody::Snapshot { snapshot }), &mut raft);
+        let messages = [
+            (
+                "offer",
+                StreamMessage::Offer {
+                    id,
+                    file_len: 70_000,
+                    file_crc: 0x1234_5678,
+                    raft: Bytes::from(raft),
+                },
+            ),
+            ("resume", StreamMessage::Resume { id, offset: 4096 }),
+            (
+                "chunk",
+                StreamMessage::Chunk { id, offset: 4096, data: Bytes::from_static(b"file bytes") },
+            ),
+            ("chunk-empty", StreamMessage::Chunk { id, offset: 70_000, data: Bytes::new() }),
+            ("installed", StreamMessage::Installed { id }),
+            ("refused-storage", StreamMessage::Refused { id, reason: RefuseReason::Storage }),
+            ("refused-corrupt", StreamMessage::Refused { id, reason: RefuseReason::Corrupt }),
+            (
+                "refused-unknown-group",
+                StreamMessage::Refused { id, reason: RefuseReason::UnknownGroup },
+            ),
+        ];
+        messages
+            .into_iter()
+            .map(|(name, message)| {
+                let mut out = Vec::new();
+                message.encode(&mut out);
+                (name, out)
+            })
+            .collect()
+    }
+
     /// A `kv_command` input: flags, payload length, payload, image.
     fn kv_input(flags: u8, payload: &[u8], image: &[u8]) -> Vec<u8> {
         let len = u16::try_from(payload.len()).expect("a short payload");
@@ -383,6 +435,7 @@ mod corpus {
         let seeds = [
             ("transport_frame", transport_frame_seeds()),
             ("raft_message", raft_message_seeds()),
+            ("snapshot_stream", snapshot_stream_seeds()),
             ("kv_command", kv_command_seeds()),
         ];
         for (target, files) in seeds {

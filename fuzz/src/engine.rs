@@ -1,5 +1,5 @@
-//! The checks behind the engine's fuzz targets: `transport_frame`, `raft_message` and
-//! `kv_command` (see `README.md`).
+//! The checks behind the engine's fuzz targets: `transport_frame`, `raft_message`,
+//! `snapshot_stream` and `kv_command` (see `README.md`).
 //!
 //! The checks live in `engine_checks.rs`, which `engine/tests/fuzz_corpus.rs` includes too, to
 //! replay the committed corpus through them under `cargo test -p flotilla`. They are

@@ -21,6 +21,7 @@ use flotilla::transport::frame::{
 use flotilla::transport::handshake::{
     HANDSHAKE_BODY_BYTES_MAX, Handshake, HandshakeError, Identity, RejectReason, Verdict,
 };
+use flotilla::transport::snapshot::{PREFIX_BYTES, StreamError, StreamMessage};
 use flotilla::wal::GroupId;
 use flotilla_raftgroup::codec;
 use flotilla_raftgroup::{Entry, EntryKind, LogIndex, Message, MessageBody, NodeId, Term};
@@ -484,6 +485,66 @@ fn check_membership(bytes: &[u8]) {
         let mut again = Vec::new();
         codec::encode_membership(&membership, &mut again);
         assert_eq!(again, bytes, "a membership decodes from one encoding only");
+    }
+}
+
+// ---- snapshot_stream ---------------------------------------------------------------------------
+
+/// Target `snapshot_stream`: arbitrary bytes as the body of a `FrameKind::Snapshot` frame through
+/// `StreamMessage::decode`. Nothing panics and nothing is copied: a message re-encodes to exactly
+/// the body, its `id()` is the body's prefix, and an offer's Raft message and a chunk's data are
+/// slices of the body; an error fits the bytes (a truncation names the body's length, an unknown
+/// tag or refusal reason is the byte read, and the message before trailing bytes decodes). An
+/// offer's Raft message, which the receiver decodes with `codec::decode`, goes through
+/// [`check_raft_message`].
+pub fn check_snapshot_stream(data: &[u8]) {
+    let body = Bytes::copy_from_slice(data);
+    let message = match StreamMessage::decode(&body) {
+        Ok(message) => message,
+        Err(StreamError::Truncated { len }) => {
+            assert_eq!(len, data.len(), "a truncation names the body's length");
+            return;
+        }
+        Err(StreamError::Tag { tag }) => {
+            assert_eq!(data.first(), Some(&tag), "the unknown tag is the first byte");
+            assert!(!(1..=5).contains(&tag), "tag {tag} is known");
+            assert!(data.len() >= PREFIX_BYTES, "a tag read from a truncated body");
+            return;
+        }
+        Err(StreamError::Reason { code }) => {
+            assert_eq!(
+                (data.first(), data.get(PREFIX_BYTES)),
+                (Some(&5), Some(&code)),
+                "a refusal"
+            );
+            assert!(!(1..=3).contains(&code), "reason {code} is known");
+            return;
+        }
+        Err(StreamError::Trailing { len }) => {
+            assert!(0 < len && len < data.len(), "{len} trailing bytes of {}", data.len());
+            let head = body.slice(..data.len() - len);
+            assert!(StreamMessage::decode(&head).is_ok(), "the message before trailing bytes");
+            return;
+        }
+        // `StreamError` is non-exhaustive: a new variant is a typed error too.
+        Err(_) => return,
+    };
+
+    let mut again = Vec::new();
+    message.encode(&mut again);
+    assert_eq!(again, data, "a stream message decodes from one encoding only");
+    let id = message.id();
+    let prefix = [id.group.0, id.index.0, id.term.0].map(u64::to_le_bytes).concat();
+    assert_eq!(prefix, data[1..PREFIX_BYTES], "id() is the encoded prefix");
+    match &message {
+        StreamMessage::Offer { raft, .. } => {
+            assert!(is_slice_of(raft, &body), "decode copied an offer's Raft message");
+            check_raft_message(raft);
+        }
+        StreamMessage::Chunk { data: chunk, .. } => {
+            assert!(is_slice_of(chunk, &body), "decode copied a chunk's data");
+        }
+        _ => {}
     }
 }
 

@@ -7,6 +7,6 @@
 
 include!("wal_checks.rs");
 
-/// The checks of the engine's targets (`transport_frame`, `raft_message`, `kv_command`), in a block
-/// of their own shared with `engine/tests/fuzz_corpus.rs`.
+/// The checks of the engine's targets (`transport_frame`, `raft_message`, `snapshot_stream`,
+/// `kv_command`), in a block of their own shared with `engine/tests/fuzz_corpus.rs`.
 pub mod engine;
