@@ -581,6 +581,13 @@ where
     /// [`Engine::add_learner`]. The leader may remove itself: it hands leadership to a voter
     /// holding its whole log and steps down. A removed replica stops (no ticks, no campaigns)
     /// but keeps its data until [`Engine::remove_group`] deletes it there.
+    ///
+    /// Delete it there only once every remaining member has applied the change (its
+    /// [`Engine::membership`] no longer lists `node`): this call returns when the *leader*
+    /// left the joint configuration, and a member that has not learned the commit yet still
+    /// counts the removed replica's vote; should the leader fail meanwhile, deleting that
+    /// replica early can leave the group unable to elect (found by the cluster simulator, seed
+    /// 357).
     pub async fn remove_member(&self, group: GroupId, node: NodeId) -> Result<Membership, Error> {
         self.edit_membership(group, MembershipEdit::Remove(node)).await
     }
@@ -610,7 +617,8 @@ where
         self.call(group, |reply| Request::Membership { group, reply }).await
     }
 
-    /// Stops hosting `group` and deletes its data here; its pending requests fail.
+    /// Stops hosting `group` and deletes its data here; its pending requests fail. After
+    /// [`Engine::remove_member`], see there for when this is safe.
     pub async fn remove_group(&self, group: GroupId) -> Result<(), Error> {
         self.call(group, |reply| Request::RemoveGroup { group, reply }).await
     }

@@ -161,15 +161,16 @@ const REGRESSION_SEEDS: &[(u64, bool, &str)] = &[
          ProposalDropped (nothing appended): an expected refusal, not a violation (found by \
          the first version of the membership operator; the run has changed since)",
     ),
+    (1548, WITH_MEMBERSHIP, FROZEN_JOINER),
 ];
 
 /// Seeds that fail because of a known engine bug not fixed yet: `(seed, the bug)`. They run
 /// only when named with `CLUSTER_SIM_SEED`.
-const KNOWN_FAILURES: &[(u64, &str)] = &[(1548, FROZEN_JOINER)];
+const KNOWN_FAILURES: &[(u64, &str)] = &[];
 
 /// What seed 1548 finds (membership changes; seed 252 found it before compaction deferral
 /// changed its timing).
-const FROZEN_JOINER: &str = "core/raftgroup bug (membership): a replica that is not a member \
+const FROZEN_JOINER: &str = "raftgroup bug (membership), fixed: a replica that is not a member \
      in its own view (an empty one hosted to join, or a removed one, or one not yet told of the \
      change that adds it) is never ticked (`ShardCore::tick` puts idle non-members to sleep), \
      so once it has heard from a leader its clock says so forever, and leader stickiness \
@@ -178,9 +179,9 @@ const FROZEN_JOINER: &str = "core/raftgroup bug (membership): a replica that is 
      167) missed the joint entry; the leader lost leadership; nodes 2 and 3, in the joint \
      configuration (voters 1,3 / outgoing 2,3), pre-vote forever, node 1 never answers, and the \
      group has no leader after the heal. Seed 252 (before compaction deferral) was the same \
-     with an empty joining replica. Letting a replica that is not a voter in its own view \
-     ignore leader stickiness (`heard_from_leader_recently` false unless promotable) made both \
-     pass";
+     with an empty joining replica. Fixed: a replica that is not a voter in its own view \
+     ignores leader stickiness (`heard_from_leader_recently` is false unless promotable; test \
+     a_replica_that_is_no_voter_does_not_refuse_pre_votes_for_a_leader_it_heard)";
 
 /// What seeds 126, 711, 765 and 829 found (membership changes with quiescence); 167 and 208
 /// found it too once compaction deferral shifted their timing.

@@ -150,8 +150,14 @@ impl Replica {
         self.ticks - heard < u64::from(self.settings.election_ticks)
     }
 
+    /// Leader stickiness. Only for a replica that votes in its own view: one that does not (an
+    /// empty replica hosted to join, or one removed) is not ticked by its embedder, so its clock
+    /// would say "just heard" forever and it would ignore every campaign — even one of a joint
+    /// configuration it has not learned yet, which needs its vote (cluster simulator seed 1548).
     fn heard_from_leader_recently(&self) -> bool {
-        self.leader.is_some() && self.election_elapsed < self.settings.election_ticks
+        self.leader.is_some()
+            && self.election_elapsed < self.settings.election_ticks
+            && self.is_promotable()
     }
 
     /// True while this replica must ignore campaigns: it heard from a leader within an election

@@ -481,3 +481,26 @@ fn a_leader_requiesces_one_follower_and_a_follower_cannot() {
     let mut follower = three_voters(2);
     assert!(!follower.requiesce(NodeId(3)));
 }
+
+/// A replica that is no voter in its own view (one hosted empty to join, or one removed) is
+/// never ticked by the engine, so its clock says it heard from a leader just now, forever.
+/// Leader stickiness must not make it refuse pre-votes: a joint configuration it has not
+/// learned yet may need its vote to elect anyone (cluster simulator seed 1548).
+#[test]
+fn a_replica_that_is_no_voter_does_not_refuse_pre_votes_for_a_leader_it_heard() {
+    let mut config = Config::new(NodeId(4), vec![NodeId(1), NodeId(2), NodeId(3)]);
+    config.check_quorum = true;
+    let mut outsider = Replica::new(config, RecoveredState::default()).expect("valid config");
+    let heartbeat = MessageBody::Heartbeat { commit: LogIndex::ZERO, seq: 1, sent_tick: 0 };
+    outsider.step(message(1, 4, 1, heartbeat)).expect("valid");
+    assert_eq!(outsider.leader(), Some(NodeId(1)));
+    let pre_vote = MessageBody::PreVote { last_index: LogIndex::ZERO, last_term: Term::ZERO };
+    outsider.step(message(2, 4, 2, pre_vote)).expect("valid");
+    let ready = outsider.ready();
+    let answer =
+        ready.messages.iter().chain(ready.persisted_messages.peek()).find_map(|m| match m.body {
+            MessageBody::PreVoteResponse { reject } if m.to == NodeId(2) => Some(reject),
+            _ => None,
+        });
+    assert_eq!(answer, Some(false), "the pre-vote is granted");
+}
