@@ -14,6 +14,14 @@
 //! Not a criterion benchmark: the figures are a steady-state CPU share and times, printed as a
 //! table. `cargo bench -p flotilla-bench --bench idle` (`IDLE_GROUPS`, default 10,000;
 //! `IDLE_WINDOW_SECS`, default 10); `cargo test --benches` runs it shrunk.
+//!
+//! `IDLE_BREAKDOWN=1` also prints where the memory per replica goes: anonymous against
+//! file-backed RSS (`/proc/self/smaps_rollup`), glibc's arenas (`mallinfo2`), the live heap's
+//! growth by size class, and the RSS left after `malloc_trim(0)` (which then changes the later
+//! phases' figures). With `IDLE_EXIT_AT_QUIET=1` as well, the process exits right after that
+//! first breakdown, so that what heaptrack reports as leaked is what the quiet groups hold:
+//! `heaptrack <bench binary> --bench`, then `heaptrack_print --print-leaks 1` (or
+//! `--flamegraph-cost-type leaked -F stacks.txt`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,29 +39,51 @@ struct Counting;
 
 static LIVE_HEAP: AtomicUsize = AtomicUsize::new(0);
 
+/// Live allocations by size class (class `c` holds sizes in `2^(c-1) + 1 ..= 2^c`), for the
+/// breakdown (`IDLE_BREAKDOWN=1`).
+static CLASS_LIVE: [AtomicUsize; CLASSES] = [const { AtomicUsize::new(0) }; CLASSES];
+static CLASS_BYTES: [AtomicUsize; CLASSES] = [const { AtomicUsize::new(0) }; CLASSES];
+const CLASSES: usize = 40;
+
+fn class(size: usize) -> usize {
+    (usize::BITS - size.saturating_sub(1).leading_zeros()) as usize
+}
+
+fn count_alloc(size: usize) {
+    LIVE_HEAP.fetch_add(size, Ordering::Relaxed);
+    CLASS_LIVE[class(size)].fetch_add(1, Ordering::Relaxed);
+    CLASS_BYTES[class(size)].fetch_add(size, Ordering::Relaxed);
+}
+
+fn count_dealloc(size: usize) {
+    LIVE_HEAP.fetch_sub(size, Ordering::Relaxed);
+    CLASS_LIVE[class(size)].fetch_sub(1, Ordering::Relaxed);
+    CLASS_BYTES[class(size)].fetch_sub(size, Ordering::Relaxed);
+}
+
 // SAFETY: every call forwards to the system allocator unchanged; only a counter is added.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_HEAP.fetch_add(layout.size(), Ordering::Relaxed);
+        count_alloc(layout.size());
         // SAFETY: the caller's contract is passed through.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LIVE_HEAP.fetch_add(layout.size(), Ordering::Relaxed);
+        count_alloc(layout.size());
         // SAFETY: the caller's contract is passed through.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_HEAP.fetch_sub(layout.size(), Ordering::Relaxed);
+        count_dealloc(layout.size());
         // SAFETY: the caller's contract is passed through.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_HEAP.fetch_add(new_size, Ordering::Relaxed);
-        LIVE_HEAP.fetch_sub(layout.size(), Ordering::Relaxed);
+        count_alloc(new_size);
+        count_dealloc(layout.size());
         // SAFETY: the caller's contract is passed through.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -118,6 +148,78 @@ async fn leaderless(engines: &[Engine], groups: u64) -> u64 {
     missing
 }
 
+/// `(Rss, Anonymous)` of `/proc/self/smaps_rollup`, in bytes.
+fn smaps_rollup() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("Rss:"), field("Anonymous:"))
+}
+
+fn classes() -> Vec<(usize, usize)> {
+    (0..CLASSES)
+        .map(|c| (CLASS_LIVE[c].load(Ordering::Relaxed), CLASS_BYTES[c].load(Ordering::Relaxed)))
+        .collect()
+}
+
+/// Where the memory per replica goes (`IDLE_BREAKDOWN=1`): anonymous against file-backed RSS,
+/// glibc's arenas, and the live heap's growth by size class, each per replica.
+fn breakdown(replicas: f64, smaps_before: (u64, u64), classes_before: &[(usize, usize)]) {
+    let (rss, anon) = smaps_rollup();
+    let per = |bytes: u64, before: u64| bytes.saturating_sub(before) as f64 / replicas;
+    println!(
+        "  breakdown per replica: RSS {:.0} B = anonymous {:.0} B + file-backed {:.0} B",
+        per(rss, smaps_before.0),
+        per(anon, smaps_before.1),
+        per(rss - anon, smaps_before.0 - smaps_before.1),
+    );
+    println!(
+        "  sizes: Replica {} B, KvStateMachine {} B",
+        std::mem::size_of::<flotilla::raftgroup::Replica>(),
+        std::mem::size_of::<flotilla::kv::KvStateMachine>(),
+    );
+    // SAFETY: mallinfo2 has no preconditions.
+    let info = unsafe { libc::mallinfo2() };
+    println!(
+        "  glibc (process): arena {} KiB, in use {} KiB, free in arenas {} KiB, mmapped {} KiB, \
+         free chunks {}",
+        info.arena / 1024,
+        info.uordblks / 1024,
+        info.fordblks / 1024,
+        info.hblkhd / 1024,
+        info.ordblks,
+    );
+    let now = classes();
+    for (c, ((live, bytes), (live_before, bytes_before))) in
+        now.iter().zip(classes_before).enumerate()
+    {
+        let (live, bytes) = (live.wrapping_sub(*live_before), bytes.wrapping_sub(*bytes_before));
+        if bytes.cast_signed().unsigned_abs() as f64 / replicas >= 1.0 {
+            println!(
+                "  live heap size class {:>8}..={:<8} B: {:7.2} allocations, {:6.0} B per replica",
+                if c == 0 { 0 } else { (1usize << (c - 1)) + 1 },
+                1usize << c,
+                live.cast_signed() as f64 / replicas,
+                bytes.cast_signed() as f64 / replicas,
+            );
+        }
+    }
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    std::thread::sleep(Duration::from_millis(200));
+    let (rss_trimmed, anon_trimmed) = smaps_rollup();
+    println!(
+        "  after malloc_trim(0): RSS {:.0} B per replica (anonymous {:.0} B)",
+        per(rss_trimmed, smaps_before.0),
+        per(anon_trimmed, smaps_before.1),
+    );
+}
+
 struct Figures {
     groups: u64,
     quiesce: bool,
@@ -130,6 +232,7 @@ struct Figures {
 fn idle(groups: u64, quiesce: bool, window: Duration) -> (Cluster, Figures) {
     let rss_before = rss_bytes();
     let heap_before = LIVE_HEAP.load(Ordering::Relaxed);
+    let (smaps_before, classes_before) = (smaps_rollup(), classes());
     let cluster = Cluster::start_with(groups, 1, |config| {
         config.quiesce = quiesce;
         // Small segments: 30,000 replicas' first entries fit in one; the default 64 MiB
@@ -152,6 +255,13 @@ fn idle(groups: u64, quiesce: bool, window: Duration) -> (Cluster, Figures) {
     let rss = rss_bytes().saturating_sub(rss_before);
     let heap = LIVE_HEAP.load(Ordering::Relaxed).saturating_sub(heap_before);
     let idle_cpu = idle_cpu(window, 3);
+    if std::env::var_os("IDLE_BREAKDOWN").is_some() {
+        breakdown((3 * groups) as f64, smaps_before, &classes_before);
+        if std::env::var_os("IDLE_EXIT_AT_QUIET").is_some() {
+            // What is live now is what heaptrack reports as leaked.
+            std::process::exit(0);
+        }
+    }
     let figures = Figures {
         groups,
         quiesce,

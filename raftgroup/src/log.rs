@@ -281,6 +281,12 @@ impl RaftLog {
         }
     }
 
+    /// Releases spare capacity (a quiet replica keeps no buffers); changes no state.
+    pub(crate) fn shrink(&mut self) {
+        self.terms.shrink_to_fit();
+        self.entries.shrink_to_fit();
+    }
+
     /// Forgets everything through `index`, now covered by a snapshot.
     pub(crate) fn compact(&mut self, index: LogIndex) {
         assert!(index <= self.commit, "only committed entries are compacted");

@@ -310,6 +310,34 @@ impl Replica {
         true
     }
 
+    /// Releases the spare capacity of this replica's buffers — queues, the term runs, a
+    /// leader's spare entry buffer, the votes of a finished election — so that a group that
+    /// went quiet costs as little memory as possible. Changes nothing observable; the next work
+    /// allocates again. Meant for the moment a group goes quiet (not the hot path).
+    pub fn release_memory(&mut self) {
+        if self.role != Role::PreCandidate && self.role != Role::Candidate {
+            // Only a campaign reads the votes, and a new campaign starts from none.
+            self.votes = Vec::new();
+        }
+        self.membership_changes.shrink_to_fit();
+        self.log.shrink();
+        for progress in &mut self.progress {
+            progress.inflight.shrink_to_fit();
+        }
+        self.progress.shrink_to_fit();
+        self.reads.before_commit.shrink_to_fit();
+        self.reads.pending.shrink_to_fit();
+        let Outbox {
+            messages, persisted_messages, read_states, committed_entries, fetches, ..
+        } = &mut self.outbox;
+        messages.shrink_to_fit();
+        persisted_messages.shrink_to_fit();
+        read_states.shrink_to_fit();
+        committed_entries.shrink_to_fit();
+        fetches.shrink_to_fit();
+        self.spare_entries = Vec::new();
+    }
+
     /// Resumes ticking after a quiet period (any role). The replica's clock stood still while
     /// real time passed, so heartbeats acknowledged before now no longer support a lease: the
     /// next lease read needs a fresh quorum round.

@@ -3,7 +3,7 @@
 //! - [`command`]: what goes through the log ([`Proposal`] = leader time + [`Request`]) and what
 //!   reads ask ([`Query`]), with a total binary codec;
 //! - [`state_machine`]: the [`StateMachine`] trait (the engine's contract with any replicated
-//!   state machine) and [`KvStateMachine`] (a `BTreeMap` of byte strings, exactly-once sessions);
+//!   state machine) and [`KvStateMachine`] (an ordered map of byte strings, exactly-once sessions);
 //! - [`snapshot`]: the checksummed snapshot image, drawn byte by byte.
 //!
 //! ```
@@ -46,6 +46,7 @@
 //! ```
 
 pub mod command;
+mod map;
 mod session;
 pub mod snapshot;
 pub mod state_machine;

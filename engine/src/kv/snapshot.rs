@@ -32,13 +32,12 @@
 //! magic, version or length fields is caught even before). Then it parses the body against the
 //! counts, without reserving anything from a count.
 
-use std::collections::BTreeMap;
-
 use bytes::Bytes;
 use flotilla_raftgroup::LogIndex;
 use thiserror::Error;
 
 use super::command::{DecodeError, Reader, put_bytes, put_option, put_u64};
+use super::map::KvMap;
 use super::session::{Session, Sessions};
 use super::state_machine::{KvConfig, Outcome};
 
@@ -119,7 +118,7 @@ pub enum SnapshotError {
 pub(crate) struct Image {
     pub(crate) applied_index: LogIndex,
     pub(crate) now_ms: u64,
-    pub(crate) data: BTreeMap<Bytes, Bytes>,
+    pub(crate) data: KvMap,
     pub(crate) sessions: Sessions,
 }
 
@@ -135,7 +134,7 @@ pub(crate) fn encode(
     config: KvConfig,
     applied_index: LogIndex,
     now_ms: u64,
-    data: &BTreeMap<Bytes, Bytes>,
+    data: &KvMap,
     sessions: &Sessions,
 ) -> Bytes {
     let data_bytes: usize = data.iter().map(|(key, value)| 8 + key.len() + value.len()).sum();
@@ -151,7 +150,7 @@ pub(crate) fn encode(
     put_u64(&mut out, 0); // body_len, filled in below
     out.extend_from_slice(&[0; 4]); // crc32, filled in below
     debug_assert_eq!(out.len(), HEADER_LEN);
-    for (key, value) in data {
+    for (key, value) in data.iter() {
         put_bytes(&mut out, key);
         put_bytes(&mut out, value);
     }
@@ -247,7 +246,7 @@ pub(crate) fn decode(image: &Bytes, local: KvConfig) -> Result<Image, SnapshotEr
 
     let body = image.slice(HEADER_LEN..);
     let mut reader = Reader::new(&body);
-    let mut data = BTreeMap::new();
+    let mut data = Vec::new();
     let mut previous_key: Option<Bytes> = None;
     // Each iteration consumes at least 8 bytes or fails, so a huge count costs nothing.
     for _ in 0..entry_count {
@@ -257,9 +256,10 @@ pub(crate) fn decode(image: &Bytes, local: KvConfig) -> Result<Image, SnapshotEr
             return Err(SnapshotError::Invalid { reason: "keys out of order" });
         }
         let key = Bytes::copy_from_slice(&key);
-        data.insert(key.clone(), Bytes::copy_from_slice(&value));
+        data.push((key.clone(), Bytes::copy_from_slice(&value)));
         previous_key = Some(key);
     }
+    let data = KvMap::from_sorted(data);
     let mut sessions = Sessions::default();
     let mut previous_client: Option<u64> = None;
     for _ in 0..session_count {
@@ -310,9 +310,10 @@ mod tests {
     use super::*;
 
     fn sample() -> Bytes {
-        let mut data = BTreeMap::new();
-        data.insert(Bytes::from_static(b"a"), Bytes::from_static(b"1"));
-        data.insert(Bytes::from_static(b"b"), Bytes::from_static(b""));
+        let data = KvMap::from_sorted(vec![
+            (Bytes::from_static(b"a"), Bytes::from_static(b"1")),
+            (Bytes::from_static(b"b"), Bytes::from_static(b"")),
+        ]);
         let mut sessions = Sessions::default();
         sessions.insert(3, Session { last_active_ms: 5, last: None });
         sessions.insert(

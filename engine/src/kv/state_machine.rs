@@ -1,7 +1,6 @@
 //! The contract between the engine and a replicated state machine ([`StateMachine`]), and the
 //! built-in ordered key-value store that fulfils it ([`KvStateMachine`]).
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use bytes::Bytes;
@@ -9,6 +8,7 @@ use flotilla_raftgroup::{Entry, EntryKind, LogIndex};
 use thiserror::Error;
 
 use super::command::{Command, DecodeError, Proposal, Query, Request, SessionCommand};
+use super::map::{Iter, KvMap};
 use super::session::{Session, Sessions};
 use super::snapshot::{self, SnapshotError};
 
@@ -193,7 +193,7 @@ pub enum QueryResult {
 #[derive(Clone, Debug)]
 pub struct KvStateMachine {
     config: KvConfig,
-    data: BTreeMap<Bytes, Bytes>,
+    data: KvMap,
     sessions: Sessions,
     applied_index: LogIndex,
     /// The largest leader time applied so far: the clock that sessions expire by.
@@ -206,7 +206,7 @@ impl KvStateMachine {
         assert!(config.sessions_max > 0, "sessions_max must allow at least one session");
         Self {
             config,
-            data: BTreeMap::new(),
+            data: KvMap::default(),
             sessions: Sessions::default(),
             applied_index: LogIndex::ZERO,
             now_ms: 0,
@@ -235,7 +235,8 @@ impl KvStateMachine {
 
     /// Every key-value pair, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
-        self.data.iter()
+        let pairs: Iter<'_> = self.data.iter();
+        pairs
     }
 
     /// How many sessions are open.
@@ -272,7 +273,7 @@ impl KvStateMachine {
             return QueryResult::Range { entries: Vec::new(), more: false };
         }
         let end = end.map_or(Bound::Unbounded, |end| Bound::Excluded(&end[..]));
-        let mut matching = self.data.range::<[u8], _>((Bound::Included(&start[..]), end));
+        let mut matching = self.data.range(&start[..], end);
         // No capacity from `limit`: it is the reader's number and may be huge.
         let mut entries = Vec::new();
         for _ in 0..limit {
@@ -359,7 +360,7 @@ impl Default for KvStateMachine {
 }
 
 /// Runs one command against the map. Keys and values are copied (see [`KvStateMachine`]).
-fn execute(data: &mut BTreeMap<Bytes, Bytes>, command: Command) -> Outcome {
+fn execute(data: &mut KvMap, command: Command) -> Outcome {
     match command {
         Command::Put { key, value } => {
             store(data, &key, &value);
@@ -382,13 +383,13 @@ fn execute(data: &mut BTreeMap<Bytes, Bytes>, command: Command) -> Outcome {
     }
 }
 
-fn store(data: &mut BTreeMap<Bytes, Bytes>, key: &[u8], value: &[u8]) {
+fn store(data: &mut KvMap, key: &[u8], value: &[u8]) {
     let value = Bytes::copy_from_slice(value);
     // Replacing a value keeps the stored key: no second copy of it.
     match data.get_mut(key) {
         Some(slot) => *slot = value,
         None => {
-            data.insert(Bytes::copy_from_slice(key), value);
+            data.insert_new(Bytes::copy_from_slice(key), value);
         }
     }
 }

@@ -209,7 +209,14 @@ pub struct ShardOutput<S: StateMachine> {
     /// Membership changes that finished (their joint configuration entered and left, applied
     /// here), with the membership now in effect; failures are in `completions`.
     pub memberships: Vec<(Token, Membership)>,
+    /// Consecutive [`ShardCore::collect`] calls in which no group had work.
+    idle_collects: u32,
 }
+
+/// After this many consecutive [`ShardCore::collect`] calls in which no group had work, the
+/// output's buffers (grown by the last burst) are released: an idle shard keeps none, a busy
+/// one never pays for shrinking.
+const RELEASE_AFTER_IDLE_COLLECTS: u32 = 64;
 
 impl<S: StateMachine> std::fmt::Debug for Completion<S>
 where
@@ -258,6 +265,7 @@ impl<S: StateMachine> Default for ShardOutput<S> {
             fetches: Vec::new(),
             completions: Vec::new(),
             memberships: Vec::new(),
+            idle_collects: 0,
         }
     }
 }
@@ -283,6 +291,17 @@ impl<S: StateMachine> ShardOutput<S> {
         self.fetches.clear();
         self.completions.clear();
         self.memberships.clear();
+    }
+
+    /// Releases the spare capacity of every buffer (see [`RELEASE_AFTER_IDLE_COLLECTS`]).
+    fn release_memory(&mut self) {
+        self.persist.shrink_to_fit();
+        self.persisted.shrink_to_fit();
+        self.send_now.values_mut().for_each(Vec::shrink_to_fit);
+        self.send_after_persist.values_mut().for_each(Vec::shrink_to_fit);
+        self.fetches.shrink_to_fit();
+        self.completions.shrink_to_fit();
+        self.memberships.shrink_to_fit();
     }
 
     /// Messages waiting to be sent (both kinds).
@@ -336,7 +355,16 @@ struct Group<S: StateMachine> {
     reads: Vec<PendingRead<S::Query>>,
     /// Boxed: rare, and an idle group should stay small.
     membership_change: Option<Box<PendingMembership>>,
-    responses: Vec<S::Response>,
+}
+
+impl<S: StateMachine> Group<S> {
+    /// Releases spare buffer capacity as the group goes quiet: thousands of quiet groups must
+    /// stay small, and a quiet group allocates nothing until it wakes.
+    fn release_memory(&mut self) {
+        self.proposals.shrink_to_fit();
+        self.reads.shrink_to_fit();
+        self.replica.release_memory();
+    }
 }
 
 /// How a shard lets idle groups go quiet, so that tens of thousands of them cost no ticks and
@@ -378,6 +406,9 @@ pub struct ShardCore<S: StateMachine> {
     down: BTreeSet<NodeId>,
     /// See [`ShardCore::set_compaction_defer_entries`].
     compaction_defer_entries: u64,
+    /// Scratch for the responses of one group's apply (one buffer for the shard rather than
+    /// one kept by every group).
+    responses: Vec<S::Response>,
 }
 
 impl<S: StateMachine> std::fmt::Debug for ShardCore<S> {
@@ -403,6 +434,7 @@ impl<S: StateMachine> ShardCore<S> {
             node_age: BTreeMap::new(),
             down: BTreeSet::new(),
             compaction_defer_entries: COMPACTION_DEFER_DEFAULT,
+            responses: Vec::new(),
         }
     }
 
@@ -540,7 +572,6 @@ impl<S: StateMachine> ShardCore<S> {
                 proposals: VecDeque::new(),
                 reads: Vec::new(),
                 membership_change: None,
-                responses: Vec::new(),
             }),
         );
         self.awake.push(group);
@@ -630,11 +661,13 @@ impl<S: StateMachine> ShardCore<S> {
                 // re-added node catches up that way).
                 slot.asleep = true;
                 slot.listed = false;
+                slot.release_memory();
                 return false;
             }
             if quiescence.is_some() && idle && slot.replica.quiesce(|id| !down.contains(&id)) {
                 slot.asleep = true;
                 slot.listed = false;
+                slot.release_memory();
             } else {
                 slot.replica.tick();
             }
@@ -678,6 +711,7 @@ impl<S: StateMachine> ShardCore<S> {
             && slot.proposals.is_empty()
         {
             slot.asleep = true;
+            slot.release_memory();
         } else if wakes || quiesce.is_some() {
             self.wake(group);
         }
@@ -875,12 +909,21 @@ impl<S: StateMachine> ShardCore<S> {
                 continue;
             }
             worked += 1;
-            collect_group(group, slot, out);
+            collect_group(group, slot, &mut self.responses, out);
             // Applying may have produced more (a membership change appends, for instance).
             if slot.replica.has_ready() {
                 slot.dirty = true;
                 self.dirty.push(group);
             }
+        }
+        if worked == 0 {
+            out.idle_collects = out.idle_collects.saturating_add(1);
+            if out.idle_collects == RELEASE_AFTER_IDLE_COLLECTS {
+                out.release_memory();
+                self.responses = Vec::new();
+            }
+        } else {
+            out.idle_collects = 0;
         }
         worked
     }
@@ -1027,7 +1070,12 @@ fn compact_group<S: StateMachine>(
     Some(Snapshot { meta, data })
 }
 
-fn collect_group<S: StateMachine>(group: GroupId, slot: &mut Group<S>, out: &mut ShardOutput<S>) {
+fn collect_group<S: StateMachine>(
+    group: GroupId,
+    slot: &mut Group<S>,
+    responses: &mut Vec<S::Response>,
+    out: &mut ShardOutput<S>,
+) {
     let mut ready = slot.replica.ready();
     let last = ready.last_entry();
     // Everything the driver needs is moved out of the Ready, not cloned: this runs for every dirty
@@ -1077,7 +1125,7 @@ fn collect_group<S: StateMachine>(group: GroupId, slot: &mut Group<S>, out: &mut
     }
     out.fetches.extend(ready.fetches.iter().map(|fetch| (group, *fetch)));
     if !ready.committed_entries.is_empty() {
-        apply(slot, &ready.committed_entries, out);
+        apply(slot, &ready.committed_entries, responses, out);
         settle_membership_change(slot, &ready.committed_entries, out);
     }
     for state in &ready.read_states {
@@ -1089,11 +1137,16 @@ fn collect_group<S: StateMachine>(group: GroupId, slot: &mut Group<S>, out: &mut
     slot.replica.advance(ready);
 }
 
-fn apply<S: StateMachine>(slot: &mut Group<S>, entries: &[Entry], out: &mut ShardOutput<S>) {
-    slot.responses.clear();
-    slot.machine.apply(entries, &mut slot.responses);
-    assert_eq!(slot.responses.len(), entries.len(), "one response per entry");
-    for (entry, response) in entries.iter().zip(slot.responses.drain(..)) {
+fn apply<S: StateMachine>(
+    slot: &mut Group<S>,
+    entries: &[Entry],
+    responses: &mut Vec<S::Response>,
+    out: &mut ShardOutput<S>,
+) {
+    responses.clear();
+    slot.machine.apply(entries, responses);
+    assert_eq!(responses.len(), entries.len(), "one response per entry");
+    for (entry, response) in entries.iter().zip(responses.drain(..)) {
         // Proposals at or before this index either are this entry or were overwritten.
         while let Some(front) = slot.proposals.front() {
             if front.index > entry.index {

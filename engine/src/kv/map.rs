@@ -1,0 +1,202 @@
+//! The ordered map behind [`super::KvStateMachine`]: a sorted vector while it is small, a
+//! B-tree beyond that.
+//!
+//! Most groups of a node with tens of thousands of them hold a handful of keys. A `BTreeMap`
+//! allocates a whole leaf (~720 B for `Bytes` keys and values) for its first key; a sorted
+//! vector sized exactly holds one key in 64 B. Both iterate in key order, so nothing observable
+//! (reads, ranges, snapshot bytes) depends on the representation.
+
+use std::collections::BTreeMap;
+use std::collections::btree_map;
+use std::ops::Bound;
+
+use bytes::Bytes;
+
+/// Most keys held in the vector form; one more moves the map to a B-tree for good.
+const SMALL_MAX: usize = 8;
+
+/// An ordered map from keys to values. See the module documentation.
+#[derive(Clone, Debug)]
+pub(crate) enum KvMap {
+    /// At most [`SMALL_MAX`] pairs, sorted by key, keys distinct, capacity exactly the length.
+    Small(Vec<(Bytes, Bytes)>),
+    /// Any number of pairs.
+    Large(BTreeMap<Bytes, Bytes>),
+}
+
+impl Default for KvMap {
+    fn default() -> Self {
+        Self::Small(Vec::new())
+    }
+}
+
+impl KvMap {
+    /// A map of `pairs`, which must be sorted by key without duplicates.
+    pub(crate) fn from_sorted(pairs: Vec<(Bytes, Bytes)>) -> Self {
+        debug_assert!(pairs.windows(2).all(|pair| pair[0].0 < pair[1].0), "sorted, distinct");
+        if pairs.len() <= SMALL_MAX {
+            let mut pairs = pairs;
+            pairs.shrink_to_fit();
+            Self::Small(pairs)
+        } else {
+            Self::Large(pairs.into_iter().collect())
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::Small(pairs) => pairs.len(),
+            Self::Large(map) => map.len(),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Option<&Bytes> {
+        match self {
+            Self::Small(pairs) => {
+                pairs.binary_search_by(|(k, _)| k[..].cmp(key)).ok().map(|at| &pairs[at].1)
+            }
+            Self::Large(map) => map.get(key),
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &[u8]) -> Option<&mut Bytes> {
+        match self {
+            Self::Small(pairs) => match pairs.binary_search_by(|(k, _)| k[..].cmp(key)) {
+                Ok(at) => Some(&mut pairs[at].1),
+                Err(_) => None,
+            },
+            Self::Large(map) => map.get_mut(key),
+        }
+    }
+
+    /// Inserts `key`, which must not be present.
+    pub(crate) fn insert_new(&mut self, key: Bytes, value: Bytes) {
+        match self {
+            Self::Small(pairs) => {
+                let at = pairs.binary_search_by(|(k, _)| k.cmp(&key)).expect_err("key is new");
+                if pairs.len() < SMALL_MAX {
+                    // Exactly sized: an idle group's map costs one small allocation.
+                    pairs.reserve_exact(1);
+                    pairs.insert(at, (key, value));
+                } else {
+                    let mut map: BTreeMap<Bytes, Bytes> =
+                        std::mem::take(pairs).into_iter().collect();
+                    map.insert(key, value);
+                    *self = Self::Large(map);
+                }
+            }
+            Self::Large(map) => {
+                let previous = map.insert(key, value);
+                debug_assert!(previous.is_none(), "key is new");
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<Bytes> {
+        match self {
+            Self::Small(pairs) => {
+                let at = pairs.binary_search_by(|(k, _)| k[..].cmp(key)).ok()?;
+                let (_, value) = pairs.remove(at);
+                if pairs.is_empty() {
+                    *pairs = Vec::new();
+                }
+                Some(value)
+            }
+            Self::Large(map) => map.remove(key),
+        }
+    }
+
+    /// Every pair, in key order.
+    pub(crate) fn iter(&self) -> Iter<'_> {
+        match self {
+            Self::Small(pairs) => Iter::Small(pairs.iter()),
+            Self::Large(map) => Iter::Large(map.range::<[u8], _>(..)),
+        }
+    }
+
+    /// The pairs with keys from `start` (included) to `end`, in key order. `start` must not be
+    /// above `end`.
+    pub(crate) fn range(&self, start: &[u8], end: Bound<&[u8]>) -> Iter<'_> {
+        match self {
+            Self::Small(pairs) => {
+                let from = pairs.partition_point(|(k, _)| &k[..] < start);
+                let to = match end {
+                    Bound::Unbounded => pairs.len(),
+                    Bound::Excluded(end) => pairs.partition_point(|(k, _)| &k[..] < end),
+                    Bound::Included(end) => pairs.partition_point(|(k, _)| &k[..] <= end),
+                };
+                Iter::Small(pairs[from..to.max(from)].iter())
+            }
+            Self::Large(map) => Iter::Large(map.range::<[u8], _>((Bound::Included(start), end))),
+        }
+    }
+}
+
+/// Pairs of a [`KvMap`] in key order.
+pub(crate) enum Iter<'a> {
+    Small(std::slice::Iter<'a, (Bytes, Bytes)>),
+    Large(btree_map::Range<'a, Bytes, Bytes>),
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a Bytes, &'a Bytes);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Self::Small(pairs) => pairs.next().map(|(key, value)| (key, value)),
+            Self::Large(range) => range.next(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u32) -> Bytes {
+        Bytes::from(format!("k{n:03}"))
+    }
+
+    #[test]
+    fn small_and_large_agree_with_a_btree() {
+        let mut map = KvMap::default();
+        let mut model = BTreeMap::new();
+        // Insert in a scrambled order past the small limit, remove some, compare everything.
+        for step in 0..40u32 {
+            let n = (step * 17) % 23;
+            let value = Bytes::from(step.to_string());
+            match map.get_mut(&key(n)) {
+                Some(slot) => *slot = value.clone(),
+                None => map.insert_new(key(n), value.clone()),
+            }
+            model.insert(key(n), value);
+            if step % 5 == 4 {
+                let gone = (step * 7) % 23;
+                assert_eq!(map.remove(&key(gone)), model.remove(&key(gone)));
+            }
+            assert_eq!(map.len(), model.len());
+            assert!(map.iter().eq(model.iter()));
+            for n in 0..24 {
+                assert_eq!(map.get(&key(n)), model.get(&key(n)));
+                for end in [Bound::Unbounded, Bound::Excluded(&key(n + 3)[..])] {
+                    let expected = model.range::<[u8], _>((Bound::Included(&key(n)[..]), end));
+                    assert!(map.range(&key(n), end).eq(expected));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_key_costs_one_exact_allocation() {
+        let mut map = KvMap::default();
+        map.insert_new(key(1), key(2));
+        let KvMap::Small(pairs) = &map else { panic!("small") };
+        assert_eq!(pairs.capacity(), 1);
+        assert_eq!(map.remove(&key(1)), Some(key(2)));
+        assert!(map.is_empty());
+    }
+}
