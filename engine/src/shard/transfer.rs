@@ -66,14 +66,47 @@ pub struct SnapshotTransferStats {
     pub failed: u64,
 }
 
-#[derive(Default)]
+/// One counter, kept both for [`Transfers::stats`] and for the `metrics` facade.
+struct Tally {
+    value: AtomicU64,
+    metric: metrics::Counter,
+}
+
+impl Tally {
+    fn new(name: &'static str) -> Self {
+        Self { value: AtomicU64::new(0), metric: metrics::counter!(name) }
+    }
+
+    fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+        self.metric.increment(n);
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
 struct Counters {
-    sent_bytes: AtomicU64,
-    received_bytes: AtomicU64,
-    resumed_bytes: AtomicU64,
-    sent: AtomicU64,
-    received: AtomicU64,
-    failed: AtomicU64,
+    sent_bytes: Tally,
+    received_bytes: Tally,
+    resumed_bytes: Tally,
+    sent: Tally,
+    received: Tally,
+    failed: Tally,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Self {
+            sent_bytes: Tally::new("flotilla_snapshot_sent_bytes_total"),
+            received_bytes: Tally::new("flotilla_snapshot_received_bytes_total"),
+            resumed_bytes: Tally::new("flotilla_snapshot_resumed_bytes_total"),
+            sent: Tally::new("flotilla_snapshots_sent_total"),
+            received: Tally::new("flotilla_snapshots_received_total"),
+            failed: Tally::new("flotilla_snapshot_transfers_failed_total"),
+        }
+    }
 }
 
 /// A token bucket over bytes: `acquire(n)` returns once `n` more bytes fit in the rate. One per
@@ -120,21 +153,18 @@ pub(crate) struct Transfers {
 
 impl Transfers {
     pub fn new(config: &EngineConfig) -> Self {
-        Self {
-            limiter: RateLimiter::new(config.snapshot_bytes_per_sec),
-            counters: Counters::default(),
-        }
+        Self { limiter: RateLimiter::new(config.snapshot_bytes_per_sec), counters: Counters::new() }
     }
 
     pub fn stats(&self) -> SnapshotTransferStats {
         let c = &self.counters;
         SnapshotTransferStats {
-            sent_bytes: c.sent_bytes.load(Ordering::Relaxed),
-            received_bytes: c.received_bytes.load(Ordering::Relaxed),
-            resumed_bytes: c.resumed_bytes.load(Ordering::Relaxed),
-            sent: c.sent.load(Ordering::Relaxed),
-            received: c.received.load(Ordering::Relaxed),
-            failed: c.failed.load(Ordering::Relaxed),
+            sent_bytes: c.sent_bytes.get(),
+            received_bytes: c.received_bytes.get(),
+            resumed_bytes: c.resumed_bytes.get(),
+            sent: c.sent.get(),
+            received: c.received.get(),
+            failed: c.failed.get(),
         }
     }
 }
@@ -226,12 +256,12 @@ pub(crate) async fn send_snapshots(
         match link.stream(&mut connection, &job).await {
             Ok(id) => {
                 installed.insert(id.group, (id.index, Instant::now()));
-                counters.sent.fetch_add(1, Ordering::Relaxed);
+                counters.sent.add(1);
                 backoff = BACKOFF_MIN;
             }
             Err(Failure::GiveUp(why)) => {
                 tracing::info!(%peer, group = %job.group, %why, "snapshot not sent");
-                counters.failed.fetch_add(1, Ordering::Relaxed);
+                counters.failed.add(1);
             }
             Err(Failure::Retry(why)) => {
                 connection = None;
@@ -240,7 +270,7 @@ pub(crate) async fn send_snapshots(
                 if job.attempts < ATTEMPTS_MAX {
                     queue.push_front(job);
                 } else {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    counters.failed.add(1);
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -337,7 +367,7 @@ impl Link<'_> {
             StreamMessage::Resume { offset, .. } if offset <= file_len => offset,
             other => return Err(unexpected(&other)),
         };
-        transfers.counters.resumed_bytes.fetch_add(offset, Ordering::Relaxed);
+        transfers.counters.resumed_bytes.add(offset);
         let mut at = offset;
         while at < file_len {
             let end = (at + chunk_bytes as u64).min(file_len);
@@ -350,7 +380,7 @@ impl Link<'_> {
             let data = whole.slice(at as usize..end as usize);
             StreamMessage::Chunk { id, offset: at, data }.encode(&mut body);
             live.send_snapshot(&body).await?;
-            transfers.counters.sent_bytes.fetch_add(end - at, Ordering::Relaxed);
+            transfers.counters.sent_bytes.add(end - at);
             at = end;
         }
         match answer(live, id).await? {
@@ -496,7 +526,7 @@ impl<S: StateMachine> Receiver<S> {
                     .await;
                 }
                 incoming.written += len;
-                self.transfers.counters.received_bytes.fetch_add(len, Ordering::Relaxed);
+                self.transfers.counters.received_bytes.add(len);
                 if incoming.written == incoming.file_len {
                     self.finish(connection).await?;
                 }
@@ -551,7 +581,7 @@ impl<S: StateMachine> Receiver<S> {
             Ok(snapshot) => snapshot,
             Err(error) => {
                 tracing::warn!(peer = %self.peer, group = %id.group, %error, "snapshot received does not verify");
-                self.transfers.counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.transfers.counters.failed.add(1);
                 discard_spool(&incoming.spool, &incoming.file);
                 return reply(
                     connection,
@@ -566,7 +596,7 @@ impl<S: StateMachine> Receiver<S> {
         if shard.send(Request::Messages(self.peer, vec![(id.group, message)])).await.is_err() {
             return Err("the shard is gone".into());
         }
-        self.transfers.counters.received.fetch_add(1, Ordering::Relaxed);
+        self.transfers.counters.received.add(1);
         reply(connection, StreamMessage::Installed { id }).await
     }
 }
