@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Restarting with the same data directory brings back every group it hosted; `--groups` is
-//! idempotent (a group already in the catalog is left as it is).
+//! idempotent (a group already in the catalog is left as it is). Logs go to stderr, at the level
+//! `RUST_LOG` names (`tracing-subscriber` syntax, e.g. `RUST_LOG=flotilla=info`; default `warn`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -79,6 +80,10 @@ fn parse_peer(text: &str) -> Result<(u64, SocketAddr), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The engine logs through `tracing`; without a subscriber a failing node would say nothing.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
