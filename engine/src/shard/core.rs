@@ -406,6 +406,8 @@ pub struct ShardCore<S: StateMachine> {
     down: BTreeSet<NodeId>,
     /// See [`ShardCore::set_compaction_defer_entries`].
     compaction_defer_entries: u64,
+    /// Whether [`ShardCore::compact_due`] may find something (see there).
+    compaction_scan_due: bool,
     /// Scratch for the responses of one group's apply (one buffer for the shard rather than
     /// one kept by every group).
     responses: Vec<S::Response>,
@@ -434,6 +436,7 @@ impl<S: StateMachine> ShardCore<S> {
             node_age: BTreeMap::new(),
             down: BTreeSet::new(),
             compaction_defer_entries: COMPACTION_DEFER_DEFAULT,
+            compaction_scan_due: true,
             responses: Vec::new(),
         }
     }
@@ -916,6 +919,9 @@ impl<S: StateMachine> ShardCore<S> {
                 self.dirty.push(group);
             }
         }
+        if worked > 0 {
+            self.compaction_scan_due = true;
+        }
         if worked == 0 {
             out.idle_collects = out.idle_collects.saturating_add(1);
             if out.idle_collects == RELEASE_AFTER_IDLE_COLLECTS {
@@ -982,6 +988,11 @@ impl<S: StateMachine> ShardCore<S> {
     /// their last snapshot (skipping those `skip` names) and compacts their replicas' logs,
     /// pushing the snapshots onto `out`: the log store must make each durable before it drops
     /// the entries it covers.
+    ///
+    /// A scan finds nothing new unless a group worked since the last one (nothing else raises
+    /// what a group applied), so it is skipped until one did — or until groups the last scan
+    /// left (deferred, skipped, not yet durable, past `max_groups`) are looked at again: with
+    /// ten thousand quiet groups the scan was half of a node's idle CPU.
     pub fn compact_due(
         &mut self,
         min_entries: u64,
@@ -989,26 +1000,37 @@ impl<S: StateMachine> ShardCore<S> {
         skip: impl Fn(GroupId) -> bool,
         out: &mut Vec<(GroupId, Snapshot)>,
     ) {
+        if !self.compaction_scan_due {
+            return;
+        }
         let limit = out.len() + max_groups;
+        let mut left_some = false;
         for (group, slot) in &mut self.groups {
             if out.len() >= limit {
-                return;
+                left_some = true;
+                break;
             }
             if skip(*group) {
+                left_some = true;
                 continue;
             }
-            if let Some(snapshot) = compact_group(slot, min_entries, self.compaction_defer_entries)
-            {
-                out.push((*group, snapshot));
+            match compact_group(slot, min_entries, self.compaction_defer_entries) {
+                Compacted::Snapshot(snapshot) => out.push((*group, snapshot)),
+                Compacted::NotDue => {}
+                Compacted::Later => left_some = true,
             }
         }
+        self.compaction_scan_due = left_some;
     }
 
     /// Snapshots `group` if it applied anything since its last snapshot (the log store wants
     /// the segments its old entries pin): like [`ShardCore::compact_due`] for one group.
     pub fn compact_now(&mut self, group: GroupId) -> Option<Snapshot> {
         let slot = self.groups.get_mut(&group)?;
-        compact_group(slot, 1, self.compaction_defer_entries)
+        match compact_group(slot, 1, self.compaction_defer_entries) {
+            Compacted::Snapshot(snapshot) => Some(snapshot),
+            Compacted::NotDue | Compacted::Later => None,
+        }
     }
 
     /// Replaces the data of `group`'s latest snapshot, if it is still the one at `index`, with
@@ -1049,25 +1071,37 @@ fn live_quorum(replica: &Replica, me: NodeId, down: &BTreeSet<NodeId>) -> bool {
 /// snapshot threshold.
 const COMPACTION_DEFER_DEFAULT: u64 = 40_000;
 
+/// What [`compact_group`] did.
+enum Compacted {
+    /// Snapshotted and compacted.
+    Snapshot(Snapshot),
+    /// Too little applied since the last snapshot.
+    NotDue,
+    /// Due, but not now (a follower needs the entries, or they are not durable here yet).
+    Later,
+}
+
 fn compact_group<S: StateMachine>(
     slot: &mut Group<S>,
     min_entries: u64,
     defer_entries: u64,
-) -> Option<Snapshot> {
+) -> Compacted {
     let applied = slot.machine.applied_index();
     let since = applied.0.saturating_sub(slot.replica.status().snapshot_index.0);
     if since < min_entries.max(1) {
-        return None;
+        return Compacted::NotDue;
     }
     // Down or not: a follower that is down may be back in a moment (a snapshot cut by a blip
     // resumes only into the same file), and the bound keeps what it holds small.
     if since < defer_entries && slot.replica.lagging_from().is_some_and(|from| from <= applied) {
-        return None;
+        return Compacted::Later;
     }
     let data = slot.machine.snapshot();
     // Not yet durable here, or already compacted: a later call tries again.
-    let meta = slot.replica.compact(applied, data.clone()).ok()?;
-    Some(Snapshot { meta, data })
+    match slot.replica.compact(applied, data.clone()) {
+        Ok(meta) => Compacted::Snapshot(Snapshot { meta, data }),
+        Err(_) => Compacted::Later,
+    }
 }
 
 fn collect_group<S: StateMachine>(

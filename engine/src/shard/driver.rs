@@ -796,7 +796,7 @@ where
         // so that segment can be recycled (a group compacting only every `snapshot_entries`
         // would otherwise keep every segment since alive).
         let wal = self.store.wal();
-        if wal.stats().segments_live > self.context.config.wal_segments_target {
+        if wal.segments_live() > self.context.config.wal_segments_target {
             let mut writing = false;
             for group in wal.pinning_groups() {
                 if snapshots.len() >= room {

@@ -505,6 +505,12 @@ impl Wal {
         }
     }
 
+    /// Segments holding live data: [`Stats::segments_live`] without the rest of [`Wal::stats`],
+    /// some of which walks the whole index (a caller polling it every few ticks should use this).
+    pub fn segments_live(&self) -> u64 {
+        self.shared.read.read().segments.len() as u64
+    }
+
     /// The IO backend in use.
     pub fn backend(&self) -> ActiveBackend {
         self.shared.backend
