@@ -4,8 +4,8 @@
 //! Three nodes in one process on loopback (one shard each), every node hosting every group:
 //! 1. `quiet`: with quiescence (the default), after one write per group, wait until every group
 //!    is quiet, then measure the process's CPU time over a window (per node: divided by three)
-//!    and its resident memory per replica (RSS growth since before the nodes started, divided
-//!    by 3 × groups);
+//!    and, at the end of that window, its resident memory per replica (RSS growth since before
+//!    the nodes started, divided by 3 × groups; live heap is counted at the window's start);
 //! 2. `dead node`: kill the node leading the most groups, time until every group has a leader
 //!    on the survivors, until they are all quiet again, and the survivors' idle CPU after;
 //! 3. the same idle measurement side by side with quiescence off, on fewer groups (every group
@@ -252,9 +252,11 @@ fn idle(groups: u64, quiesce: bool, window: Duration) -> (Cluster, Figures) {
         if quiesce { wait_quiet(&cluster, Duration::from_secs(120)) } else { Duration::ZERO };
     // Let allocator caches and the last rounds settle before measuring.
     std::thread::sleep(Duration::from_millis(500));
-    let rss = rss_bytes().saturating_sub(rss_before);
     let heap = LIVE_HEAP.load(Ordering::Relaxed).saturating_sub(heap_before);
     let idle_cpu = idle_cpu(window, 3);
+    // Resident memory once idle: after the CPU window, by when every shard has been idle long
+    // enough to release its burst buffers and hand freed heap back (`trim_heap` in the driver).
+    let rss = rss_bytes().saturating_sub(rss_before);
     if std::env::var_os("IDLE_BREAKDOWN").is_some() {
         breakdown((3 * groups) as f64, smaps_before, &classes_before);
         if std::env::var_os("IDLE_EXIT_AT_QUIET").is_some() {

@@ -293,6 +293,13 @@ impl<S: StateMachine> ShardOutput<S> {
         self.memberships.clear();
     }
 
+    /// Whether the last [`ShardCore::collect`] released the buffers because the shard has been
+    /// idle for a while (true once per idle period): the driver's cue to return freed heap
+    /// memory to the system.
+    pub fn just_went_idle(&self) -> bool {
+        self.idle_collects == RELEASE_AFTER_IDLE_COLLECTS
+    }
+
     /// Releases the spare capacity of every buffer (see [`RELEASE_AFTER_IDLE_COLLECTS`]).
     fn release_memory(&mut self) {
         self.persist.shrink_to_fit();
