@@ -335,8 +335,14 @@ fn main() {
         cluster.shutdown();
     }
     let ratio = side[1].idle_cpu / side[0].idle_cpu.max(1e-9);
+    // After the larger phase the process's resident set may not grow at all for these groups
+    // (freed memory is reused): then there is no ratio to give.
+    let rss = if side.iter().all(|figures| figures.rss_per_replica >= 1.0) {
+        format!("{:.2}x", side[1].rss_per_replica / side[0].rss_per_replica)
+    } else {
+        "n/a (no RSS growth to compare)".to_owned()
+    };
     println!(
-        "idle/{compare_groups}groups  idle CPU without quiescence / with: {ratio:.1}x   RSS per replica without / with: {:.2}x",
-        side[1].rss_per_replica / side[0].rss_per_replica.max(1.0)
+        "idle/{compare_groups}groups  idle CPU without quiescence / with: {ratio:.1}x   RSS per replica without / with: {rss}"
     );
 }
