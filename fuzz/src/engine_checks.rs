@@ -277,7 +277,8 @@ fn check_verdict_final(handshake: &mut Handshake, verdict: &Verdict, input: &mut
 }
 
 /// Feeds the rest of a connection to the session an accepted handshake gives: it takes data
-/// frames from `peer` only, each re-encodes to the bytes received and carries a batch.
+/// frames from `peer` only, each re-encodes to the bytes received and carries a batch (or, in a
+/// snapshot frame, a snapshot-stream message).
 fn check_session(handshake: Handshake, peer: NodeId, rest: &[u8], sizes: &[usize]) {
     let mut session = handshake.into_session().expect("an accepted handshake gives a session");
     assert_eq!(session.peer(), peer);
@@ -296,14 +297,20 @@ fn check_session(handshake: Handshake, peer: NodeId, rest: &[u8], sizes: &[usize
         }
         assert!(input.capacity() <= buffer_bound(fed, RESERVE_BYTES_MAX));
     }
-    let expected =
-        FrameHeader { kind: FrameKind::Data, cluster: CLUSTER, source: peer, target: LOCAL };
     let mut again = Vec::new();
     for frame in &frames {
-        assert_eq!(frame.header, expected, "a session takes only its peer's data frames");
+        // After the handshake a connection carries batches or snapshot-stream messages.
+        let kind = frame.header.kind;
+        assert!(kind != FrameKind::Handshake, "no handshake frame after the handshake");
+        let expected = FrameHeader { kind, cluster: CLUSTER, source: peer, target: LOCAL };
+        assert_eq!(frame.header, expected, "a session takes only its peer's frames");
         frame::encode(&frame.header, &frame.body, &mut again, session.body_bytes_max())
             .expect("a received body fits");
-        check_batch(&frame.body);
+        if kind == FrameKind::Snapshot {
+            check_snapshot_stream(&frame.body);
+        } else {
+            check_batch(&frame.body);
+        }
     }
     assert_eq!(again, rest[..again.len()], "a data frame decodes from one encoding only");
 }
