@@ -462,3 +462,52 @@ async fn wrong_membership_requests_get_typed_errors() {
     let missing = cluster.engine(NodeId(4)).add_learner(group, NodeId(4)).await;
     assert!(matches!(missing, Err(Error::GroupNotFound(_))), "{missing:?}");
 }
+
+/// A learner far behind the leader's log is not promoted (as a voter it would stall commits
+/// until it caught up): `LearnerNotReady` while it lags, then, once it has caught up from the
+/// log, the promotion goes through.
+#[tokio::test(flavor = "current_thread")]
+async fn a_learner_far_behind_is_not_promoted_until_it_catches_up() {
+    let mut cluster = Cluster::start(1_000_000);
+    let group = GroupId(7);
+    let voters = node_ids(&[1, 2, 3]);
+    create(&cluster, group, &voters).await;
+    cluster.put(group, "k", "v").await;
+    // Node 4 is down while it becomes a learner and the log grows past the promotion bound.
+    let learner = NodeId(4);
+    cluster.engines[3].take().expect("node 4 runs").shutdown().unwrap();
+    let leader = cluster.leader_of(group, &voters).await;
+    cluster.engine(leader).add_learner(group, learner).await.unwrap();
+    for i in 0..=flotilla::shard::PROMOTE_LAG_ENTRIES_MAX {
+        cluster.put(group, &format!("k{i}"), "v").await;
+    }
+    let leader = cluster.leader_of(group, &voters).await;
+    let refused = cluster.engine(leader).promote(group, learner).await;
+    assert!(
+        matches!(refused, Err(Error::LearnerNotReady { node }) if node == learner),
+        "{refused:?}"
+    );
+    // Back up, it hosts the group, catches up from the leader's log and is promoted.
+    cluster.engines[3] = Some(cluster.open(learner));
+    cluster.engine(learner).join_group(group).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let leader = cluster.leader_of(group, &voters).await;
+        match cluster.engine(leader).promote(group, learner).await {
+            Ok(membership) => {
+                assert!(membership.voters.contains(&learner), "{membership:?}");
+                break;
+            }
+            Err(
+                Error::LearnerNotReady { .. }
+                | Error::NotLeader { .. }
+                | Error::MembershipChangePending
+                | Error::Timeout,
+            ) if started.elapsed() < PATIENCE => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    cluster.put(group, "after", "promotion").await;
+}
