@@ -18,9 +18,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use bytes::Bytes;
 use flotilla_raftgroup::quorum::{self, VoteResult};
 use flotilla_raftgroup::{
-    Config, Entry, Fetch, HardState, LogIndex, Membership, MembershipChange, Message, MessageBody,
-    NodeId, ProposeError, ReadError, ReadMode, RecoveredState, Replica, Role, Snapshot, Term,
-    TransferError,
+    Config, Entry, EntryKind, Fetch, HardState, LogIndex, Membership, MembershipChange, Message,
+    MessageBody, NodeId, ProposeError, ReadError, ReadMode, RecoveredState, Replica, Role,
+    Snapshot, Term, TransferError,
 };
 use flotilla_wal::GroupId;
 
@@ -1234,11 +1234,26 @@ fn settle_membership_change<S: StateMachine>(
         }
         change.entered = true;
     }
-    let membership = slot.replica.membership();
-    if change.entered && !membership.is_joint() {
-        out.memberships.push((change.token, membership.clone()));
-        slot.membership_change = None;
+    if !change.entered {
+        return;
     }
+    // The next membership entry after the joint one is the leader's leave-joint (no other
+    // change can be proposed in between): what it leaves to is the result — not the membership
+    // in effect after this batch, which may already include a later change (cluster simulator
+    // seed 2874: a removal reported a re-added learner). A snapshot may have covered both
+    // entries: then the membership it installed stands.
+    let left = entries
+        .iter()
+        .find(|entry| entry.index > change.index && entry.kind == EntryKind::Membership)
+        .and_then(|entry| Membership::decode(&entry.payload).ok());
+    let membership = slot.replica.membership();
+    let result = match left {
+        Some(left) => left,
+        None if !membership.is_joint() => membership.clone(),
+        None => return,
+    };
+    out.memberships.push((change.token, result));
+    slot.membership_change = None;
 }
 
 fn serve_reads<S: StateMachine>(slot: &mut Group<S>, out: &mut ShardOutput<S>) {
