@@ -585,8 +585,19 @@ pub fn peek_snapshot(path: &Path) -> Option<(LogIndex, Term)> {
 /// Maps the snapshot file at `path` and verifies it whole (checksum, group, layout); the
 /// snapshot's data is a slice of the map. Blocking, and reads the whole file once.
 pub fn map_snapshot(path: &Path, group: GroupId) -> Result<Snapshot, StoreError> {
+    map_snapshot_whole(path, group).map(|(_, snapshot)| snapshot)
+}
+
+/// [`map_snapshot`], also returning the whole file's bytes: what a sender streams.
+pub fn map_snapshot_whole(path: &Path, group: GroupId) -> Result<(Bytes, Snapshot), StoreError> {
     let file = fs::File::open(path).map_err(io_error("opening", path))?;
-    map_snapshot_file(&file, path, group).map(|(_, snapshot)| snapshot)
+    map_snapshot_file(&file, path, group)
+}
+
+/// The CRC-32 a verified snapshot file ends with (covering all of it): names the exact bytes
+/// of a streamed file.
+pub fn file_crc(whole: &[u8]) -> u32 {
+    u32::from_le_bytes(whole[whole.len() - 4..].try_into().expect("a file ends with its crc"))
 }
 
 /// [`map_snapshot`] of an open `file` (named `path` in errors), also returning the whole
@@ -628,7 +639,7 @@ fn wal_hard_state(hs: HardState) -> flotilla_wal::HardState {
     }
 }
 
-fn io_error<'a>(
+pub(crate) fn io_error<'a>(
     op: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(std::io::Error) -> StoreError + 'a {

@@ -285,15 +285,8 @@ async fn open_file(job: &Job) -> Result<(Bytes, Snapshot), Failure> {
     let deadline = Instant::now() + FILE_WAIT;
     loop {
         let (path, group) = (job.path.clone(), job.group);
-        let mapped = tokio::task::spawn_blocking(move || {
-            let file = fs::File::open(&path).map_err(|error| StoreError::Io {
-                op: "opening",
-                path: path.clone(),
-                source: error,
-            })?;
-            store::map_snapshot_file(&file, &path, group)
-        })
-        .await;
+        let mapped =
+            tokio::task::spawn_blocking(move || store::map_snapshot_whole(&path, group)).await;
         match mapped {
             Ok(Ok((whole, snapshot))) if snapshot.meta.index >= job.index() => {
                 return Ok((whole, snapshot));
@@ -344,7 +337,7 @@ impl Link<'_> {
         codec::encode(&message, &mut raft);
         let id = StreamId { group: job.group, index: file.meta.index, term: file.meta.term };
         let file_len = whole.len() as u64;
-        let file_crc = u32::from_le_bytes(whole[whole.len() - 4..].try_into().expect("4 bytes"));
+        let file_crc = store::file_crc(&whole);
 
         if self.cut().await {
             return Err(Failure::Retry("link cut by the fault hook".into()));
@@ -565,7 +558,7 @@ impl<S: StateMachine> Receiver<S> {
             file.sync_all().map_err(|error| format!("syncing: {error}"))?;
             let (whole, snapshot) = store::map_snapshot_file(&file, &spool, id.group)
                 .map_err(|error| error.to_string())?;
-            let crc = u32::from_le_bytes(whole[whole.len() - 4..].try_into().expect("4 bytes"));
+            let crc = store::file_crc(&whole);
             if whole.len() as u64 != file_len
                 || crc != file_crc
                 || snapshot.meta.index != id.index
@@ -627,10 +620,6 @@ fn open_spool(
 ) -> Result<(PathBuf, fs::File, u64), StoreError> {
     let spool = store::spool_path(path);
     let id_path = store::spool_id_path(path);
-    let io = |op: &'static str, at: &Path| {
-        let path = at.to_path_buf();
-        move |source| StoreError::Io { op, path, source }
-    };
     let record = spool_record(id, file_len, file_crc);
     if fs::read(&id_path).is_ok_and(|stored| stored == record)
         && let Ok(file) = fs::OpenOptions::new().write(true).read(true).open(&spool)
@@ -642,21 +631,21 @@ fn open_spool(
     // Unlinked, never truncated: a snapshot handed out earlier may still be mapped from it.
     match fs::remove_file(&spool) {
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io("removing", &spool)(error));
+            return Err(store::io_error("removing", &spool)(error));
         }
         _ => {}
     }
     fs::create_dir_all(spool.parent().expect("a file in a directory"))
-        .map_err(io("creating", &spool))?;
+        .map_err(store::io_error("creating", &spool))?;
     let file = fs::OpenOptions::new()
         .write(true)
         .read(true)
         .create_new(true)
         .open(&spool)
-        .map_err(io("creating", &spool))?;
+        .map_err(store::io_error("creating", &spool))?;
     // Not synced: a record that outlives its file's bytes after a crash only makes the resumed
     // file fail verification, and the next offer starts over.
-    fs::write(&id_path, record).map_err(io("writing", &id_path))?;
+    fs::write(&id_path, record).map_err(store::io_error("writing", &id_path))?;
     Ok((spool, file, 0))
 }
 
