@@ -171,6 +171,17 @@ const REGRESSION_SEEDS: &[(u64, bool, &str)] = &[
          batch, and the removal reported learner 1); it now reports what the leave-joint entry \
          leaves to (found by a 2,000-seed soak, CLUSTER_SIM_SEED_BASE=1000)",
     ),
+    (
+        1939,
+        WITH_MEMBERSHIP,
+        "core bug, fixed: a node restarted from a snapshot taken before it was added to a group \
+         (joined, then made a voter by later entries) was put to sleep as a non-member at its \
+         first tick, before applying the entries that made it a voter; it had led the group, \
+         whose quiet followers still followed it (it came back before liveness declared it \
+         down), so nothing woke anyone and the group never elected again. A replica now sleeps \
+         as a non-member only once it applied everything committed (found by a soak of seeds \
+         1000..2000 after quiet followers learned to forget a dead leader)",
+    ),
 ];
 
 /// Seeds that fail because of a known engine bug not fixed yet: `(seed, the bug)`. They run

@@ -34,6 +34,9 @@ struct Cluster {
     liveness: bool,
     /// Ticks since the isolated node was cut off (the age liveness reports for it).
     isolated_ticks: u32,
+    /// `(observer, peer)`: the observer's liveness reports the peer silent although their
+    /// messages flow (a false "down").
+    blind: Option<(NodeId, NodeId)>,
 }
 
 impl Cluster {
@@ -48,6 +51,7 @@ impl Cluster {
             messages: 0,
             liveness: false,
             isolated_ticks: 0,
+            blind: None,
         };
         for id in 1..=nodes {
             let mut core = ShardCore::new(NodeId(id));
@@ -121,7 +125,15 @@ impl Cluster {
                 // Node-level heartbeats flow between every pair but across the cut.
                 for peer in ids.iter().filter(|peer| *peer != id) {
                     let cut = self.isolated.is_some_and(|cut| cut == *id || cut == *peer);
-                    node.core.node_contact(*peer, if cut { self.isolated_ticks } else { 0 });
+                    let blind = self.blind == Some((*id, *peer));
+                    let age = if blind {
+                        u32::MAX
+                    } else if cut {
+                        self.isolated_ticks
+                    } else {
+                        0
+                    };
+                    node.core.node_contact(*peer, age);
                 }
             }
             node.core.tick();
@@ -384,6 +396,123 @@ fn quiet_groups_cost_nothing_and_a_lost_leader_node_wakes_them_a_few_at_a_time()
         cluster.tick();
     }
     assert!(survivors.iter().all(|id| cluster.awake(*id) == 0), "survivors never went quiet");
+}
+
+/// Quiet groups (`groups` of them, one write each) with node-level liveness on, every one of
+/// them asleep on every node.
+fn quiet_cluster(groups: u64, quiescence: Quiescence) -> Cluster {
+    let mut cluster = Cluster::new(3, groups);
+    cluster.quiesce(quiescence);
+    cluster.elect(groups);
+    for g in 1..=groups {
+        let group = GroupId(g);
+        let leader = cluster.leader(group).unwrap();
+        cluster.nodes.get_mut(&leader).unwrap().core.propose(group, put("k", "v"), g).unwrap();
+    }
+    for g in 1..=groups {
+        assert!(matches!(cluster.settle(g), Completion::Applied { .. }), "group {g}");
+    }
+    let ids: Vec<NodeId> = cluster.nodes.keys().copied().collect();
+    for _ in 0..100 {
+        if ids.iter().all(|id| cluster.awake(*id) == 0) {
+            return cluster;
+        }
+        cluster.tick();
+    }
+    panic!("groups never went quiet");
+}
+
+/// Failover of quiet groups (issue 5: "within a few election timeouts"): once node-level
+/// liveness declares the leaders' node down, each follower forgets its leader at once (no
+/// stickiness left to refuse the survivors' campaigns) and one survivor per group, agreed on
+/// by all, campaigns a few ticks after waking while the others wait a randomized timeout. So
+/// every group has a new leader within one election timeout of the detection, each elected in
+/// the first term it tried (no split vote). Before, a woken follower waited a whole
+/// randomized election timeout (10–20 ticks) before its first campaign, which its peer, still
+/// holding to the dead leader, could refuse.
+#[test]
+fn quiet_followers_elect_within_an_election_timeout_of_their_leader_node_being_declared_down() {
+    let groups = 90;
+    let election_ticks = 10; // `Config::new`'s.
+    let quiescence = Quiescence { dead_after_ticks: 2 * election_ticks, wakes_per_tick: 16 };
+    let mut cluster = quiet_cluster(groups, quiescence);
+    let ids: Vec<NodeId> = cluster.nodes.keys().copied().collect();
+    let led = |cluster: &Cluster, node: NodeId| {
+        (1..=groups).filter(|g| cluster.leader(GroupId(*g)) == Some(node)).count()
+    };
+    let lost = *ids.iter().max_by_key(|id| led(&cluster, **id)).unwrap();
+    let orphans: Vec<GroupId> =
+        (1..=groups).map(GroupId).filter(|g| cluster.leader(*g) == Some(lost)).collect();
+    // Enough to need several ticks of wake-ups even spread over both survivors.
+    assert!(orphans.len() > 2 * quiescence.wakes_per_tick, "{} orphans", orphans.len());
+    let terms: BTreeMap<GroupId, u64> = orphans
+        .iter()
+        .map(|g| (*g, cluster.nodes[&lost].core.replica(*g).unwrap().term().0))
+        .collect();
+    cluster.isolated = Some(lost);
+    let survivors: Vec<NodeId> = ids.iter().copied().filter(|id| *id != lost).collect();
+    let mut detected = None;
+    let mut elected = None;
+    for tick in 1..=200u32 {
+        cluster.tick();
+        if detected.is_none()
+            && survivors.iter().all(|id| cluster.nodes[id].core.is_node_down(lost))
+        {
+            detected = Some(tick);
+        }
+        // The cut-off node may still believe it leads (until check-quorum deposes it).
+        if orphans.iter().all(|g| survivors.iter().any(|id| cluster.nodes[id].core.is_leader(*g))) {
+            elected = Some(tick);
+            break;
+        }
+    }
+    let detected = detected.expect("the survivors never declared the node down");
+    let elected = elected.expect("not every group elected a new leader within 200 ticks");
+    assert_eq!(detected, quiescence.dead_after_ticks, "declared down as soon as due");
+    assert!(
+        elected - detected <= election_ticks,
+        "every group led by a survivor {} ticks after the detection (at most {election_ticks})",
+        elected - detected
+    );
+    for g in &orphans {
+        let leader = *survivors.iter().find(|id| cluster.nodes[id].core.is_leader(*g)).unwrap();
+        let term = cluster.nodes[&leader].core.replica(*g).unwrap().term().0;
+        assert_eq!(term, terms[g] + 1, "group {g} elected in its first new term");
+    }
+}
+
+/// Node-level liveness is a hint: a node that wrongly declares a live leader's node down makes
+/// its followers forget that leader (and campaign), but their pre-votes fail against the other
+/// follower, which still hears from it — no group changes leader or term, and every group goes
+/// quiet again.
+#[test]
+fn a_false_down_deposes_no_leader() {
+    let groups = 30;
+    let quiescence = Quiescence { dead_after_ticks: 20, wakes_per_tick: 8 };
+    let mut cluster = quiet_cluster(groups, quiescence);
+    let ids: Vec<NodeId> = cluster.nodes.keys().copied().collect();
+    let before: Vec<(NodeId, u64)> = (1..=groups)
+        .map(|g| {
+            let leader = cluster.leader(GroupId(g)).unwrap();
+            (leader, cluster.nodes[&leader].core.replica(GroupId(g)).unwrap().term().0)
+        })
+        .collect();
+    let (observer, peer) = (ids[0], ids[1]);
+    assert!(
+        (1..=groups).any(|g| cluster.leader(GroupId(g)) == Some(peer)),
+        "some group is led by the node wrongly declared down"
+    );
+    cluster.blind = Some((observer, peer));
+    for _ in 0..300 {
+        cluster.tick();
+    }
+    assert!(cluster.nodes[&observer].core.is_node_down(peer));
+    for g in 1..=groups {
+        let leader = cluster.leader(GroupId(g)).unwrap();
+        let term = cluster.nodes[&leader].core.replica(GroupId(g)).unwrap().term().0;
+        assert_eq!((leader, term), before[usize::try_from(g - 1).unwrap()], "group {g}");
+    }
+    assert!(ids.iter().all(|id| cluster.awake(*id) == 0), "groups never went quiet again");
 }
 
 /// A read that a deposed leader can no longer confirm fails as soon as leadership changes,

@@ -346,6 +346,36 @@ impl Replica {
         self.lease_floor = self.ticks;
     }
 
+    /// The embedder's failure detector says node `leader` is down (it has heard nothing from it
+    /// for well over an election timeout). If this replica follows `leader`, it forgets it —
+    /// so it no longer refuses other campaigns on that leader's behalf (leader stickiness), which
+    /// would otherwise hold a new election off for a full election timeout after the death is
+    /// known — and restarts its election timer to fire after `campaign_in_ticks` ticks, or after
+    /// a randomized election timeout if `None`. The embedder gives a short delay to the one live
+    /// voter it picks to go first, so that the survivors do not split their votes. Returns
+    /// whether the leader was forgotten (only a follower of `leader` does).
+    ///
+    /// Only a hint: Raft's safety does not depend on it, and a wrong one costs at most an
+    /// election. The replica may then grant a pre-vote (or a vote in a later term), but a
+    /// campaign still needs a quorum, and every voter that hears from a live leader still
+    /// refuses it. Lease reads stay sound only if the hint comes later than this replica's own
+    /// election timeout would have (its clock counted from the leader's last message), as it
+    /// does when the detector waits longer than an election timeout of silence.
+    pub fn leader_down(&mut self, leader: NodeId, campaign_in_ticks: Option<u32>) -> bool {
+        if self.role != Role::Follower || self.leader != Some(leader) || leader == self.id {
+            return false;
+        }
+        self.leader = None;
+        match campaign_in_ticks {
+            Some(ticks) => {
+                self.election_elapsed = 0;
+                self.randomized_election_ticks = ticks.max(1);
+            }
+            None => self.reset_election_timer(),
+        }
+        true
+    }
+
     /// Handles a message from a peer.
     pub fn step(&mut self, message: Message) -> Result<(), Error> {
         if message.to != self.id {

@@ -570,6 +570,18 @@ impl Cluster {
                 writeln!(out, "{}", if quiesced { "quiesced" } else { "refused" }).unwrap();
                 self.process(&mut out);
             }
+            "leader-down" => {
+                // `leader-down <node> <leader> [campaign=<ticks>]`: node-level liveness tells the
+                // replica that its leader's node is down.
+                let leader = NodeId(words[2].parse().expect("node id"));
+                let campaign_in = words
+                    .get(3)
+                    .and_then(|word| word.strip_prefix("campaign="))
+                    .map(|ticks| ticks.parse().expect("ticks"));
+                let forgot = self.node(words[1]).replica.leader_down(leader, campaign_in);
+                writeln!(out, "{}", if forgot { "forgot" } else { "ignored" }).unwrap();
+                self.process(&mut out);
+            }
             "wake" => {
                 self.node(words[1]).replica.wake();
                 self.process(&mut out);

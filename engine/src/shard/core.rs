@@ -386,6 +386,16 @@ impl<S: StateMachine> Group<S> {
 /// returns, the quiet leaders of groups it belongs to wake to catch it up. Wake-ups go through
 /// a queue drained at [`Quiescence::wakes_per_tick`], so a node blip never wakes every group
 /// at once.
+///
+/// So that failover takes a few election timeouts rather than many, a follower whose leader's
+/// node is declared down forgets that leader at once ([`Replica::leader_down`]): its clock
+/// stood still while quiet, so it would otherwise hold to the dead leader (stickiness) and
+/// refuse the survivors' campaigns for an election timeout after waking. One live voter per
+/// group, picked by a hash of the group that every survivor computes alike, wakes ahead of the
+/// queue and campaigns a few ticks later; the others keep a randomized election timeout (they
+/// wake by its campaign, or take over if it does not come), so the survivors do not split
+/// their votes. Liveness is only a hint: a replica that wrongly forgets a live leader costs a
+/// failed pre-vote at most, since the voters that hear from the leader refuse it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Quiescence {
     /// A node unheard of for this many ticks counts as down.
@@ -485,14 +495,29 @@ impl<S: StateMachine> ShardCore<S> {
         // Queued in group order, not the map's: which groups wake first must not depend on a
         // hash seed, or a run cannot be replayed (the cluster simulator's seeds).
         let mut woken = Vec::new();
+        // Followers that campaign first: they wake ahead of the queue.
+        let mut first = Vec::new();
         for (group, slot) in &mut self.groups {
+            if down && slot.replica.role() == Role::Follower && slot.replica.leader() == Some(node)
+            {
+                // Its leader is gone: forget it at once, asleep or not, so this replica grants
+                // the pre-vote of whichever survivor campaigns first instead of holding to its
+                // leader for another election timeout; one survivor per group goes first.
+                let campaigner = first_campaigner(*group, &slot.replica, dead);
+                let campaign_in = (campaigner == Some(me)).then_some(FIRST_CAMPAIGN_TICKS);
+                slot.replica.leader_down(node, campaign_in);
+                if slot.asleep && !slot.queued {
+                    slot.queued = true;
+                    if campaign_in.is_some() { &mut first } else { &mut woken }.push(*group);
+                }
+                continue;
+            }
             if !slot.asleep || slot.queued {
                 continue;
             }
             let replica = &slot.replica;
             let wake = match replica.role() {
-                // Its leader is gone: wake to elect another.
-                Role::Follower => down && replica.leader() == Some(node),
+                Role::Follower => false,
                 Role::Leader if down => !live_quorum(replica, me, dead),
                 // Back: catch it up.
                 Role::Leader => replica.membership().is_member(node),
@@ -505,6 +530,10 @@ impl<S: StateMachine> ShardCore<S> {
         }
         woken.sort_unstable();
         self.wake_queue.extend(woken);
+        first.sort_unstable();
+        for group in first.into_iter().rev() {
+            self.wake_queue.push_front(group);
+        }
     }
 
     /// Whether node-level liveness currently declares `node` down.
@@ -665,10 +694,15 @@ impl<S: StateMachine> ShardCore<S> {
             if idle
                 && slot.replica.role() != Role::Leader
                 && !slot.replica.membership().is_member(*node)
+                && slot.replica.status().applied >= slot.replica.commit_index()
             {
                 // Not a member (removed, or joined and not yet added): it never campaigns, so it
                 // needs no clock — with or without quiescence. A leader's message wakes it (a
-                // re-added node catches up that way).
+                // re-added node catches up that way). Not while committed entries wait to be
+                // applied, though: the membership in effect may be stale — a node restarted from
+                // a snapshot taken before it was added — and those entries may make it a voter
+                // that its peers wait for (the leader they follow, quietly, when it crashed and
+                // came back before liveness noticed: cluster simulator seed 1939).
                 slot.asleep = true;
                 slot.listed = false;
                 slot.release_memory();
@@ -1073,6 +1107,30 @@ impl<S: StateMachine> ShardCore<S> {
 fn live_quorum(replica: &Replica, me: NodeId, down: &BTreeSet<NodeId>) -> bool {
     replica.membership().vote_result(|id| Some(id == me || !down.contains(&id))) == VoteResult::Won
 }
+
+/// The voter of `replica`'s group that campaigns first once its leader's node is declared
+/// down: one of those liveness does not declare down, picked by a hash of the group, so that
+/// every survivor agrees without a word (while they agree on who is down) and the elections of
+/// a dead node's groups are spread over the survivors. `None` if no voter is live.
+fn first_campaigner(group: GroupId, replica: &Replica, down: &BTreeSet<NodeId>) -> Option<NodeId> {
+    let mut live: Vec<NodeId> =
+        replica.membership().all_voters().filter(|id| !down.contains(id)).collect();
+    live.sort_unstable();
+    // splitmix64's finalizer: group ids are often sequential, and the groups a node led may
+    // follow a pattern in them.
+    let mut hash = group.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    hash = (hash ^ (hash >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    hash ^= hash >> 31;
+    let count = u64::try_from(live.len()).expect("fits");
+    (count > 0).then(|| live[usize::try_from(hash % count).expect("below the length")])
+}
+
+/// Ticks (of its own, counted once awake) before the survivor picked by [`first_campaigner`]
+/// campaigns: the other survivors judge the dead node from frames that stopped at the same
+/// moment, but on their own tick, so they may declare it down a tick or two later — until then
+/// they still hold to their leader and would refuse the pre-vote (costing an election timeout).
+const FIRST_CAMPAIGN_TICKS: u32 = 3;
 
 /// [`ShardCore::set_compaction_defer_entries`] until set: four times the engine's default
 /// snapshot threshold.
