@@ -115,7 +115,7 @@ mod corpus {
         };
         let snapshot = Snapshot {
             meta: SnapshotMeta { index: LogIndex(9), term: Term(2), membership: membership() },
-            data: populated_kv().snapshot(),
+            data: populated_kv().snapshot().to_bytes(),
         };
         vec![
             (
@@ -358,8 +358,8 @@ mod corpus {
 
     fn kv_command_seeds() -> Vec<(&'static str, Vec<u8>)> {
         let key = |k: &'static [u8]| Bytes::from_static(k);
-        let populated = populated_kv().snapshot();
-        let empty = KvStateMachine::new(KV_CONFIG).snapshot();
+        let populated = populated_kv().snapshot().to_bytes();
+        let empty = KvStateMachine::new(KV_CONFIG).snapshot().to_bytes();
         let put = proposal(2_000, session(1, 3, Command::Put { key: key(b"a"), value: key(b"2") }));
         let cas = proposal(
             2_100,
@@ -412,7 +412,7 @@ mod corpus {
                 kv_input(
                     4,
                     &proposal(9, Request::KeepAlive { client_id: 2 }),
-                    &KvStateMachine::default().snapshot(),
+                    &KvStateMachine::default().snapshot().to_bytes(),
                 ),
             ),
             (

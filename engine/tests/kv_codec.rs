@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use flotilla::kv::{
     Command, DecodeError, KvConfig, KvStateMachine, Proposal, Query, Request, SessionCommand,
-    SnapshotError, StateMachine,
+    SnapshotError, SnapshotImage, StateMachine,
 };
 use flotilla::raftgroup::testkit::SimRng;
 use flotilla::raftgroup::{Entry, EntryKind, LogIndex, Term};
@@ -231,10 +231,10 @@ fn populated() -> KvStateMachine {
 #[test]
 fn every_single_bit_flip_of_a_snapshot_is_detected() {
     let kv = populated();
-    let image = kv.snapshot();
+    let image = kv.snapshot().to_bytes();
     let mut restored = KvStateMachine::new(POPULATED_CONFIG);
     restored.restore(&image).expect("the intact image restores");
-    assert_eq!(restored.snapshot(), image);
+    assert_eq!(restored.snapshot().to_bytes(), image);
     let mut target = populated();
     for bit in 0..image.len() * 8 {
         let mut damaged = image.to_vec();
@@ -248,12 +248,12 @@ fn every_single_bit_flip_of_a_snapshot_is_detected() {
         };
         assert!(expected_kind, "bit {bit}: {error}");
     }
-    assert_eq!(target.snapshot(), image, "failed restores changed nothing");
+    assert_eq!(target.snapshot().to_bytes(), image, "failed restores changed nothing");
 }
 
 #[test]
 fn every_truncation_and_extension_of_a_snapshot_is_detected() {
-    let image = populated().snapshot();
+    let image = populated().snapshot().to_bytes();
     let mut target = KvStateMachine::new(POPULATED_CONFIG);
     for len in 0..image.len() {
         assert!(target.restore(&image.slice(..len)).is_err(), "truncated to {len}");
@@ -266,7 +266,7 @@ fn every_truncation_and_extension_of_a_snapshot_is_detected() {
 
 #[test]
 fn an_image_from_a_replica_with_other_limits_is_refused() {
-    let image = populated().snapshot();
+    let image = populated().snapshot().to_bytes();
     let mut other = KvStateMachine::new(KvConfig { session_ttl_ms: 10_000, sessions_max: 9 });
     assert!(matches!(other.restore(&image), Err(SnapshotError::Config { .. })));
     assert_eq!(other.applied_index(), LogIndex::ZERO);
@@ -277,7 +277,7 @@ fn an_image_from_a_replica_with_other_limits_is_refused() {
 #[test]
 fn random_resealed_images_never_panic() {
     let mut rng = SimRng::new(0x6b76_7365_616c_6564);
-    let image = populated().snapshot();
+    let image = populated().snapshot().to_bytes();
     let mut accepted = 0;
     for _ in 0..20_000 {
         let mut forged = if rng.percent(50) {
@@ -301,7 +301,7 @@ fn random_resealed_images_never_panic() {
         let mut kv = KvStateMachine::new(POPULATED_CONFIG);
         if kv.restore(&forged).is_ok() {
             kv.check_invariants();
-            assert_eq!(kv.snapshot(), forged, "an accepted image is canonical");
+            assert_eq!(kv.snapshot().to_bytes(), forged, "an accepted image is canonical");
             accepted += 1;
         }
     }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use flotilla::kv::{
     ApplyError, Command, KvConfig, KvStateMachine, Outcome, Proposal, Query, QueryResult, Reply,
-    Request, SessionCommand, StateMachine,
+    Request, SessionCommand, SnapshotImage, StateMachine,
 };
 use flotilla::raftgroup::{Entry, EntryKind, LogIndex, Term};
 use proptest::prelude::*;
@@ -328,17 +328,17 @@ proptest! {
         let cut = cut.index(log.len() + 1);
         let mut straight = KvStateMachine::new(MIXED_CONFIG);
         let mut responses = apply_in_batches(&mut straight, &log[..cut], &sizes);
-        let image = straight.snapshot();
+        let image = straight.snapshot().to_bytes();
         responses.extend(apply_in_batches(&mut straight, &log[cut..], &sizes));
 
         let mut resumed = straight.clone();
         resumed.restore(&image).expect("a fresh image restores");
         prop_assert_eq!(resumed.applied_index(), LogIndex(cut as u64));
-        prop_assert_eq!(resumed.snapshot(), image.clone(), "restore is exact");
+        prop_assert_eq!(resumed.snapshot().to_bytes(), image.clone(), "restore is exact");
         resumed.check_invariants();
         let later = apply_in_batches(&mut resumed, &log[cut..], &[1]);
         prop_assert_eq!(&later[..], &responses[cut..]);
-        prop_assert_eq!(resumed.snapshot(), straight.snapshot());
+        prop_assert_eq!(resumed.snapshot().to_bytes(), straight.snapshot().to_bytes());
     }
 
     /// Two instances fed the same log — in different batch sizes — hold byte-identical images
@@ -350,10 +350,10 @@ proptest! {
     ) {
         let log = build_log(&ops);
         let mut one_by_one = KvStateMachine::new(MIXED_CONFIG);
-        let mut images = vec![one_by_one.snapshot()];
+        let mut images = vec![one_by_one.snapshot().to_bytes()];
         for entry in &log {
             one_by_one.apply(std::slice::from_ref(entry), &mut Vec::new());
-            images.push(one_by_one.snapshot());
+            images.push(one_by_one.snapshot().to_bytes());
         }
         let mut batched = KvStateMachine::new(MIXED_CONFIG);
         let mut rest = &log[..];
@@ -363,7 +363,7 @@ proptest! {
             let (batch, tail) = rest.split_at(take);
             batched.apply(batch, &mut Vec::new());
             let index = batched.applied_index().get() as usize;
-            prop_assert_eq!(batched.snapshot(), images[index].clone());
+            prop_assert_eq!(batched.snapshot().to_bytes(), images[index].clone());
             rest = tail;
         }
     }

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use flotilla::kv::snapshot::{HEADER_LEN, MAGIC, SNAPSHOT_VERSION};
 use flotilla::kv::{
     ApplyError, Command, KvConfig, KvStateMachine, Proposal, Query, QueryResult, Reply, Request,
-    SessionCommand, StateMachine,
+    SessionCommand, SnapshotImage, StateMachine,
 };
 use flotilla::transport::ClusterId;
 use flotilla::transport::batch::{self, RawItems};
@@ -722,10 +722,10 @@ fn check_apply(kv: &mut KvStateMachine, payload: &Bytes, kind: EntryKind) {
         (_, _, response) => assert_eq!(response, &Ok(Reply::Skipped)),
     }
     kv.check_invariants();
-    let image = kv.snapshot();
+    let image = kv.snapshot().to_bytes();
     let mut copy = KvStateMachine::new(KV_CONFIG);
     copy.restore(&image).expect("a snapshot restores");
-    assert_eq!(copy.snapshot(), image, "a restored snapshot is the same state");
+    assert_eq!(copy.snapshot().to_bytes(), image, "a restored snapshot is the same state");
 }
 
 /// Target `kv_command`. Input: a flags byte (bit 0: make the image pass the header checks, see
@@ -758,17 +758,23 @@ pub fn check_kv_command(data: &[u8]) {
     check_apply(&mut base.clone(), &payload, kind);
 
     let mut kv = base.clone();
-    let before = (kv.snapshot(), kv.applied_index(), kv.now_ms(), kv.len(), kv.session_count());
+    let before =
+        (kv.snapshot().to_bytes(), kv.applied_index(), kv.now_ms(), kv.len(), kv.session_count());
     match kv.restore(&image) {
         Ok(()) => {
-            assert_eq!(kv.snapshot(), image, "a snapshot decodes from one image only");
+            assert_eq!(kv.snapshot().to_bytes(), image, "a snapshot decodes from one image only");
             kv.check_invariants();
             check_query(&payload, &kv);
             check_apply(&mut kv, &payload, kind);
         }
         Err(_) => {
-            let after =
-                (kv.snapshot(), kv.applied_index(), kv.now_ms(), kv.len(), kv.session_count());
+            let after = (
+                kv.snapshot().to_bytes(),
+                kv.applied_index(),
+                kv.now_ms(),
+                kv.len(),
+                kv.session_count(),
+            );
             assert!(after == before, "a failed restore changed the store");
         }
     }

@@ -553,9 +553,26 @@ impl Replica {
     }
 
     /// The application snapshotted its state machine through `index` (at most the applied and
-    /// the persisted index) as `data`: the log before it is forgotten, and the snapshot is what lagging
-    /// followers get. The driver compacts its storage too.
+    /// the persisted index) as `data`: the log before it is forgotten, and the snapshot is what
+    /// lagging followers get. The driver compacts its storage too.
     pub fn compact(&mut self, index: LogIndex, data: Bytes) -> Result<SnapshotMeta, CompactError> {
+        let meta = self.snapshot_meta_at(index)?;
+        let kept = self.membership_changes.partition_point(|(at, _)| *at <= index);
+        if kept > 0 {
+            self.base_membership =
+                self.membership_changes.drain(..kept).next_back().expect("kept > 0").1;
+        }
+        debug_assert_eq!(meta.membership, self.base_membership);
+        self.log.compact(index);
+        self.snapshot = Some(Box::new(Snapshot { meta: meta.clone(), data }));
+        Ok(meta)
+    }
+
+    /// What [`Replica::compact`] at `index` would record — index, term, membership — without
+    /// compacting: for an application that writes the snapshot out first and compacts once it
+    /// is durable. The result stays valid until then: the entries through `index` are applied,
+    /// so neither their terms nor the membership changes among them can change.
+    pub fn snapshot_meta_at(&self, index: LogIndex) -> Result<SnapshotMeta, CompactError> {
         if index > self.applied {
             return Err(CompactError::NotApplied { index, applied: self.applied });
         }
@@ -571,14 +588,11 @@ impl Replica {
         }
         let term = self.log.term(index).expect("applied entries are in the log");
         let kept = self.membership_changes.partition_point(|(at, _)| *at <= index);
-        if kept > 0 {
-            self.base_membership =
-                self.membership_changes.drain(..kept).next_back().expect("kept > 0").1;
-        }
-        let meta = SnapshotMeta { index, term, membership: self.base_membership.clone() };
-        self.log.compact(index);
-        self.snapshot = Some(Box::new(Snapshot { meta: meta.clone(), data }));
-        Ok(meta)
+        let membership = match kept {
+            0 => self.base_membership.clone(),
+            _ => self.membership_changes[kept - 1].1.clone(),
+        };
+        Ok(SnapshotMeta { index, term, membership })
     }
 
     /// On a leader, the lowest index a member still needs from the log and is not known to be

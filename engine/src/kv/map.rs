@@ -1,16 +1,21 @@
 //! The ordered map behind [`super::KvStateMachine`]: a sorted vector while it is small, a
-//! B-tree beyond that.
+//! persistent B-tree beyond that.
 //!
-//! Most groups of a node with tens of thousands of them hold a handful of keys. A `BTreeMap`
-//! allocates a whole leaf (~720 B for `Bytes` keys and values) for its first key; a sorted
+//! Most groups of a node with tens of thousands of them hold a handful of keys. A B-tree
+//! allocates a whole leaf (~1 KiB for `Bytes` keys and values) for its first key; a sorted
 //! vector sized exactly holds one key in 64 B. Both iterate in key order, so nothing observable
 //! (reads, ranges, snapshot bytes) depends on the representation.
+//!
+//! Cloning is what a snapshot does (the image is written from the clone on another thread while
+//! the group goes on applying), so it must cost next to nothing on the shard thread whatever the
+//! size: the vector holds at most [`SMALL_MAX`] pairs, and the B-tree (`imbl::OrdMap`) shares
+//! its nodes between clones — a clone is O(1), and a write after it copies only the nodes on
+//! its path (a node is mutated in place while nothing else holds it).
 
-use std::collections::BTreeMap;
-use std::collections::btree_map;
 use std::ops::Bound;
 
 use bytes::Bytes;
+use imbl::OrdMap;
 
 /// Most keys held in the vector form; one more moves the map to a B-tree for good.
 const SMALL_MAX: usize = 8;
@@ -21,7 +26,7 @@ pub(crate) enum KvMap {
     /// At most [`SMALL_MAX`] pairs, sorted by key, keys distinct, capacity exactly the length.
     Small(Vec<(Bytes, Bytes)>),
     /// Any number of pairs.
-    Large(BTreeMap<Bytes, Bytes>),
+    Large(OrdMap<Bytes, Bytes>),
 }
 
 impl Default for KvMap {
@@ -83,8 +88,7 @@ impl KvMap {
                     pairs.reserve_exact(1);
                     pairs.insert(at, (key, value));
                 } else {
-                    let mut map: BTreeMap<Bytes, Bytes> =
-                        std::mem::take(pairs).into_iter().collect();
+                    let mut map: OrdMap<Bytes, Bytes> = std::mem::take(pairs).into_iter().collect();
                     map.insert(key, value);
                     *self = Self::Large(map);
                 }
@@ -114,7 +118,7 @@ impl KvMap {
     pub(crate) fn iter(&self) -> Iter<'_> {
         match self {
             Self::Small(pairs) => Iter::Small(pairs.iter()),
-            Self::Large(map) => Iter::Large(map.range::<[u8], _>(..)),
+            Self::Large(map) => Iter::Large(map.range::<_, [u8]>(..)),
         }
     }
 
@@ -131,7 +135,7 @@ impl KvMap {
                 };
                 Iter::Small(pairs[from..to.max(from)].iter())
             }
-            Self::Large(map) => Iter::Large(map.range::<[u8], _>((Bound::Included(start), end))),
+            Self::Large(map) => Iter::Large(map.range::<_, [u8]>((Bound::Included(start), end))),
         }
     }
 }
@@ -139,7 +143,7 @@ impl KvMap {
 /// Pairs of a [`KvMap`] in key order.
 pub(crate) enum Iter<'a> {
     Small(std::slice::Iter<'a, (Bytes, Bytes)>),
-    Large(btree_map::Range<'a, Bytes, Bytes>),
+    Large(imbl::ordmap::RangedIter<'a, Bytes, Bytes, imbl::shared_ptr::DefaultSharedPtr>),
 }
 
 impl<'a> Iterator for Iter<'a> {
@@ -155,6 +159,8 @@ impl<'a> Iterator for Iter<'a> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn key(n: u32) -> Bytes {
@@ -188,6 +194,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_clone_keeps_its_contents_while_the_original_changes() {
+        let mut map = KvMap::default();
+        for n in 0..100 {
+            map.insert_new(key(n), key(n));
+        }
+        let before: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let view = map.clone();
+        *map.get_mut(&key(5)).expect("present") = key(500);
+        map.remove(&key(6));
+        map.insert_new(key(1000), key(1));
+        assert!(view.iter().map(|(k, v)| (k.clone(), v.clone())).eq(before));
+        assert_eq!(map.get(&key(5)), Some(&key(500)));
+        assert_eq!(view.get(&key(5)), Some(&key(5)));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! use bytes::Bytes;
 //! use flotilla::kv::{
 //!     Command, KvStateMachine, Outcome, Proposal, Query, QueryResult, Reply, Request,
-//!     SessionCommand, StateMachine,
+//!     SessionCommand, SnapshotImage, StateMachine,
 //! };
 //! use flotilla::raftgroup::{Entry, EntryKind, LogIndex, Term};
 //!
@@ -40,9 +40,9 @@
 //! let read = Query::Get { key: Bytes::from("k") };
 //! assert_eq!(kv.query(&read), QueryResult::Value(Some(Bytes::from("v"))));
 //! let mut copy = KvStateMachine::default();
-//! copy.restore(&kv.snapshot()).unwrap();
+//! copy.restore(&kv.snapshot().to_bytes()).unwrap();
 //! assert_eq!(copy.applied_index(), LogIndex(3));
-//! assert_eq!(copy.snapshot(), kv.snapshot());
+//! assert_eq!(copy.snapshot().to_bytes(), kv.snapshot().to_bytes());
 //! ```
 
 pub mod command;
@@ -52,7 +52,7 @@ pub mod snapshot;
 pub mod state_machine;
 
 pub use command::{Command, DecodeError, Proposal, Query, Request, SessionCommand};
-pub use snapshot::SnapshotError;
+pub use snapshot::{KvSnapshot, SnapshotError};
 pub use state_machine::{
-    ApplyError, KvConfig, KvStateMachine, Outcome, QueryResult, Reply, StateMachine,
+    ApplyError, KvConfig, KvStateMachine, Outcome, QueryResult, Reply, SnapshotImage, StateMachine,
 };

@@ -32,6 +32,8 @@
 //! magic, version or length fields is caught even before). Then it parses the body against the
 //! counts, without reserving anything from a count.
 
+use std::io;
+
 use bytes::Bytes;
 use flotilla_raftgroup::LogIndex;
 use thiserror::Error;
@@ -39,7 +41,7 @@ use thiserror::Error;
 use super::command::{DecodeError, Reader, put_bytes, put_option, put_u64};
 use super::map::KvMap;
 use super::session::{Session, Sessions};
-use super::state_machine::{KvConfig, Outcome};
+use super::state_machine::{KvConfig, Outcome, SnapshotImage};
 
 /// The first eight bytes of every image.
 pub const MAGIC: [u8; 8] = *b"FLTKVSNP";
@@ -129,48 +131,108 @@ mod outcome_tag {
     pub const MISMATCH: u8 = 4;
 }
 
-/// Writes the image of a state.
-pub(crate) fn encode(
+/// Bytes of the body encoded before they are handed on: bounds the buffer of a body of any size.
+const PIECE_BYTES: usize = 64 * 1024;
+
+/// A point-in-time view of a [`KvStateMachine`](super::KvStateMachine)'s state: what its
+/// [`StateMachine::snapshot`](super::StateMachine::snapshot) returns, cheap to take on the
+/// shard thread and written out elsewhere with [`SnapshotImage::write_to`].
+///
+/// Taking it costs O(1) for the keys (the map's nodes are shared with the store, see the map's
+/// documentation; at most eight pairs are copied) plus a copy of the session table, which
+/// [`KvConfig::sessions_max`] bounds. Writing it never holds more than 64 KiB of encoded
+/// image in memory, whatever the state's size.
+#[derive(Clone, Debug)]
+pub struct KvSnapshot {
     config: KvConfig,
     applied_index: LogIndex,
     now_ms: u64,
-    data: &KvMap,
-    sessions: &Sessions,
-) -> Bytes {
-    let data_bytes: usize = data.iter().map(|(key, value)| 8 + key.len() + value.len()).sum();
-    let mut out = Vec::with_capacity(HEADER_LEN + data_bytes + sessions.len() * 32);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-    put_u64(&mut out, applied_index.get());
-    put_u64(&mut out, now_ms);
-    put_u64(&mut out, config.session_ttl_ms);
-    put_u64(&mut out, config.sessions_max as u64);
-    put_u64(&mut out, data.len() as u64);
-    put_u64(&mut out, sessions.len() as u64);
-    put_u64(&mut out, 0); // body_len, filled in below
-    out.extend_from_slice(&[0; 4]); // crc32, filled in below
-    debug_assert_eq!(out.len(), HEADER_LEN);
-    for (key, value) in data.iter() {
-        put_bytes(&mut out, key);
-        put_bytes(&mut out, value);
+    data: KvMap,
+    sessions: Sessions,
+}
+
+impl KvSnapshot {
+    pub(crate) fn new(
+        config: KvConfig,
+        applied_index: LogIndex,
+        now_ms: u64,
+        data: KvMap,
+        sessions: Sessions,
+    ) -> Self {
+        Self { config, applied_index, now_ms, data, sessions }
     }
-    for (client_id, session) in sessions.iter() {
-        put_u64(&mut out, client_id);
-        put_u64(&mut out, session.last_active_ms);
-        match &session.last {
-            None => out.push(0),
-            Some((sequence, outcome)) => {
-                out.push(1);
-                put_u64(&mut out, *sequence);
-                encode_outcome(&mut out, outcome);
+
+    /// The index the image covers.
+    pub fn applied_index(&self) -> LogIndex {
+        self.applied_index
+    }
+
+    fn header(&self, body_len: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        put_u64(&mut out, self.applied_index.get());
+        put_u64(&mut out, self.now_ms);
+        put_u64(&mut out, self.config.session_ttl_ms);
+        put_u64(&mut out, self.config.sessions_max as u64);
+        put_u64(&mut out, self.data.len() as u64);
+        put_u64(&mut out, self.sessions.len() as u64);
+        put_u64(&mut out, body_len);
+        out.extend_from_slice(&[0; 4]); // crc32, filled in by the caller
+        debug_assert_eq!(out.len(), HEADER_LEN);
+        out
+    }
+
+    /// Encodes the body, handing it to `sink` in pieces of about [`PIECE_BYTES`].
+    fn body(&self, sink: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+        let mut out = Vec::with_capacity(PIECE_BYTES);
+        for (key, value) in self.data.iter() {
+            put_bytes(&mut out, key);
+            put_bytes(&mut out, value);
+            if out.len() >= PIECE_BYTES {
+                sink(&out)?;
+                out.clear();
             }
         }
+        for (client_id, session) in self.sessions.iter() {
+            put_u64(&mut out, client_id);
+            put_u64(&mut out, session.last_active_ms);
+            match &session.last {
+                None => out.push(0),
+                Some((sequence, outcome)) => {
+                    out.push(1);
+                    put_u64(&mut out, *sequence);
+                    encode_outcome(&mut out, outcome);
+                }
+            }
+            if out.len() >= PIECE_BYTES {
+                sink(&out)?;
+                out.clear();
+            }
+        }
+        if out.is_empty() { Ok(()) } else { sink(&out) }
     }
-    let body_len = (out.len() - HEADER_LEN) as u64;
-    out[BODY_LEN_OFFSET..CRC_OFFSET].copy_from_slice(&body_len.to_le_bytes());
-    let crc = checksum(&out);
-    out[CRC_OFFSET..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
-    Bytes::from(out)
+}
+
+impl SnapshotImage for KvSnapshot {
+    /// Two passes over the state: the header's length and checksum come before the body, and
+    /// the body is never held whole — the first pass only counts and checksums it.
+    fn write_to(&self, out: &mut dyn io::Write) -> io::Result<()> {
+        let mut body_len = 0u64;
+        let mut body_crc = crc32fast::Hasher::new();
+        self.body(&mut |piece| {
+            body_len += piece.len() as u64;
+            body_crc.update(piece);
+            Ok(())
+        })?;
+        let mut header = self.header(body_len);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header[..CRC_OFFSET]);
+        crc.combine(&body_crc);
+        header[CRC_OFFSET..HEADER_LEN].copy_from_slice(&crc.finalize().to_le_bytes());
+        out.write_all(&header)?;
+        self.body(&mut |piece| out.write_all(piece))
+    }
 }
 
 fn encode_outcome(out: &mut Vec<u8>, outcome: &Outcome) {
@@ -331,6 +393,61 @@ mod tests {
     }
 
     const CONFIG: KvConfig = KvConfig { session_ttl_ms: 100, sessions_max: 5 };
+
+    fn encode(
+        config: KvConfig,
+        applied_index: LogIndex,
+        now_ms: u64,
+        data: &KvMap,
+        sessions: &Sessions,
+    ) -> Bytes {
+        KvSnapshot::new(config, applied_index, now_ms, data.clone(), sessions.clone()).to_bytes()
+    }
+
+    #[test]
+    fn an_image_of_many_pieces_checksums_and_decodes_whole() {
+        // Past 64 KiB the body leaves in several pieces, and the checksum is combined from the
+        // header's and the body's: decoding verifies both.
+        let pairs: Vec<_> = (0..5_000u32)
+            .map(|n| (Bytes::from(format!("key{n:06}")), Bytes::from(vec![n as u8; 40])))
+            .collect();
+        let data = KvMap::from_sorted(pairs.clone());
+        let mut sessions = Sessions::default();
+        for client in 1..=5 {
+            sessions.insert(client, Session { last_active_ms: 1, last: None });
+        }
+        let image = encode(CONFIG, LogIndex(9_000), 3, &data, &sessions);
+        assert!(image.len() > 4 * PIECE_BYTES);
+        let decoded = decode(&image, CONFIG).expect("valid image");
+        assert!(decoded.data.iter().map(|(k, v)| (k.clone(), v.clone())).eq(pairs));
+        assert_eq!(decoded.sessions, sessions);
+        assert_eq!(encode(CONFIG, LogIndex(9_000), 3, &decoded.data, &decoded.sessions), image);
+    }
+
+    #[test]
+    fn a_failing_writer_stops_the_image_with_its_error() {
+        struct Full(usize);
+        impl io::Write for Full {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                if self.0 < buf.len() {
+                    return Err(io::Error::new(io::ErrorKind::StorageFull, "full"));
+                }
+                self.0 -= buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let data = KvMap::from_sorted(
+            (0..5_000u32)
+                .map(|n| (Bytes::from(format!("{n:06}")), Bytes::from(vec![0; 40])))
+                .collect(),
+        );
+        let view = KvSnapshot::new(CONFIG, LogIndex(1), 0, data, Sessions::default());
+        let error = view.write_to(&mut Full(100_000)).expect_err("the writer fills up");
+        assert_eq!(error.kind(), io::ErrorKind::StorageFull);
+    }
 
     /// Recomputes the CRC so that a test reaches the body checks.
     fn reseal(mut image: Vec<u8>) -> Bytes {

@@ -1,6 +1,7 @@
 //! The contract between the engine and a replicated state machine ([`StateMachine`]), and the
 //! built-in ordered key-value store that fulfils it ([`KvStateMachine`]).
 
+use std::io;
 use std::ops::Bound;
 
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use thiserror::Error;
 use super::command::{Command, DecodeError, Proposal, Query, Request, SessionCommand};
 use super::map::{Iter, KvMap};
 use super::session::{Session, Sessions};
-use super::snapshot::{self, SnapshotError};
+use super::snapshot::{self, KvSnapshot, SnapshotError};
 
 /// A replicated state machine: what a group's committed log is applied to.
 ///
@@ -31,10 +32,16 @@ use super::snapshot::{self, SnapshotError};
 ///   The engine returns each to the proposer of that entry, if it is still waiting on this node;
 ///   on other replicas responses are dropped.
 /// - **Snapshots.** [`snapshot`](Self::snapshot) captures the state *at*
-///   [`applied_index`](Self::applied_index), and [`restore`](Self::restore) of those bytes — on
-///   any replica, into any instance — gives back exactly that state, applied index included, so
-///   that applying the next entries gives the same responses and the same later snapshots.
-///   Restore verifies what it reads and, on error, leaves the state machine unchanged.
+///   [`applied_index`](Self::applied_index) as a [`SnapshotImage`], and
+///   [`restore`](Self::restore) of the bytes it writes — on any replica, into any instance —
+///   gives back exactly that state, applied index included, so that applying the next entries
+///   gives the same responses and the same later snapshots. Restore verifies what it reads and,
+///   on error, leaves the state machine unchanged.
+/// - **Snapshots are cheap to take.** `snapshot` runs on the shard thread, between the loop
+///   iterations of every group on the shard; the image is written to its file on another thread
+///   while this state machine goes on applying. So `snapshot` should return a *view* — shared,
+///   copy-on-write structure, as [`KvStateMachine`]'s persistent map — not serialize the state
+///   (returning [`Bytes`] is allowed, and right for a state of a few kilobytes).
 /// - **Reads.** [`query`](Self::query) reads the state as of `applied_index`, changes nothing,
 ///   and is never replicated; the engine calls it only once the applied index covers the read's
 ///   index (ReadIndex, lease or staleness bound).
@@ -47,6 +54,8 @@ pub trait StateMachine {
     type QueryResult;
     /// Why snapshot bytes could not be restored.
     type RestoreError: std::error::Error + Send + Sync + 'static;
+    /// A point-in-time image of the state (see [`StateMachine::snapshot`]).
+    type Snapshot: SnapshotImage;
 
     /// Applies `entries`, pushing one response per entry onto `responses`.
     fn apply(&mut self, entries: &[Entry], responses: &mut Vec<Self::Response>);
@@ -58,11 +67,41 @@ pub trait StateMachine {
     /// [`LogIndex::ZERO`] for a new state machine.
     fn applied_index(&self) -> LogIndex;
 
-    /// An image of the whole state at [`applied_index`](Self::applied_index).
-    fn snapshot(&self) -> Bytes;
+    /// An image of the whole state at [`applied_index`](Self::applied_index), unaffected by
+    /// what is applied after it. Called on the shard thread: see "Snapshots are cheap to take"
+    /// above.
+    fn snapshot(&self) -> Self::Snapshot;
 
     /// Replaces the whole state with the image in `snapshot`.
     fn restore(&mut self, snapshot: &Bytes) -> Result<(), Self::RestoreError>;
+}
+
+/// A snapshot of a [`StateMachine`], taken on the shard thread and written out on another: the
+/// engine streams it into the group's snapshot file, never asking for it as one buffer.
+pub trait SnapshotImage: Send + 'static {
+    /// Writes the whole image to `out`. The bytes must be the same every time (the engine may
+    /// write an image more than once), and [`StateMachine::restore`] of them must give back the
+    /// state the image was taken of. Runs on a blocking thread, concurrently with the state
+    /// machine applying later entries.
+    fn write_to(&self, out: &mut dyn io::Write) -> io::Result<()>;
+
+    /// The whole image in one buffer: for tests, and for images small enough to hold.
+    fn to_bytes(&self) -> Bytes {
+        let mut out = Vec::new();
+        self.write_to(&mut out).expect("writing to a Vec does not fail");
+        Bytes::from(out)
+    }
+}
+
+/// An image already serialized: for a state machine whose whole state is small.
+impl SnapshotImage for Bytes {
+    fn write_to(&self, out: &mut dyn io::Write) -> io::Result<()> {
+        out.write_all(self)
+    }
+
+    fn to_bytes(&self) -> Bytes {
+        self.clone()
+    }
 }
 
 /// Limits of [`KvStateMachine`]. They decide which sessions survive, so every replica of a group
@@ -399,6 +438,7 @@ impl StateMachine for KvStateMachine {
     type Query = Query;
     type QueryResult = QueryResult;
     type RestoreError = SnapshotError;
+    type Snapshot = KvSnapshot;
 
     fn apply(&mut self, entries: &[Entry], responses: &mut Vec<Self::Response>) {
         responses.reserve(entries.len());
@@ -422,8 +462,15 @@ impl StateMachine for KvStateMachine {
         self.applied_index
     }
 
-    fn snapshot(&self) -> Bytes {
-        snapshot::encode(self.config, self.applied_index, self.now_ms, &self.data, &self.sessions)
+    /// O(1) in the keys: see [`KvSnapshot`].
+    fn snapshot(&self) -> KvSnapshot {
+        KvSnapshot::new(
+            self.config,
+            self.applied_index,
+            self.now_ms,
+            self.data.clone(),
+            self.sessions.clone(),
+        )
     }
 
     fn restore(&mut self, snapshot: &Bytes) -> Result<(), SnapshotError> {

@@ -20,7 +20,7 @@ use flotilla_raftgroup::quorum::{self, VoteResult};
 use flotilla_raftgroup::{
     Config, Entry, EntryKind, Fetch, HardState, LogIndex, Membership, MembershipChange, Message,
     MessageBody, NodeId, ProposeError, ReadError, ReadMode, RecoveredState, Replica, Role,
-    Snapshot, Term, TransferError,
+    Snapshot, SnapshotMeta, Term, TransferError,
 };
 use flotilla_wal::GroupId;
 
@@ -190,6 +190,22 @@ pub struct PersistItem {
     pub entries: Vec<Entry>,
     /// The hard state to record.
     pub hard_state: Option<HardState>,
+}
+
+/// A snapshot taken of a group's state machine but not yet written: the log store writes
+/// `image` to the group's snapshot file off the shard thread, then hands the file back with
+/// [`ShardCore::snapshot_written`]; only then is the log compacted.
+pub struct PendingSnapshot<S: StateMachine> {
+    /// What the snapshot covers: index, term and membership (as the file header records them).
+    pub meta: SnapshotMeta,
+    /// The state machine's image at `meta.index`.
+    pub image: S::Snapshot,
+}
+
+impl<S: StateMachine> std::fmt::Debug for PendingSnapshot<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingSnapshot").field("meta", &self.meta).finish_non_exhaustive()
+    }
 }
 
 /// Everything one iteration produced; owned by the driver and reused across iterations.
@@ -1025,10 +1041,10 @@ impl<S: StateMachine> ShardCore<S> {
         }
     }
 
-    /// Snapshots up to `max_groups` groups that applied at least `min_entries` entries since
-    /// their last snapshot (skipping those `skip` names) and compacts their replicas' logs,
-    /// pushing the snapshots onto `out`: the log store must make each durable before it drops
-    /// the entries it covers.
+    /// Takes snapshots of up to `max_groups` groups that applied at least `min_entries` entries
+    /// since their last snapshot (skipping those `skip` names), pushing them onto `out`. Nothing
+    /// is compacted yet: the log store writes each image to its file (off the shard thread) and
+    /// then calls [`ShardCore::snapshot_written`].
     ///
     /// A scan finds nothing new unless a group worked since the last one (nothing else raises
     /// what a group applied), so it is skipped until one did — or until groups the last scan
@@ -1039,7 +1055,7 @@ impl<S: StateMachine> ShardCore<S> {
         min_entries: u64,
         max_groups: usize,
         skip: impl Fn(GroupId) -> bool,
-        out: &mut Vec<(GroupId, Snapshot)>,
+        out: &mut Vec<(GroupId, PendingSnapshot<S>)>,
     ) {
         if !self.compaction_scan_due {
             return;
@@ -1056,7 +1072,11 @@ impl<S: StateMachine> ShardCore<S> {
                 continue;
             }
             match compact_group(slot, min_entries, self.compaction_defer_entries) {
-                Compacted::Snapshot(snapshot) => out.push((*group, snapshot)),
+                Compacted::Snapshot(snapshot) => {
+                    out.push((*group, snapshot));
+                    // Compacted only once written: the next scan must look at it again.
+                    left_some = true;
+                }
                 Compacted::NotDue => {}
                 Compacted::Later => left_some = true,
             }
@@ -1064,9 +1084,9 @@ impl<S: StateMachine> ShardCore<S> {
         self.compaction_scan_due = left_some;
     }
 
-    /// Snapshots `group` if it applied anything since its last snapshot (the log store wants
-    /// the segments its old entries pin): like [`ShardCore::compact_due`] for one group.
-    pub fn compact_now(&mut self, group: GroupId) -> Option<Snapshot> {
+    /// Takes a snapshot of `group` if it applied anything since its last one (the log store
+    /// wants the segments its old entries pin): like [`ShardCore::compact_due`] for one group.
+    pub fn compact_now(&mut self, group: GroupId) -> Option<PendingSnapshot<S>> {
         let slot = self.groups.get_mut(&group)?;
         match compact_group(slot, 1, self.compaction_defer_entries) {
             Compacted::Snapshot(snapshot) => Some(snapshot),
@@ -1074,13 +1094,19 @@ impl<S: StateMachine> ShardCore<S> {
         }
     }
 
-    /// Replaces the data of `group`'s latest snapshot, if it is still the one at `index`, with
-    /// `data` (the same image, elsewhere: a map of the file it was written to). See
-    /// [`flotilla_raftgroup::Replica::replace_snapshot_data`].
-    pub fn replace_snapshot_data(&mut self, group: GroupId, index: LogIndex, data: Bytes) -> bool {
-        self.groups
-            .get_mut(&group)
-            .is_some_and(|slot| slot.replica.replace_snapshot_data(index, data))
+    /// The snapshot of `group` at `meta` is durable in its file, whose map is `data`: the
+    /// replica's log is compacted through it, and `data` is what lagging followers are sent.
+    /// Returns whether the log store should drop the entries it covers — not if the group
+    /// is gone or a newer snapshot (a leader's, installed meanwhile) already replaced them.
+    pub fn snapshot_written(&mut self, group: GroupId, meta: &SnapshotMeta, data: Bytes) -> bool {
+        let Some(slot) = self.groups.get_mut(&group) else { return false };
+        match slot.replica.compact(meta.index, data) {
+            Ok(compacted) => {
+                debug_assert_eq!(&compacted, meta, "the snapshot's metadata changed meanwhile");
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Asks `group`'s leader (this replica) to hand leadership to `to`: it brings `to` up to
@@ -1137,9 +1163,9 @@ const FIRST_CAMPAIGN_TICKS: u32 = 3;
 const COMPACTION_DEFER_DEFAULT: u64 = 40_000;
 
 /// What [`compact_group`] did.
-enum Compacted {
-    /// Snapshotted and compacted.
-    Snapshot(Snapshot),
+enum Compacted<S: StateMachine> {
+    /// A snapshot was taken, to be written and then compacted.
+    Snapshot(PendingSnapshot<S>),
     /// Too little applied since the last snapshot.
     NotDue,
     /// Due, but not now (a follower needs the entries, or they are not durable here yet).
@@ -1150,7 +1176,7 @@ fn compact_group<S: StateMachine>(
     slot: &mut Group<S>,
     min_entries: u64,
     defer_entries: u64,
-) -> Compacted {
+) -> Compacted<S> {
     let applied = slot.machine.applied_index();
     let since = applied.0.saturating_sub(slot.replica.status().snapshot_index.0);
     if since < min_entries.max(1) {
@@ -1161,10 +1187,9 @@ fn compact_group<S: StateMachine>(
     if since < defer_entries && slot.replica.lagging_from().is_some_and(|from| from <= applied) {
         return Compacted::Later;
     }
-    let data = slot.machine.snapshot();
     // Not yet durable here, or already compacted: a later call tries again.
-    match slot.replica.compact(applied, data.clone()) {
-        Ok(meta) => Compacted::Snapshot(Snapshot { meta, data }),
+    match slot.replica.snapshot_meta_at(applied) {
+        Ok(meta) => Compacted::Snapshot(PendingSnapshot { meta, image: slot.machine.snapshot() }),
         Err(_) => Compacted::Later,
     }
 }

@@ -26,15 +26,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use flotilla_raftgroup::{
     Config, Entry, LogIndex, Membership, Message, MessageBody, NodeId, ReadMode, RecoveredState,
-    Snapshot, SnapshotMeta, Term,
+    SnapshotMeta, Term,
 };
 use flotilla_wal::{ActiveBackend, AppendFuture, GroupId, WalError, WriteBatch};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::core::{
-    Completion, MembershipEdit, Quiescence, RequestError, ShardCore, ShardOutput, Token,
+    Completion, MembershipEdit, PendingSnapshot, Quiescence, RequestError, ShardCore, ShardOutput,
+    Token,
 };
-use super::store::{ShardStore, StoreError, map_snapshot, write_snapshot};
+use super::store::{ShardStore, StoreError, map_snapshot, write_snapshot_image};
 use super::transfer::{self, Job, Receiver, Transfers};
 use crate::engine::{
     Applied, Consistency, EngineConfig, Error, GroupStatus, MachineFactory, ShardStats, shard_of,
@@ -60,8 +61,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Queued frames a peer writer sends in one write.
 const WRITE_FRAMES_MAX: usize = 64;
-/// Snapshot files being written at once per shard: bounds the memory of snapshot images held
-/// and the disk bandwidth taken from the WAL.
+/// Snapshot files being written at once per shard: bounds the state kept alive by images
+/// being written (a write after a snapshot copies the nodes it changes) and the disk bandwidth
+/// taken from the WAL.
 const SNAPSHOTS_IN_FLIGHT_MAX: usize = 4;
 
 /// A closure run on a shard thread with its core (see [`crate::Engine::inspect`]).
@@ -314,7 +316,7 @@ struct Shard<S: StateMachine> {
     /// Per peer, the task streaming snapshots to it (see [`super::transfer`]).
     snapshot_senders: BTreeMap<NodeId, mpsc::Sender<Job>>,
     fetched: Vec<Entry>,
-    snapshots: Vec<(GroupId, Snapshot)>,
+    snapshots: Vec<(GroupId, PendingSnapshot<S>)>,
     /// Replies to `create_group` calls waiting for the catalog write.
     created: Vec<oneshot::Sender<Result<(), Error>>>,
     /// Groups whose snapshot file is being written: not removed or re-created meanwhile.
@@ -783,9 +785,10 @@ where
         }
     }
 
-    /// Snapshots groups that applied enough since their last snapshot. The image is taken here
-    /// (the replica's log is compacted in memory at once); the file is written on a blocking
-    /// thread, and only once it is durable does the WAL drop the entries (`SnapshotSaved`).
+    /// Snapshots groups that applied enough since their last snapshot. The state machine's
+    /// image is taken here (a cheap view, see [`StateMachine::snapshot`]) and written to the
+    /// group's file on a blocking thread; only once the file is durable are the replica's log
+    /// and the WAL compacted (`SnapshotSaved`), with the file's map as the snapshot's data.
     fn compact(&mut self) {
         let room = SNAPSHOTS_IN_FLIGHT_MAX.saturating_sub(self.snapshotting.len());
         if room == 0 {
@@ -819,20 +822,19 @@ where
         let min_entries = self.context.config.snapshot_entries;
         let room = room - snapshots.len();
         self.core.compact_due(min_entries, room, |group| busy.contains(&group), &mut snapshots);
-        for (group, snapshot) in snapshots.drain(..) {
+        for (group, PendingSnapshot { meta, image }) in snapshots.drain(..) {
             self.snapshotting.insert(group);
             let path = self.store.snapshot_path(group);
             let inbox = self.context.routes[self.context.index].clone();
             tokio::task::spawn_local(async move {
-                let meta = snapshot.meta.clone();
+                let index = meta.index;
+                let written = meta.clone();
                 let write = move || {
-                    write_snapshot(&path, group, &snapshot)?;
-                    // The image the replica holds is a heap copy as large as the state: map the
-                    // file instead (unless a newer snapshot replaced it meanwhile).
+                    write_snapshot_image(&path, group, &written, &image)?;
+                    // The replica sends followers the file's map, not a heap copy (unless a
+                    // newer snapshot, a leader's, replaced the file meanwhile).
                     let mapped = map_snapshot(&path, group)?;
-                    Ok::<_, StoreError>(
-                        (mapped.meta.index == snapshot.meta.index).then_some(mapped.data),
-                    )
+                    Ok::<_, StoreError>((mapped.meta.index == index).then_some(mapped.data))
                 };
                 let result = match tokio::task::spawn_blocking(write).await {
                     Ok(result) => result.map_err(storage_error),
@@ -859,11 +861,13 @@ where
                 return;
             }
         };
-        if let Some(data) = mapped {
-            self.core.replace_snapshot_data(group, meta.index, data);
+        // No map: a newer snapshot was installed meanwhile, and compacted the log itself.
+        if let Some(data) = mapped
+            && self.core.snapshot_written(group, meta, data)
+        {
+            let append = self.store.compact_log(group, meta);
+            self.start_append(append, None);
         }
-        let append = self.store.compact_log(group, meta);
-        self.start_append(append, None);
     }
 
     /// Queues an append behind the ones in flight. It is polled at once if every earlier one

@@ -6,7 +6,7 @@ pub mod store;
 pub(crate) mod transfer;
 
 pub use self::core::{
-    Completion, MembershipEdit, PROMOTE_LAG_ENTRIES_MAX, PersistItem, Quiescence, RequestError,
-    ShardCore, ShardOutput, Token,
+    Completion, MembershipEdit, PROMOTE_LAG_ENTRIES_MAX, PendingSnapshot, PersistItem, Quiescence,
+    RequestError, ShardCore, ShardOutput, Token,
 };
 pub use self::transfer::SnapshotTransferStats;

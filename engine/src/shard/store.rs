@@ -41,6 +41,7 @@ use flotilla_raftgroup::{
 use flotilla_wal::{AppendFuture, GroupId, Recovery, Wal, WalError, WriteBatch};
 
 use super::core::PersistItem;
+use crate::kv::SnapshotImage;
 
 /// The WAL tag of a normal entry.
 pub const TAG_NORMAL: u8 = 0;
@@ -531,30 +532,93 @@ impl ShardStore {
 /// after the leader's newer snapshot was installed must not replace it (the WAL was compacted
 /// past the older one, so recovering from it would leave a hole in the log).
 pub fn write_snapshot(path: &Path, group: GroupId, snapshot: &Snapshot) -> Result<(), StoreError> {
+    write_snapshot_image(path, group, &snapshot.meta, &snapshot.data)
+}
+
+/// [`write_snapshot`] of a snapshot whose data is a state machine's [`SnapshotImage`], streamed
+/// into the file: the image is never held whole in memory. Blocking; meant for a blocking
+/// thread. The data length in the header is filled in once the image is written, and the
+/// trailing checksum is the header's combined with the data's (which was summed as it went).
+pub fn write_snapshot_image(
+    path: &Path,
+    group: GroupId,
+    meta: &SnapshotMeta,
+    image: &dyn SnapshotImage,
+) -> Result<(), StoreError> {
     // The shard thread (installing a leader's snapshot) and a blocking thread (writing a local
     // one) may write the same group's file at once: the newer-file check, the temp file and the
     // rename must not interleave, or an older image could replace a newer one.
     let _writing = file_lock(path);
-    if peek_snapshot(path).is_some_and(|(index, _)| index > snapshot.meta.index) {
+    if peek_snapshot(path).is_some_and(|(index, _)| index > meta.index) {
         return Ok(());
     }
-    let membership = snapshot.meta.membership.encode();
+    let membership = meta.membership.encode();
     let mut header = Vec::with_capacity(64 + membership.len());
     header.extend_from_slice(SNAPSHOT_MAGIC);
     header.extend_from_slice(&FILE_VERSION.to_le_bytes());
     header.extend_from_slice(&0u16.to_le_bytes());
     header.extend_from_slice(&group.0.to_le_bytes());
-    header.extend_from_slice(&snapshot.meta.index.0.to_le_bytes());
-    header.extend_from_slice(&snapshot.meta.term.0.to_le_bytes());
+    header.extend_from_slice(&meta.index.0.to_le_bytes());
+    header.extend_from_slice(&meta.term.0.to_le_bytes());
     header.extend_from_slice(&(membership.len() as u32).to_le_bytes());
     header.extend_from_slice(&membership);
-    header.extend_from_slice(&(snapshot.data.len() as u64).to_le_bytes());
-    // Written piece by piece: the image is not copied into one buffer with its header.
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&header);
-    crc.update(&snapshot.data);
-    let crc = crc.finalize().to_le_bytes();
-    write_atomically(path, &[&header, &snapshot.data, &crc])
+    let length_at = header.len();
+    header.extend_from_slice(&0u64.to_le_bytes()); // data length, filled in below
+    let tmp = path.with_extension("tmp");
+    let written = (|| {
+        use std::os::unix::fs::FileExt;
+        let file = fs::File::create(&tmp).map_err(io_error("creating", &tmp))?;
+        let (data_crc, len) = {
+            let mut data = SummingWriter {
+                out: std::io::BufWriter::with_capacity(SNAPSHOT_WRITE_BUFFER, &file),
+                crc: crc32fast::Hasher::new(),
+                len: 0,
+            };
+            data.out.write_all(&header).map_err(io_error("writing", &tmp))?;
+            image.write_to(&mut data).map_err(io_error("writing", &tmp))?;
+            data.out.flush().map_err(io_error("writing", &tmp))?;
+            (data.crc, data.len)
+        };
+        header[length_at..].copy_from_slice(&len.to_le_bytes());
+        file.write_all_at(&header[length_at..], length_at as u64)
+            .map_err(io_error("writing", &tmp))?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header);
+        crc.combine(&data_crc);
+        (&file).write_all(&crc.finalize().to_le_bytes()).map_err(io_error("writing", &tmp))?;
+        Ok(file)
+    })();
+    match written {
+        Ok(file) => replace_with(file, &tmp, path),
+        Err(error) => {
+            // A half-written image must not hold the disk (it may be what filled it).
+            let _ = fs::remove_file(&tmp);
+            Err(error)
+        }
+    }
+}
+
+/// The buffer between a state machine's image and its snapshot file.
+const SNAPSHOT_WRITE_BUFFER: usize = 256 * 1024;
+
+/// Passes bytes on to `out`, counting them and summing their CRC-32.
+struct SummingWriter<W> {
+    out: W,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W: Write> Write for SummingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// Where a snapshot arriving by stream is spooled until the group installs it: beside the
@@ -669,9 +733,14 @@ fn write_atomically(path: &Path, pieces: &[&[u8]]) -> Result<(), StoreError> {
     for piece in pieces {
         file.write_all(piece).map_err(io_error("writing", &tmp))?;
     }
-    file.sync_all().map_err(io_error("syncing", &tmp))?;
+    replace_with(file, &tmp, path)
+}
+
+/// Makes the whole temporary `file` at `tmp` durable and renames it over `path`, durably.
+fn replace_with(file: fs::File, tmp: &Path, path: &Path) -> Result<(), StoreError> {
+    file.sync_all().map_err(io_error("syncing", tmp))?;
     drop(file);
-    fs::rename(&tmp, path).map_err(io_error("renaming", &tmp))?;
+    fs::rename(tmp, path).map_err(io_error("renaming", tmp))?;
     sync_dir(path.parent().expect("a file in a directory"))
 }
 

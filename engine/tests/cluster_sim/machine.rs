@@ -176,6 +176,7 @@ impl StateMachine for TracedKv {
     type Query = Query;
     type QueryResult = QueryResult;
     type RestoreError = <KvStateMachine as StateMachine>::RestoreError;
+    type Snapshot = <KvStateMachine as StateMachine>::Snapshot;
 
     fn apply(&mut self, entries: &[Entry], responses: &mut Vec<Self::Response>) {
         // One entry at a time, so the state after every index can be compared across replicas.
@@ -194,7 +195,7 @@ impl StateMachine for TracedKv {
         self.inner.applied_index()
     }
 
-    fn snapshot(&self) -> Bytes {
+    fn snapshot(&self) -> Self::Snapshot {
         self.inner.snapshot()
     }
 

@@ -35,12 +35,11 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use flotilla::kv::{Query, StateMachine};
 use flotilla::raftgroup::testkit::SimRng;
-use flotilla::raftgroup::{
-    Config, LogIndex, Membership, Message, NodeId, RecoveredState, Snapshot, Term,
-};
-use flotilla::shard::store::{ShardStore, write_snapshot};
+use flotilla::raftgroup::{Config, LogIndex, Membership, Message, NodeId, RecoveredState, Term};
+use flotilla::shard::store::{ShardStore, map_snapshot, write_snapshot_image};
 use flotilla::shard::{
-    Completion, MembershipEdit, Quiescence, RequestError, ShardCore, ShardOutput, Token,
+    Completion, MembershipEdit, PendingSnapshot, Quiescence, RequestError, ShardCore, ShardOutput,
+    Token,
 };
 use flotilla::wal::sim::{CrashMode, SimStorage};
 use flotilla::wal::{AppendFuture, GroupId, WalError, WriteBatch};
@@ -122,7 +121,7 @@ struct Round {
 struct SnapshotWrite {
     due: u64,
     group: GroupId,
-    snapshot: Snapshot,
+    snapshot: PendingSnapshot<TracedKv>,
 }
 
 /// A running incarnation of the node.
@@ -361,10 +360,11 @@ impl Node {
         let image = self.disk.crash(mode);
         for write in &running.snapshot_writes {
             if lands() {
-                write_snapshot(
+                write_snapshot_image(
                     &running.store.snapshot_path(write.group),
                     write.group,
-                    &write.snapshot,
+                    &write.snapshot.meta,
+                    &write.snapshot.image,
                 )
                 .expect("snapshot file written");
             }
@@ -688,7 +688,7 @@ impl Node {
         if room == 0 {
             return;
         }
-        let mut snapshots: Vec<(GroupId, Snapshot)> = Vec::new();
+        let mut snapshots: Vec<(GroupId, PendingSnapshot<TracedKv>)> = Vec::new();
         let mut rewrite = None;
         let wal = running.store.wal();
         if wal.stats().segments_live > config.segments_target {
@@ -783,29 +783,32 @@ impl Node {
             }
         }
         let Some(running) = self.running.as_mut() else { return Ok(()) };
-        let mut due = Vec::new();
-        running.snapshot_writes.retain_mut(|write| {
-            if write.due <= now {
-                due.push((write.group, write.snapshot.clone()));
-                false
-            } else {
-                true
-            }
-        });
-        for (group, snapshot) in due {
+        let (due, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut running.snapshot_writes).into_iter().partition(|w| w.due <= now);
+        running.snapshot_writes = later;
+        for SnapshotWrite { group, snapshot, .. } in due {
             let running = self.running.as_mut().expect("running");
-            write_snapshot(&running.store.snapshot_path(group), group, &snapshot)
+            // As the driver: write the image, map the file, compact the replica with the map
+            // as its snapshot's data, then the WAL.
+            let path = running.store.snapshot_path(group);
+            write_snapshot_image(&path, group, &snapshot.meta, &snapshot.image)
                 .map_err(|error| format!("{id}: snapshot file: {error}"))?;
+            let mapped = map_snapshot(&path, group)
+                .map_err(|error| format!("{id}: snapshot map: {error}"))?;
             running.snapshotting.remove(&group);
+            let compacted = mapped.meta.index == snapshot.meta.index
+                && running.core.snapshot_written(group, &snapshot.meta, mapped.data);
             if debug() {
                 eprintln!(
-                    "t{now} {id} g{group} snapshot file written, compacting to {} (wal {:?})",
+                    "t{now} {id} g{group} snapshot file written at {}, compacting: {compacted} (wal {:?})",
                     snapshot.meta.index.0,
                     running.store.wal().group_state(group)
                 );
             }
-            let append = running.store.compact_log(group, &snapshot.meta);
-            self.start_append(now, config, rng, append);
+            if compacted {
+                let append = running.store.compact_log(group, &snapshot.meta);
+                self.start_append(now, config, rng, append);
+            }
         }
         Ok(())
     }
