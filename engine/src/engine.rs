@@ -420,7 +420,7 @@ impl Engine<KvStateMachine> {
 
 impl<S> Engine<S>
 where
-    S: StateMachine + 'static,
+    S: StateMachine + Send + 'static,
     S::Query: Send + 'static,
     S::Response: Send + 'static,
     S::QueryResult: Send + 'static,

@@ -42,6 +42,10 @@ use super::snapshot::{self, KvSnapshot, SnapshotError};
 ///   while this state machine goes on applying. So `snapshot` should return a *view* — shared,
 ///   copy-on-write structure, as [`KvStateMachine`]'s persistent map — not serialize the state
 ///   (returning [`Bytes`] is allowed, and right for a state of a few kilobytes).
+/// - **Restores may happen elsewhere.** To install a leader's snapshot the engine makes a fresh
+///   instance with the group's factory, restores the image into it on a blocking thread, and
+///   swaps it in for this one (which it drops on a blocking thread too): so an engine's state
+///   machine is `Send`, and everything `restore` needs must come from the factory.
 /// - **Reads.** [`query`](Self::query) reads the state as of `applied_index`, changes nothing,
 ///   and is never replicated; the engine calls it only once the applied index covers the read's
 ///   index (ReadIndex, lease or staleness bound).

@@ -225,6 +225,10 @@ pub struct ShardOutput<S: StateMachine> {
     /// Membership changes that finished (their joint configuration entered and left, applied
     /// here), with the membership now in effect; failures are in `completions`.
     pub memberships: Vec<(Token, Membership)>,
+    /// State machines replaced by ones restored off the shard thread (or restored for nothing):
+    /// the driver drops them off the shard thread too, since dropping a large state takes
+    /// about as long as building it.
+    pub retired: Vec<S>,
     /// Consecutive [`ShardCore::collect`] calls in which no group had work.
     idle_collects: u32,
 }
@@ -281,6 +285,7 @@ impl<S: StateMachine> Default for ShardOutput<S> {
             fetches: Vec::new(),
             completions: Vec::new(),
             memberships: Vec::new(),
+            retired: Vec::new(),
             idle_collects: 0,
         }
     }
@@ -296,6 +301,7 @@ impl<S: StateMachine> ShardOutput<S> {
             && self.fetches.is_empty()
             && self.completions.is_empty()
             && self.memberships.is_empty()
+            && self.retired.is_empty()
     }
 
     /// Empties the output, keeping its buffers.
@@ -307,6 +313,7 @@ impl<S: StateMachine> ShardOutput<S> {
         self.fetches.clear();
         self.completions.clear();
         self.memberships.clear();
+        self.retired.clear();
     }
 
     /// Whether the last [`ShardCore::collect`] released the buffers because the shard has been
@@ -439,6 +446,9 @@ pub struct ShardCore<S: StateMachine> {
     down: BTreeSet<NodeId>,
     /// See [`ShardCore::set_compaction_defer_entries`].
     compaction_defer_entries: u64,
+    /// State machines restored off the shard thread from a leader's snapshot (at that index),
+    /// stepped in with [`ShardCore::step_restored`] and swapped in by the next collect.
+    restored: HashMap<GroupId, (LogIndex, S)>,
     /// Whether [`ShardCore::compact_due`] may find something (see there).
     compaction_scan_due: bool,
     /// Scratch for the responses of one group's apply (one buffer for the shard rather than
@@ -469,6 +479,7 @@ impl<S: StateMachine> ShardCore<S> {
             node_age: BTreeMap::new(),
             down: BTreeSet::new(),
             compaction_defer_entries: COMPACTION_DEFER_DEFAULT,
+            restored: HashMap::new(),
             compaction_scan_due: true,
             responses: Vec::new(),
         }
@@ -740,6 +751,36 @@ impl<S: StateMachine> ShardCore<S> {
         self.awake = awake;
     }
 
+    /// Whether a leader's snapshot at `index` for `group` would replace its state machine: then
+    /// the driver restores it into a fresh machine off the shard thread first (see
+    /// [`ShardCore::step_restored`]) rather than have the shard parse the whole image.
+    pub fn would_restore(&self, group: GroupId, index: LogIndex) -> bool {
+        self.groups.get(&group).is_some_and(|slot| {
+            index > slot.machine.applied_index() && index > slot.replica.commit_index()
+        })
+    }
+
+    /// [`ShardCore::step`] of a leader's `Snapshot` message whose image the driver already
+    /// restored into `machine` (a fresh instance, off the shard thread). If Raft installs the
+    /// snapshot, the next [`ShardCore::collect`] swaps `machine` in instead of calling
+    /// [`StateMachine::restore`] here — parsing a large image would stall every group on the
+    /// shard. Otherwise it is handed back in [`ShardOutput::retired`].
+    pub fn step_restored(&mut self, group: GroupId, message: Message, machine: S) {
+        let index = match &message.body {
+            MessageBody::Snapshot { snapshot } => snapshot.meta.index,
+            _ => {
+                self.step(group, message);
+                return;
+            }
+        };
+        if self.groups.contains_key(&group) {
+            self.restored.insert(group, (index, machine));
+            // Collected this iteration: stepping a message marks the group.
+            self.step(group, message);
+            self.mark(group);
+        }
+    }
+
     /// Delivers a message for `group`. Messages for groups not hosted here are dropped (the
     /// sender retries; a group being created catches up).
     pub fn step(&mut self, group: GroupId, message: Message) {
@@ -969,13 +1010,16 @@ impl<S: StateMachine> ShardCore<S> {
                 continue;
             }
             worked += 1;
-            collect_group(group, slot, &mut self.responses, out);
+            let restored = self.restored.remove(&group);
+            collect_group(group, slot, restored, &mut self.responses, out);
             // Applying may have produced more (a membership change appends, for instance).
             if slot.replica.has_ready() {
                 slot.dirty = true;
                 self.dirty.push(group);
             }
         }
+        // Restored for a snapshot Raft did not take up (or a group removed meanwhile).
+        out.retired.extend(self.restored.drain().map(|(_, (_, machine))| machine));
         if worked > 0 {
             self.compaction_scan_due = true;
         }
@@ -1197,6 +1241,7 @@ fn compact_group<S: StateMachine>(
 fn collect_group<S: StateMachine>(
     group: GroupId,
     slot: &mut Group<S>,
+    restored: Option<(LogIndex, S)>,
     responses: &mut Vec<S::Response>,
     out: &mut ShardOutput<S>,
 ) {
@@ -1208,7 +1253,18 @@ fn collect_group<S: StateMachine>(
     if let Some(snapshot) = &snapshot {
         // A snapshot from the leader replaces the state machine; proposals before it are gone.
         if snapshot.meta.index > slot.machine.applied_index() {
-            match slot.machine.restore(&snapshot.data) {
+            let installed = match restored {
+                // Restored off the shard thread from this very snapshot: swap it in.
+                Some((index, machine)) if index == snapshot.meta.index => {
+                    out.retired.push(std::mem::replace(&mut slot.machine, machine));
+                    Ok(())
+                }
+                other => {
+                    out.retired.extend(other.map(|(_, machine)| machine));
+                    slot.machine.restore(&snapshot.data)
+                }
+            };
+            match installed {
                 Ok(()) => {
                     slot.replica.on_applied(snapshot.meta.index);
                     // Proposals at or below the snapshot may be inside it or may have been
@@ -1225,7 +1281,12 @@ fn collect_group<S: StateMachine>(
                 // It stays behind (and says so) rather than apply entries on a wrong base.
                 Err(error) => tracing::error!(%group, %error, "snapshot does not restore"),
             }
+        } else {
+            out.retired.extend(restored.map(|(_, machine)| machine));
         }
+    } else {
+        // Raft refused the snapshot (stale, or from an old term): the restored machine goes.
+        out.retired.extend(restored.map(|(_, machine)| machine));
     }
     if snapshot.is_some() || !ready.entries.is_empty() || ready.hard_state.is_some() {
         out.persist.push((

@@ -124,6 +124,13 @@ pub(crate) enum Request<S: StateMachine> {
     Messages(NodeId, Vec<(GroupId, Message)>),
     /// An accepted connection for this shard to read.
     Accepted(std::net::TcpStream),
+    /// A leader's snapshot, and a fresh state machine restored from it off the shard thread
+    /// (`None` if it did not restore).
+    SnapshotRestored {
+        group: GroupId,
+        message: Message,
+        machine: Option<S>,
+    },
     /// A snapshot file was written (or failed to be) off the shard thread.
     SnapshotSaved {
         group: GroupId,
@@ -257,7 +264,7 @@ pub(crate) fn run<S>(
     started: std::sync::mpsc::Sender<Result<ActiveBackend, Error>>,
 ) -> Result<(), Error>
 where
-    S: StateMachine + 'static,
+    S: StateMachine + Send + 'static,
     S::Query: Send + 'static,
     S::Response: Send + 'static,
     S::QueryResult: Send + 'static,
@@ -332,7 +339,7 @@ struct Shard<S: StateMachine> {
 
 impl<S> Shard<S>
 where
-    S: StateMachine + 'static,
+    S: StateMachine + Send + 'static,
     S::Query: Send + 'static,
     S::Response: Send + 'static,
     S::QueryResult: Send + 'static,
@@ -538,16 +545,13 @@ where
                     messages_sent: self.messages_sent,
                 }));
             }
-            Request::Messages(from, messages) => {
-                if let Some(faults) = &self.context.config.faults
-                    && faults.verdict(from, self.context.config.node) == Verdict::Drop
-                {
-                    return;
-                }
-                for (group, message) in messages {
-                    self.core.step(group, message);
-                }
-            }
+            Request::Messages(from, messages) => self.on_messages(from, messages),
+            Request::SnapshotRestored { group, message, machine } => match machine {
+                Some(machine) => self.core.step_restored(group, message, machine),
+                // It does not restore: stepped as it is, Raft installs it and the shard's own
+                // restore reports why (the group cannot apply past it).
+                None => self.core.step(group, message),
+            },
             Request::SnapshotSaved { group, meta, result } => {
                 self.on_snapshot_saved(group, &meta, result);
             }
@@ -847,6 +851,55 @@ where
         self.snapshots = snapshots;
     }
 
+    fn on_messages(&mut self, from: NodeId, messages: Vec<(GroupId, Message)>) {
+        if let Some(faults) = &self.context.config.faults
+            && faults.verdict(from, self.context.config.node) == Verdict::Drop
+        {
+            return;
+        }
+        for (group, message) in messages {
+            match &message.body {
+                MessageBody::Snapshot { snapshot }
+                    if self.core.would_restore(group, snapshot.meta.index) =>
+                {
+                    self.restore_off_thread(group, message);
+                }
+                _ => self.core.step(group, message),
+            }
+        }
+    }
+
+    /// Restores a leader's snapshot into a fresh state machine on a blocking thread, then
+    /// steps the message with it (`SnapshotRestored`): parsing a large image on the shard
+    /// thread would hold up every other group's heartbeats and votes for as long. Messages of
+    /// the group that arrive meanwhile are stepped as usual (appends past the snapshot are
+    /// refused and re-sent by the leader once the snapshot is in).
+    fn restore_off_thread(&self, group: GroupId, message: Message) {
+        let MessageBody::Snapshot { snapshot } = &message.body else { return };
+        let data = snapshot.data.clone();
+        let factory = Arc::clone(&self.context.factory);
+        let inbox = self.context.routes[self.context.index].clone();
+        tokio::task::spawn_local(async move {
+            let restore = move || {
+                let mut machine = factory(group);
+                machine.restore(&data).map(|()| machine)
+            };
+            let machine = match tokio::task::spawn_blocking(restore).await {
+                Ok(Ok(machine)) => Some(machine),
+                Ok(Err(error)) => {
+                    tracing::warn!(%group, %error, "a leader's snapshot does not restore");
+                    None
+                }
+                Err(error) => {
+                    tracing::warn!(%group, %error, "restoring a leader's snapshot failed");
+                    None
+                }
+            };
+            // The shard may be stopping: the leader sends the snapshot again.
+            let _ = inbox.send(Request::SnapshotRestored { group, message, machine }).await;
+        });
+    }
+
     fn on_snapshot_saved(
         &mut self,
         group: GroupId,
@@ -1016,6 +1069,10 @@ where
                 if let Some(Pending::Membership { reply, .. }) = self.pending.remove(&token) {
                     let _ = reply.send(Ok(membership));
                 }
+            }
+            if !self.out.retired.is_empty() {
+                let retired = std::mem::take(&mut self.out.retired);
+                tokio::task::spawn_blocking(move || drop(retired));
             }
             self.out.clear();
             if !again {
@@ -1201,6 +1258,7 @@ fn refuse<S: StateMachine>(request: Request<S>, error: &Error) {
         Request::Inspect(_)
         | Request::Messages(..)
         | Request::Accepted(_)
+        | Request::SnapshotRestored { .. }
         | Request::SnapshotSaved { .. } => {}
     }
 }

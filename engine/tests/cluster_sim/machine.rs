@@ -165,6 +165,12 @@ impl TracedKv {
         Self { node, group, inner: KvStateMachine::new(KvConfig::default()), oracle }
     }
 
+    /// An empty state machine of the same group, node and oracle (what the driver's factory
+    /// makes to restore a leader's snapshot into).
+    pub fn fresh(&self) -> Self {
+        Self::new(self.node, self.group, Rc::clone(&self.oracle))
+    }
+
     /// The wrapped store.
     pub fn inner(&self) -> &KvStateMachine {
         &self.inner

@@ -35,7 +35,9 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use flotilla::kv::{Query, StateMachine};
 use flotilla::raftgroup::testkit::SimRng;
-use flotilla::raftgroup::{Config, LogIndex, Membership, Message, NodeId, RecoveredState, Term};
+use flotilla::raftgroup::{
+    Config, LogIndex, Membership, Message, MessageBody, NodeId, RecoveredState, Term,
+};
 use flotilla::shard::store::{ShardStore, map_snapshot, write_snapshot_image};
 use flotilla::shard::{
     Completion, MembershipEdit, PendingSnapshot, Quiescence, RequestError, ShardCore, ShardOutput,
@@ -444,7 +446,7 @@ impl Node {
                 let before = running.core.is_asleep(group);
                 let body = format!("{:?}", message.body);
                 let term = message.term;
-                running.core.step(group, message);
+                step(&mut running.core, group, message);
                 eprintln!(
                     "t{now} {from}->{} g{group} t{term:?} {:.120} asleep {before}->{}",
                     self.id,
@@ -452,7 +454,7 @@ impl Node {
                     running.core.is_asleep(group)
                 );
             } else {
-                running.core.step(group, message);
+                step(&mut running.core, group, message);
             }
         }
     }
@@ -947,4 +949,23 @@ fn canonicalize(out: &mut ShardOutput<TracedKv>) {
         | Completion::Failed { token, .. } => *token,
     });
     out.memberships.sort_by_key(|(token, _)| *token);
+}
+
+/// The driver's delivery of a message: a leader's snapshot that would replace the state machine
+/// is restored into a fresh machine first (the driver does it on a blocking thread; here at
+/// once) and swapped in by the core.
+fn step(core: &mut ShardCore<TracedKv>, group: GroupId, message: Message) {
+    let restored = match &message.body {
+        MessageBody::Snapshot { snapshot } if core.would_restore(group, snapshot.meta.index) => {
+            core.machine(group).and_then(|machine| {
+                let mut fresh = machine.fresh();
+                fresh.restore(&snapshot.data).ok().map(|()| fresh)
+            })
+        }
+        _ => None,
+    };
+    match restored {
+        Some(machine) => core.step_restored(group, message, machine),
+        None => core.step(group, message),
+    }
 }
