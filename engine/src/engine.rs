@@ -569,7 +569,9 @@ where
 
     /// Adds `node` to `group` as a learner (it receives the log, does not vote). Asked of the
     /// leader; returns the membership once the change is committed and applied here (its joint
-    /// configuration entered and left). `node` hosts the group through [`Engine::join_group`].
+    /// configuration entered and left) and every member the leader hears from acknowledged
+    /// that commit (a heartbeat round later). `node` hosts the group through
+    /// [`Engine::join_group`].
     pub async fn add_learner(&self, group: GroupId, node: NodeId) -> Result<Membership, Error> {
         self.edit_membership(group, MembershipEdit::AddLearner(node)).await
     }
@@ -581,16 +583,16 @@ where
     }
 
     /// Removes the voter or learner `node` from `group` (never the last voter); as
-    /// [`Engine::add_learner`]. The leader may remove itself: it hands leadership to a voter
-    /// holding its whole log and steps down. A removed replica stops (no ticks, no campaigns)
-    /// but keeps its data until [`Engine::remove_group`] deletes it there.
-    ///
-    /// Delete it there only once every remaining member has applied the change (its
-    /// [`Engine::membership`] no longer lists `node`): this call returns when the *leader*
-    /// left the joint configuration, and a member that has not learned the commit yet still
-    /// counts the removed replica's vote; should the leader fail meanwhile, deleting that
-    /// replica early can leave the group unable to elect (found by the cluster simulator, seed
-    /// 357).
+    /// [`Engine::add_learner`]. The leader may remove itself: it keeps leading until the
+    /// remaining members acknowledged the change's commit (at most an election timeout), then
+    /// hands leadership to a voter holding its whole log and steps down. A removed replica
+    /// stops (no ticks, no campaigns) but keeps its data until [`Engine::remove_group`]
+    /// deletes it there — which may be done as soon as this call returns: a member that had
+    /// not learned the commit would still be in the joint configuration and could need the
+    /// removed replica's vote to elect anyone (found by the cluster simulator, seed 357), and
+    /// the call waits for exactly that. (A member that was down meanwhile learns the commit
+    /// from whoever leads next; the acknowledgement is in the members' memory, made durable
+    /// with their next write.)
     pub async fn remove_member(&self, group: GroupId, node: NodeId) -> Result<Membership, Error> {
         self.edit_membership(group, MembershipEdit::Remove(node)).await
     }

@@ -133,12 +133,12 @@ const REGRESSION_SEEDS: &[(u64, bool, &str)] = &[
     (
         357,
         WITH_MEMBERSHIP,
-        "simulator: the operator deleted a removed node's replica as soon as the change \
-         finished; the leader had replaced itself, and the other members, not yet knowing the \
-         leave-joint entry committed, were still in the joint configuration that needed the \
-         deleted replica's vote: the group could never elect again. Replicas are now deleted \
-         only once every current member durably knows the change committed (the wedge still \
-         replays with CLUSTER_SIM_EAGER_REMOVAL=1)",
+        "engine bug, fixed: the operator deleted a removed node's replica as soon as the \
+         change finished; the leader had replaced itself, and the other members, not yet \
+         knowing the leave-joint entry committed, were still in the joint configuration that \
+         needed the deleted replica's vote: the group could never elect again. A removed leader \
+         now keeps leading until the live members acknowledged that commit, and a change is \
+         reported only then (Replica::settled_index); the operator deletes at once again",
     ),
     (
         4,

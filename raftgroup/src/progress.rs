@@ -50,6 +50,11 @@ pub(crate) struct Progress {
     pub(crate) clock_in_bounds: bool,
     /// Ticks spent waiting in `Snapshot` state.
     pub(crate) snapshot_wait_ticks: u32,
+    /// The commit index carried by the latest heartbeat round to this peer.
+    pub(crate) heartbeat_commit: LogIndex,
+    /// The highest commit index this peer acknowledged knowing (it answered the heartbeat
+    /// round that carried it). Not durable on the peer at that moment; soon after.
+    pub(crate) commit_acked: LogIndex,
 }
 
 impl Progress {
@@ -71,6 +76,8 @@ impl Progress {
             clock_sample: None,
             clock_in_bounds: false,
             snapshot_wait_ticks: 0,
+            heartbeat_commit: LogIndex::ZERO,
+            commit_acked: LogIndex::ZERO,
         }
     }
 

@@ -32,6 +32,7 @@ impl Replica {
         self.votes = Vec::new();
         self.progress = Vec::new();
         self.transfer_target = None;
+        self.leaving = None;
         self.appends_owed = false;
         self.uncommitted_bytes = 0;
         self.reads.clear();
@@ -115,6 +116,16 @@ impl Replica {
             return;
         }
         if self.election_elapsed >= self.settings.election_ticks {
+            if self.leaving.is_some() {
+                // Members unheard of for an election timeout no longer count (see
+                // `Replica::settled_index`); those that answered without acknowledging the
+                // commit learn it from the next leader.
+                self.update_settled();
+                if self.leaving.is_some() {
+                    self.step_down_removed();
+                }
+                return;
+            }
             self.election_elapsed = 0;
             // A transfer that did not finish within an election timeout is abandoned.
             self.transfer_target = None;
@@ -658,8 +669,9 @@ impl Replica {
         self.heartbeat_seq += 1;
         let (seq, sent_tick) = (self.heartbeat_seq, self.ticks);
         for index in 0..self.progress.len() {
-            let progress = &self.progress[index];
+            let progress = &mut self.progress[index];
             let commit = self.log.commit.min(progress.match_index);
+            progress.heartbeat_commit = commit;
             let message = Message {
                 from: self.id,
                 to: progress.id,
@@ -674,9 +686,14 @@ impl Replica {
         let last_index = self.log.last_index();
         let max_inflight = self.settings.max_inflight_messages as usize;
         let now = self.ticks;
+        let latest = self.heartbeat_seq;
         let Some(progress) = self.progress_mut(from) else { return };
         progress.heard_tick = now;
         progress.acked_seq = progress.acked_seq.max(seq);
+        if seq == latest {
+            // An answer to the latest round: the peer took in the commit index it carried.
+            progress.commit_acked = progress.commit_acked.max(progress.heartbeat_commit);
+        }
         progress.acked_sent_tick =
             Some(progress.acked_sent_tick.map_or(sent_tick, |t| t.max(sent_tick)));
         progress.probe_sent = false;
@@ -695,6 +712,28 @@ impl Replica {
             }
         }
         self.confirm_reads();
+        self.update_settled();
+    }
+
+    /// Raises [`Replica::settled_index`] to what every member heard from within an election
+    /// timeout acknowledged; a removed leader waiting on it then steps down.
+    fn update_settled(&mut self) {
+        let membership = self.membership();
+        if membership.is_joint() {
+            return;
+        }
+        let timeout = u64::from(self.settings.election_ticks);
+        let now = self.ticks;
+        let known = self
+            .progress
+            .iter()
+            .filter(|p| membership.is_member(p.id) && now - p.heard_tick < timeout)
+            .map(|p| p.commit_acked)
+            .fold(self.log.commit, LogIndex::min);
+        self.settled = self.settled.max(known);
+        if self.leaving.is_some_and(|index| self.settled >= index) {
+            self.step_down_removed();
+        }
     }
 
     /// Compares `from`'s clock rate with ours over windows of two election timeouts. A lease is
@@ -813,6 +852,7 @@ impl Replica {
         let last = self.log.last_index();
         let settled = self.role == Role::Leader
             && self.transfer_target.is_none()
+            && self.leaving.is_none()
             && self.reads.len() == 0
             && !self.appends_owed
             && self.log.commit == last
@@ -879,24 +919,35 @@ impl Replica {
                 self.send_append(id, true);
             }
         }
-        if !membership.is_joint() && !membership.is_voter(self.id) {
-            // Removed: tell the others the final commit index and hand leadership to a voter
-            // that holds the whole log, so the group need not wait for an election timeout.
+        if !membership.is_joint() && !membership.is_voter(self.id) && self.leaving.is_none() {
+            // Removed: tell the others the final commit index, and keep leading (the new
+            // configuration's voters commit) until they acknowledge it — each heartbeat round
+            // asks — or an election timeout passes; then hand leadership over.
             for position in 0..self.progress.len() {
                 let id = self.progress[position].id;
                 self.send_append(id, true);
             }
-            let last_index = self.log.last_index();
-            let successor = self
-                .progress
-                .iter()
-                .find(|p| membership.is_voter(p.id) && p.match_index == last_index)
-                .map(|p| p.id);
-            if let Some(successor) = successor {
-                self.send(successor, MessageBody::TimeoutNow);
-            }
-            self.become_follower(self.term, None);
+            self.leaving = Some(self.applying);
+            self.election_elapsed = 0;
+            self.heartbeat_elapsed = self.settings.heartbeat_ticks;
         }
+    }
+
+    /// A removed leader hands leadership to a voter that holds its whole log, so the group
+    /// need not wait for an election timeout, and steps down.
+    fn step_down_removed(&mut self) {
+        let membership = self.membership();
+        let last_index = self.log.last_index();
+        let successor = self
+            .progress
+            .iter()
+            .find(|p| membership.is_voter(p.id) && p.match_index == last_index)
+            .map(|p| p.id);
+        if let Some(successor) = successor {
+            self.send_owed_commit(successor);
+            self.send(successor, MessageBody::TimeoutNow);
+        }
+        self.become_follower(self.term, None);
     }
 
     /// Leader: once the joint configuration is applied (and no change is in flight), proposes

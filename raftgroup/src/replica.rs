@@ -137,6 +137,13 @@ pub struct Replica {
     /// Leader: progress of every other member.
     pub(crate) progress: Vec<Progress>,
     pub(crate) transfer_target: Option<NodeId>,
+    /// Leader removed by the change whose leave-joint entry is at this index: it stays leader
+    /// until every live member acknowledged that commit (or an election timeout passed), so
+    /// that none is left in the joint configuration needing its vote (see
+    /// [`Replica::settled_index`]).
+    pub(crate) leaving: Option<LogIndex>,
+    /// See [`Replica::settled_index`].
+    pub(crate) settled: LogIndex,
     pub(crate) uncommitted_bytes: u64,
     pub(crate) reads: ReadQueue,
     /// Leader: followers may be owed Appends (new entries, entries the window held back, a new
@@ -229,6 +236,8 @@ impl Replica {
             base_membership,
             membership_changes,
             pending_membership_index: LogIndex::ZERO,
+            leaving: None,
+            settled: LogIndex::ZERO,
             snapshot: recovered.snapshot.map(Box::new),
             applying: applied,
             applied,
@@ -593,6 +602,18 @@ impl Replica {
             _ => self.membership_changes[kept - 1].1.clone(),
         };
         Ok(SnapshotMeta { index, term, membership })
+    }
+
+    /// The highest index this replica, as leader, knows to be committed at every member of its
+    /// configuration that it heard from within the last election timeout (each acknowledged a
+    /// heartbeat carrying a commit index at least this high); kept after it stops leading.
+    ///
+    /// An embedder may delete a removed member's replica once the change's leave-joint entry is
+    /// settled: a member that has not learned that commit is still in the joint configuration,
+    /// whose old half may need the removed member's vote to elect anyone. (A member down
+    /// meanwhile learns the commit from whoever leads next: the live ones know it.)
+    pub fn settled_index(&self) -> LogIndex {
+        self.settled
     }
 
     /// On a leader, the lowest index a member still needs from the log and is not known to be

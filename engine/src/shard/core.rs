@@ -353,6 +353,9 @@ struct PendingMembership {
     term: Term,
     token: Token,
     entered: bool,
+    /// Applied here: the leave-joint entry's index and the membership it left to, reported once
+    /// every live member acknowledged that commit (`Replica::settled_index`).
+    left: Option<(LogIndex, Membership)>,
 }
 
 struct PendingRead<Q> {
@@ -922,7 +925,7 @@ impl<S: StateMachine> ShardCore<S> {
         })?;
         let term = slot.replica.term();
         slot.membership_change =
-            Some(Box::new(PendingMembership { index, term, token, entered: false }));
+            Some(Box::new(PendingMembership { index, term, token, entered: false, left: None }));
         self.mark(group);
         Ok(())
     }
@@ -1006,6 +1009,10 @@ impl<S: StateMachine> ShardCore<S> {
         for group in std::mem::take(&mut self.dirty) {
             let Some(slot) = self.groups.get_mut(&group) else { continue };
             slot.dirty = false;
+            // A heartbeat answer may have settled a change without giving the replica work.
+            if slot.membership_change.is_some() {
+                finish_membership_change(slot, out);
+            }
             if !slot.replica.has_ready() {
                 continue;
             }
@@ -1366,6 +1373,9 @@ fn settle_membership_change<S: StateMachine>(
     out: &mut ShardOutput<S>,
 ) {
     let Some(change) = slot.membership_change.as_mut() else { return };
+    if change.left.is_some() {
+        return;
+    }
     if !change.entered
         && let Some(entry) = entries.iter().find(|entry| entry.index == change.index)
     {
@@ -1389,15 +1399,37 @@ fn settle_membership_change<S: StateMachine>(
     let left = entries
         .iter()
         .find(|entry| entry.index > change.index && entry.kind == EntryKind::Membership)
-        .and_then(|entry| Membership::decode(&entry.payload).ok());
+        .and_then(|entry| Some((entry.index, Membership::decode(&entry.payload).ok()?)));
     let membership = slot.replica.membership();
-    let result = match left {
-        Some(left) => left,
-        None if !membership.is_joint() => membership.clone(),
+    match left {
+        Some(left) => change.left = Some(left),
+        // Covered by a leader's snapshot: this node no longer leads and cannot learn what the
+        // others acknowledged; the change is reported as done here.
+        None if !membership.is_joint() => {
+            out.memberships.push((change.token, membership.clone()));
+            slot.membership_change = None;
+            return;
+        }
         None => return,
+    }
+    finish_membership_change(slot, out);
+}
+
+/// Reports a membership change that left its joint configuration once every live member
+/// acknowledged the leave-joint entry's commit ([`Replica::settled_index`]): from then on the
+/// replica of a member it removed may be deleted at once. A member that had not learned the
+/// commit would still be in the joint configuration, whose old half can need the removed
+/// member's vote to elect anyone (cluster simulator seed 357 with eager deletion).
+fn finish_membership_change<S: StateMachine>(slot: &mut Group<S>, out: &mut ShardOutput<S>) {
+    let settled = slot.replica.settled_index();
+    let Some(change) = slot
+        .membership_change
+        .take_if(|change| change.left.as_ref().is_some_and(|(index, _)| settled >= *index))
+    else {
+        return;
     };
+    let (_, result) = change.left.expect("checked");
     out.memberships.push((change.token, result));
-    slot.membership_change = None;
 }
 
 fn serve_reads<S: StateMachine>(slot: &mut Group<S>, out: &mut ShardOutput<S>) {

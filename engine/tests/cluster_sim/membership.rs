@@ -15,16 +15,17 @@
 //! finishes — the membership it reports must be what was asked — or fails or times out, and then
 //! may or may not have happened.
 //!
-//! A removed node's replica is deleted (`Engine::remove_group`) once the removal finished, no
+//! A removed node's replica is deleted (`Engine::remove_group`) as soon as the removal finished
+//! — the engine reports a change only once every live member acknowledged the commit of its
+//! leave-joint entry, so that none is left in the joint configuration needing the deleted
+//! replica's vote (seed 357: the leader replaced itself, reported the change done, and its
+//! replica was deleted before the others learned the commit; they pre-voted forever) — and no
 //! later change named that node (an edit naming it that is still in some log could make it a
-//! member again; one asked before the removal can no longer commit after it), and every member
-//! of the group's current membership durably knows the change committed (its WAL's commit is at
-//! or past where the change's leader had applied when it reported it). Deleting it as soon as
-//! `remove_member` returns can wedge the group forever: the membership takes effect when
-//! applied, so members that do not know the leave-joint entry committed are still in the joint
-//! configuration and need the removed node's vote (seed 357 with
-//! `CLUSTER_SIM_EAGER_REMOVAL=1`: the leader replaced itself, reported the change done, and its
-//! replica was deleted before the others learned the commit; they pre-vote forever).
+//! member again; one asked before the removal can no longer commit after it).
+//! `CLUSTER_SIM_EAGER_REMOVAL=0` instead waits until every member of the group's current
+//! membership durably knows the change committed (its WAL's commit is at or past where the
+//! change's leader had applied when it reported it): the operator's rule before the engine
+//! settled changes itself.
 
 use std::collections::BTreeMap;
 
@@ -102,8 +103,8 @@ pub struct Reconfigurer {
     /// Replicas of removed nodes to delete once it is safe, with the index every member must
     /// durably know committed first.
     removals: BTreeMap<(GroupId, NodeId), u64>,
-    /// Deletes as soon as the removal finished (`CLUSTER_SIM_EAGER_REMOVAL=1`, to replay the
-    /// wedge this waits out).
+    /// Deletes as soon as the removal finished (the default; `CLUSTER_SIM_EAGER_REMOVAL=0`
+    /// waits until every member durably knows the commit).
     eager: bool,
     stats: MembershipStats,
 }
@@ -122,7 +123,7 @@ impl Reconfigurer {
             pending: BTreeMap::new(),
             named: BTreeMap::new(),
             removals: BTreeMap::new(),
-            eager: std::env::var("CLUSTER_SIM_EAGER_REMOVAL").is_ok_and(|value| value != "0"),
+            eager: !std::env::var("CLUSTER_SIM_EAGER_REMOVAL").is_ok_and(|value| value == "0"),
             stats: MembershipStats::default(),
         }
     }
