@@ -637,20 +637,6 @@ impl Replica {
             .min()
     }
 
-    /// Replaces the data of the latest snapshot, if it is still the one at `index`, with `data`,
-    /// which must be the same image: the application moved it (to a memory map of the file it
-    /// wrote, say), so that a heap copy as large as the state is not held until the next
-    /// compaction. Returns whether it did.
-    pub fn replace_snapshot_data(&mut self, index: LogIndex, data: Bytes) -> bool {
-        match self.snapshot.as_deref_mut() {
-            Some(snapshot) if snapshot.meta.index == index => {
-                snapshot.data = data;
-                true
-            }
-            _ => false,
-        }
-    }
-
     // ----- output -----
 
     /// True if [`Replica::ready`] has something to do.

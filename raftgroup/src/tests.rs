@@ -6,8 +6,8 @@ use std::cell::Cell;
 use bytes::Bytes;
 
 use crate::{
-    Config, Entry, EntryKind, LogIndex, MemStorage, Message, MessageBody, NodeId, Ready,
-    RecoveredState, Replica, Role, Term,
+    CompactError, Config, Entry, EntryKind, LogIndex, MemStorage, Message, MessageBody, NodeId,
+    Ready, RecoveredState, Replica, Role, Term,
 };
 
 /// Counts this thread's allocations, so tests can assert that a path allocates nothing.
@@ -425,11 +425,12 @@ fn coalesced_appends_are_split_by_max_batch_bytes_and_bounded_by_the_window() {
     leader.check_invariants().expect("invariants");
 }
 
-/// A snapshot's data can be swapped for the same image held elsewhere (the engine maps the file
-/// it wrote rather than keep a heap copy); followers needing a snapshot then get the new data,
-/// and a stale index changes nothing.
+/// `snapshot_meta_at` says what `compact` will record without compacting (the engine writes the
+/// image out first and compacts once the file is durable); followers needing a snapshot then get
+/// the data `compact` was given, and indexes not applied, not durable or already compacted are
+/// refused by both.
 #[test]
-fn a_snapshot_s_data_can_be_replaced_only_at_its_own_index() {
+fn snapshot_meta_at_says_what_compact_records_without_compacting() {
     let (mut leader, ready) = leader_with_unpersisted_noop();
     leader.advance(ready);
     leader.on_persisted(Term(1), LogIndex(1));
@@ -442,10 +443,19 @@ fn a_snapshot_s_data_can_be_replaced_only_at_its_own_index() {
     assert_eq!(leader.commit_index(), LogIndex(2));
     let ready = leader.ready();
     leader.advance(ready);
+    assert!(matches!(leader.snapshot_meta_at(LogIndex(2)), Err(CompactError::NotApplied { .. })));
     leader.on_applied(LogIndex(2));
-    leader.compact(LogIndex(2), Bytes::from_static(b"heap")).expect("compactable");
-    assert!(!leader.replace_snapshot_data(LogIndex(1), Bytes::from_static(b"wrong")));
-    assert!(leader.replace_snapshot_data(LogIndex(2), Bytes::from_static(b"mapped")));
+    let meta = leader.snapshot_meta_at(LogIndex(2)).expect("applied and durable");
+    assert_eq!((meta.index, meta.term), (LogIndex(2), Term(1)));
+    assert_eq!(meta.membership, *leader.membership());
+    assert_eq!(leader.status().snapshot_index, LogIndex::ZERO, "nothing compacted yet");
+    let compacted =
+        leader.compact(LogIndex(2), Bytes::from_static(b"mapped")).expect("compactable");
+    assert_eq!(compacted, meta);
+    assert!(matches!(
+        leader.snapshot_meta_at(LogIndex(2)),
+        Err(CompactError::AlreadyCompacted { .. })
+    ));
     // Follower 3 (still probed from the election) rejects; the log it needs is compacted.
     let reject = MessageBody::AppendResponse {
         reject: true,
