@@ -172,6 +172,16 @@ const REGRESSION_SEEDS: &[(u64, bool, &str)] = &[
          leaves to (found by a 2,000-seed soak, CLUSTER_SIM_SEED_BASE=1000)",
     ),
     (
+        4718,
+        WITH_MEMBERSHIP,
+        "core bug, fixed: read contexts restarted from 1 with every incarnation of a node; after \
+         a whole-cluster power loss a ReadIndexResponse to a read of the previous life, delayed \
+         in the network, confirmed a new read with the same context at index 1, and a \
+         linearizable read returned a value overwritten before it began. Each start now numbers \
+         its reads from a fresh random base (ShardCore::set_read_context_base; found by a soak \
+         of seeds 4000..6000)",
+    ),
+    (
         1939,
         WITH_MEMBERSHIP,
         "core bug, fixed: a node restarted from a snapshot taken before it was added to a group \

@@ -488,6 +488,16 @@ impl<S: StateMachine> ShardCore<S> {
         }
     }
 
+    /// Numbers this shard's reads from `base` on. Read contexts must never repeat across
+    /// incarnations of a node: a `ReadIndexResponse` to a read of an earlier incarnation,
+    /// delayed in the network, would otherwise confirm a new read with the same context at an
+    /// old index, and the read would miss writes acknowledged before it began (cluster
+    /// simulator seed 4718: a restarted node's first reads reused the numbers of its previous
+    /// life). The driver passes a random base at every start.
+    pub fn set_read_context_base(&mut self, base: u64) {
+        self.next_read_context = base;
+    }
+
     /// A leader holds off compacting a group while a member still needs entries the compaction
     /// would drop — it is catching up from the log, or is down, or is being sent a snapshot —
     /// until `entries` were applied since the last snapshot. Compacting under such a
@@ -877,7 +887,7 @@ impl<S: StateMachine> ShardCore<S> {
             ReadError::Busy => RequestError::Busy,
             other => RequestError::Rejected(other.to_string()),
         })?;
-        self.next_read_context += 1;
+        self.next_read_context = self.next_read_context.wrapping_add(1);
         let asked = (slot.replica.term(), slot.replica.leader());
         slot.reads.push(PendingRead { context, token, query, read_index: None, asked });
         self.mark(group);

@@ -351,6 +351,7 @@ where
             ShardStore::open(&dir, config.wal.clone()).map_err(storage_error)?;
         tracing::info!(shard = context.index, report = ?recovery.report, "shard log recovered");
         let mut core = ShardCore::new(config.node);
+        core.set_read_context_base(random_u64());
         core.set_compaction_defer_entries(config.snapshot_entries.saturating_mul(4));
         if config.quiesce {
             core.enable_quiescence(Quiescence {
@@ -1261,6 +1262,18 @@ fn refuse<S: StateMachine>(request: Request<S>, error: &Error) {
         | Request::SnapshotRestored { .. }
         | Request::SnapshotSaved { .. } => {}
     }
+}
+
+/// A number no earlier run of this process or another is likely to have drawn: the standard
+/// library's randomly keyed hasher (seeded from the OS) over the wall clock.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    hasher.write_u128(now);
+    hasher.finish()
 }
 
 #[allow(clippy::needless_pass_by_value)] // used as `map_err(storage_error)`

@@ -278,6 +278,9 @@ impl Node {
         let (mut store, _recovery) = ShardStore::open_with(&self.dir, storage, config.wal.clone())
             .map_err(|error| format!("{} cannot open its store: {error}", self.id))?;
         let mut core = ShardCore::new(self.id);
+        // As the driver's random base: read contexts never repeat across incarnations (seed
+        // 4718), and the run stays a function of the seed.
+        core.set_read_context_base(self.incarnation << 40);
         if let Some(quiescence) = config.quiescence {
             core.enable_quiescence(quiescence);
         }
