@@ -109,6 +109,68 @@ impl PrewrittenFile {
     }
 }
 
+/// Several threads, each with its own [`PrewrittenFile`] in one directory, doing one 4 KiB
+/// write + fdatasync at the same moment: what a write to a three-node cluster whose nodes share
+/// one disk waits for (the leader and both followers sync at once, and a commit needs two of
+/// them). On the shared VM disk concurrent fdatasyncs queue behind each other.
+pub struct ConcurrentSyncs {
+    start: std::sync::Arc<std::sync::Barrier>,
+    done: std::sync::Arc<std::sync::Barrier>,
+    took: std::sync::Arc<std::sync::Mutex<Vec<Duration>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ConcurrentSyncs {
+    /// `count` threads with a pre-written 8 MiB file each under `dir`.
+    pub fn start(dir: &Path, count: usize) -> io::Result<ConcurrentSyncs> {
+        use std::sync::{Arc, Barrier, Mutex, atomic::AtomicBool};
+        let start = Arc::new(Barrier::new(count + 1));
+        let done = Arc::new(Barrier::new(count + 1));
+        let took = Arc::new(Mutex::new(Vec::with_capacity(count)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for index in 0..count {
+            let mut file = PrewrittenFile::create(&dir.join(format!("sync-{index}")), 8 << 20)?;
+            let (start, done, took, stop) =
+                (Arc::clone(&start), Arc::clone(&done), Arc::clone(&took), Arc::clone(&stop));
+            threads.push(std::thread::spawn(move || {
+                let buf = noise(4096, 0xC0C0 + index as u64);
+                loop {
+                    start.wait();
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    let began = Instant::now();
+                    file.write_sync(&buf).expect("raw write + fdatasync");
+                    took.lock().expect("not poisoned").push(began.elapsed());
+                    done.wait();
+                }
+            }));
+        }
+        Ok(ConcurrentSyncs { start, done, took, stop, threads })
+    }
+
+    /// One round: every thread writes and syncs at once; returns how long each took, sorted.
+    pub fn round(&self) -> Vec<Duration> {
+        self.start.wait();
+        self.done.wait();
+        let mut took = std::mem::take(&mut *self.took.lock().expect("not poisoned"));
+        took.sort_unstable();
+        took
+    }
+}
+
+impl Drop for ConcurrentSyncs {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.start.wait();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// What a raw write + fdatasync loop achieved.
 #[derive(Debug, Clone, Copy)]
 pub struct RawRate {

@@ -62,7 +62,8 @@ pub struct Fetch {
 /// The order of duties:
 /// 1. send `messages` now (they depend on nothing unpersisted);
 /// 2. make `snapshot` (if any), then `entries`, then `hard_state` durable — `entries` may start
-///    below the storage's last index: drop the storage's entries from there on first;
+///    below the storage's last index: drop the storage's entries from there on first; unless
+///    `must_sync`, writing them without an fsync is enough;
 /// 3. then send `persisted_messages`;
 /// 4. apply `committed_entries` in order (at any time: they are committed by a quorum), serve
 ///    `read_states` once applied through their index, answer `fetches` with
@@ -90,6 +91,12 @@ pub struct Ready {
     pub read_states: Vec<ReadState>,
     /// Log reads to perform and return through [`crate::Replica::on_fetched`].
     pub fetches: Vec<Fetch>,
+    /// Whether step 2 needs an fsync: there are entries or a snapshot, or the term or the vote
+    /// changed. A new commit index alone need not be durable — a restarted replica learns it
+    /// again from the leader, and its state machine comes back from its snapshot, which is
+    /// always of committed state — so a write of nothing else may skip the fsync (etcd's
+    /// `MustSync`), and `persisted_messages` may leave once it is written.
+    pub must_sync: bool,
 }
 
 impl Ready {

@@ -661,22 +661,28 @@ impl Replica {
         // Then the Appends owed since the last Ready: one per follower for all the new entries.
         self.flush_appends();
         let hard_state = self.hard_state();
-        let hard_state = (hard_state != self.last_hard_state).then(|| {
+        let previous = self.last_hard_state;
+        let hard_state = (hard_state != previous).then(|| {
             self.last_hard_state = hard_state;
             hard_state
         });
         let mut entries = mem::take(&mut self.spare_entries);
         self.log.take_unstable(&mut entries);
         self.flushed_heartbeat_seq = self.heartbeat_seq;
+        let snapshot = self.outbox.snapshot.take().map(|snapshot| *snapshot);
+        let must_sync = !entries.is_empty()
+            || snapshot.is_some()
+            || hard_state.is_some_and(|new| new.term != previous.term || new.vote != previous.vote);
         Ready {
             hard_state,
-            snapshot: self.outbox.snapshot.take().map(|snapshot| *snapshot),
+            snapshot,
             entries,
             messages: mem::take(&mut self.outbox.messages),
             persisted_messages: SendAfterPersist(mem::take(&mut self.outbox.persisted_messages)),
             committed_entries: mem::take(&mut self.outbox.committed_entries),
             read_states: mem::take(&mut self.outbox.read_states),
             fetches: mem::take(&mut self.outbox.fetches),
+            must_sync,
         }
     }
 

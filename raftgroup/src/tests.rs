@@ -100,6 +100,37 @@ fn leader_with_unpersisted_noop() -> (Replica, Ready) {
     (leader, ready)
 }
 
+/// Entries, a new term and a new vote need an fsync; a new commit index alone does not (etcd's
+/// `MustSync`): a follower whose heartbeat only raised its commit writes without one.
+#[test]
+fn only_entries_terms_and_votes_must_be_synced() {
+    let mut follower = three_voters(2);
+    let ready = follower.ready();
+    assert!(!ready.must_sync, "nothing changed");
+    follower.advance(ready);
+    let noop =
+        Entry { index: LogIndex(1), term: Term(1), kind: EntryKind::Empty, payload: Bytes::new() };
+    let append = MessageBody::Append {
+        prev_index: LogIndex::ZERO,
+        prev_term: Term::ZERO,
+        entries: vec![noop],
+        commit: LogIndex::ZERO,
+    };
+    follower.step(message(1, 2, 1, append)).expect("valid");
+    let ready = follower.ready();
+    assert_eq!(ready.hard_state.map(|h| h.term), Some(Term(1)));
+    assert!(ready.must_sync, "a new term and an entry");
+    follower.advance(ready);
+    follower.on_persisted(Term(1), LogIndex(1));
+    let heartbeat = MessageBody::Heartbeat { commit: LogIndex(1), seq: 1, sent_tick: 1 };
+    follower.step(message(1, 2, 1, heartbeat)).expect("valid");
+    let ready = follower.ready();
+    assert_eq!(ready.hard_state.map(|h| h.commit), Some(LogIndex(1)));
+    assert!(ready.entries.is_empty());
+    assert!(!ready.must_sync, "only the commit index moved");
+    follower.advance(ready);
+}
+
 #[test]
 fn leader_counts_its_own_entry_only_after_persisting_it() {
     let (mut leader, ready) = leader_with_unpersisted_noop();

@@ -368,17 +368,41 @@ fn blocking_caller() -> bool {
     BLOCKING_CALLER.with(Cell::get)
 }
 
+/// Runs `f` with the calling thread counted as a caller that would only wait for its appends:
+/// an append first polled inside `f` on an idle log (no round being written, no other append in
+/// flight) is written and synced by this thread — one `pwrite` + `fdatasync` — instead of being
+/// handed to the writer thread and woken back, which saves two thread wake-ups on the path of a
+/// lone durable write.
+///
+/// For an event loop at a point where it has nothing else to do until that append is durable
+/// (the engine's shard loop when a loop iteration's only output waits for its write): the call
+/// blocks for the write and the sync. Under load some append is always in flight, so appends
+/// join the open round as usual and the writer thread keeps rounds growing.
+pub fn waiting_caller<R>(f: impl FnOnce() -> R) -> R {
+    let _restore = WaitingCaller::enter();
+    f()
+}
+
+/// Marks this thread as a [`blocking_caller`] until dropped, then restores what it was.
+struct WaitingCaller(bool);
+
+impl WaitingCaller {
+    fn enter() -> Self {
+        Self(BLOCKING_CALLER.with(|flag| flag.replace(true)))
+    }
+}
+
+impl Drop for WaitingCaller {
+    fn drop(&mut self) {
+        BLOCKING_CALLER.with(|flag| flag.set(self.0));
+    }
+}
+
 /// Runs a future to completion on the calling thread (for callers outside any async runtime).
 ///
 /// An append awaited this way on an idle log is written by the calling thread itself, saving
 /// the hand-off to the log's writer thread and back.
 pub fn block_on<F: Future>(future: F) -> F::Output {
-    struct Blocking(bool);
-    impl Drop for Blocking {
-        fn drop(&mut self) {
-            BLOCKING_CALLER.with(|flag| flag.set(self.0));
-        }
-    }
     struct ThreadWaker(std::thread::Thread);
     impl std::task::Wake for ThreadWaker {
         fn wake(self: Arc<Self>) {
@@ -391,7 +415,7 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
     let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     let mut future = std::pin::pin!(future);
-    let _restore = Blocking(BLOCKING_CALLER.with(|flag| flag.replace(true)));
+    let _restore = WaitingCaller::enter();
     loop {
         if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
             return output;

@@ -36,7 +36,7 @@ mod recovery;
 pub mod segment;
 pub mod sim;
 
-pub use commit::{AppendFuture, block_on};
+pub use commit::{AppendFuture, block_on, waiting_caller};
 pub use config::{Config, RecoveryMode, WriterMode};
 pub use error::WalError;
 pub use index::{GroupState, InvalidOp};

@@ -190,6 +190,9 @@ pub struct PersistItem {
     pub entries: Vec<Entry>,
     /// The hard state to record.
     pub hard_state: Option<HardState>,
+    /// Whether this needs an fsync before what waits for it goes ahead (see
+    /// [`flotilla_raftgroup::Ready::must_sync`]): not for a new commit index alone.
+    pub must_sync: bool,
 }
 
 /// A snapshot taken of a group's state machine but not yet written: the log store writes
@@ -1312,6 +1315,7 @@ fn collect_group<S: StateMachine>(
                 snapshot,
                 entries: std::mem::take(&mut ready.entries),
                 hard_state: ready.hard_state,
+                must_sync: ready.must_sync,
             },
         ));
     }

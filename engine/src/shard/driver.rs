@@ -924,6 +924,55 @@ where
         }
     }
 
+    /// Appends what this loop iteration persists (cut into WAL records) behind the appends in
+    /// flight; what waits for it (persisted acknowledgements, messages) waits for the last.
+    fn append_iteration(&mut self) -> Result<(), Error> {
+        // Cut to the WAL's record size: a loop iteration may gather more than one
+        // record holds (many groups, large entries). Appends persist in order, so what
+        // waits for this iteration's writes waits for the last of them.
+        // Nothing but new commit indexes: written, not synced (see `Ready::must_sync`).
+        let sync =
+            self.context.config.sync && self.out.persist.iter().any(|(_, item)| item.must_sync);
+        let mut batches = Vec::new();
+        let max_bytes = self.context.config.wal.batch_bytes_max;
+        self.store
+            .stage_split(&mut self.out.persist, max_bytes, &mut batches)
+            .map_err(storage_error)?;
+        if batches.is_empty() {
+            // Nothing to write after all (a stale snapshot's compaction): an empty
+            // append still orders what waits for this iteration behind earlier ones.
+            batches.push(WriteBatch::new());
+        }
+        // The iteration's only output waits for this write, and the WAL is idle: this
+        // thread writes it itself (see `EngineConfig::inline_idle_writes`).
+        let own_round = self.context.config.inline_idle_writes
+            && batches.len() == 1
+            && self.inflight.is_empty()
+            && self.out.send_now.values().all(Vec::is_empty)
+            && self.out.completions.is_empty();
+        for batch in batches {
+            let entries: usize = batch
+                .ops()
+                .iter()
+                .map(|op| match op {
+                    flotilla_wal::Op::Entries { entries, .. } => entries.len(),
+                    _ => 0,
+                })
+                .sum();
+            self.metrics.wal_batch_entries.record(entries as f64);
+            let append = self.store.wal().append_with(batch, sync);
+            if own_round {
+                flotilla_wal::waiting_caller(|| self.start_append(append, None));
+            } else {
+                self.start_append(append, None);
+            }
+        }
+        let last = self.inflight.back_mut().expect("just pushed");
+        last.persisted = std::mem::take(&mut self.out.persisted);
+        last.after = std::mem::take(&mut self.out.send_after_persist);
+        Ok(())
+    }
+
     /// Queues an append behind the ones in flight. It is polled at once if every earlier one
     /// has joined the WAL's queue (appends must join in the order they were made); otherwise
     /// [`poll_inflight`] joins it in turn.
@@ -1024,40 +1073,9 @@ where
                     self.send_messages(&mut after);
                     self.out.send_after_persist = after;
                 }
-            } else {
-                // Cut to the WAL's record size: a loop iteration may gather more than one
-                // record holds (many groups, large entries). Appends persist in order, so what
-                // waits for this iteration's writes waits for the last of them.
-                let mut batches = Vec::new();
-                let max_bytes = self.context.config.wal.batch_bytes_max;
-                if let Err(error) =
-                    self.store.stage_split(&mut self.out.persist, max_bytes, &mut batches)
-                {
-                    self.fail(storage_error(error));
-                    return;
-                }
-                if batches.is_empty() {
-                    // Nothing to write after all (a stale snapshot's compaction): an empty
-                    // append still orders what waits for this iteration behind earlier ones.
-                    batches.push(WriteBatch::new());
-                }
-                for batch in batches {
-                    let entries: usize = batch
-                        .ops()
-                        .iter()
-                        .map(|op| match op {
-                            flotilla_wal::Op::Entries { entries, .. } => entries.len(),
-                            _ => 0,
-                        })
-                        .sum();
-                    self.metrics.wal_batch_entries.record(entries as f64);
-                    // Unsynced only when the operator asked for it (`EngineConfig::sync`).
-                    let append = self.store.wal().append_with(batch, self.context.config.sync);
-                    self.start_append(append, None);
-                }
-                let last = self.inflight.back_mut().expect("just pushed");
-                last.persisted = std::mem::take(&mut self.out.persisted);
-                last.after = std::mem::take(&mut self.out.send_after_persist);
+            } else if let Err(error) = self.append_iteration() {
+                self.fail(error);
+                return;
             }
             let mut now = std::mem::take(&mut self.out.send_now);
             self.send_messages(&mut now);

@@ -895,6 +895,7 @@ mod tests {
                     snapshot: None,
                     entries: (1..=40).map(entry).collect(),
                     hard_state: Some(hard_state),
+                    must_sync: true,
                 };
                 (GroupId(group), item)
             })
@@ -954,6 +955,7 @@ mod tests {
                         vote: Some(NodeId(5)),
                         commit: LogIndex(2),
                     }),
+                    must_sync: true,
                 },
             )];
             let mut batch = WriteBatch::new();
@@ -1026,6 +1028,7 @@ mod tests {
                     })
                     .collect(),
                 hard_state: Some(HardState { term: Term(3), vote: None, commit: LogIndex(45) }),
+                must_sync: true,
             },
         )];
         let mut batch = WriteBatch::new();
@@ -1094,6 +1097,7 @@ mod tests {
                 snapshot: None,
                 entries: (1..=1500).map(entry).collect(),
                 hard_state: Some(HardState { term: Term(2), vote: None, commit: LogIndex(1500) }),
+                must_sync: true,
             };
             let mut batch = WriteBatch::new();
             store.stage(&mut [(group, item)], &mut batch).unwrap();

@@ -897,13 +897,15 @@ impl Node {
                         );
                     }
                 }
+                // As the driver: a round holding nothing but new commit indexes is not synced.
+                let must_sync = running.out.persist.iter().any(|(_, item)| item.must_sync);
                 let mut batch = WriteBatch::new();
                 running
                     .store
                     .stage(&mut running.out.persist, &mut batch)
                     .map_err(|error| format!("{id}: staging failed: {error}"))?;
                 trace = mix(trace, batch.ops().len() as u64);
-                let append = running.store.wal().append(batch);
+                let append = running.store.wal().append_with(batch, must_sync);
                 let persisted = std::mem::take(&mut running.out.persisted);
                 let after = std::mem::take(&mut running.out.send_after_persist);
                 self.start_append(now, config, rng, append);
