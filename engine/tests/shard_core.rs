@@ -310,25 +310,8 @@ fn a_proposal_lost_to_a_leader_change_fails_and_is_never_applied() {
 fn quiet_groups_cost_nothing_and_a_lost_leader_node_wakes_them_a_few_at_a_time() {
     let groups = 120;
     let quiescence = Quiescence { dead_after_ticks: 10, wakes_per_tick: 4 };
-    let mut cluster = Cluster::new(3, groups);
-    cluster.quiesce(quiescence);
-    cluster.elect(groups);
-    for g in 1..=groups {
-        let group = GroupId(g);
-        let leader = cluster.leader(group).unwrap();
-        cluster.nodes.get_mut(&leader).unwrap().core.propose(group, put("k", "v"), g).unwrap();
-    }
-    for g in 1..=groups {
-        assert!(matches!(cluster.settle(g), Completion::Applied { .. }), "group {g}");
-    }
+    let mut cluster = quiet_cluster(groups, quiescence);
     let ids: Vec<NodeId> = cluster.nodes.keys().copied().collect();
-    for _ in 0..100 {
-        if ids.iter().all(|id| cluster.awake(*id) == 0) {
-            break;
-        }
-        cluster.tick();
-    }
-    assert!(ids.iter().all(|id| cluster.awake(*id) == 0), "groups never went quiet");
     let sent = cluster.messages;
     for _ in 0..200 {
         cluster.tick();
