@@ -927,24 +927,24 @@ where
     /// Appends what this loop iteration persists (cut into WAL records) behind the appends in
     /// flight; what waits for it (persisted acknowledgements, messages) waits for the last.
     fn append_iteration(&mut self) -> Result<(), Error> {
-        // Cut to the WAL's record size: a loop iteration may gather more than one
-        // record holds (many groups, large entries). Appends persist in order, so what
-        // waits for this iteration's writes waits for the last of them.
         // Nothing but new commit indexes: written, not synced (see `Ready::must_sync`).
         let sync =
             self.context.config.sync && self.out.persist.iter().any(|(_, item)| item.must_sync);
+        // Cut to the WAL's record size: a loop iteration may gather more than one record holds
+        // (many groups, large entries). Appends persist in order, so what waits for this
+        // iteration's writes waits for the last of them.
         let mut batches = Vec::new();
         let max_bytes = self.context.config.wal.batch_bytes_max;
         self.store
             .stage_split(&mut self.out.persist, max_bytes, &mut batches)
             .map_err(storage_error)?;
         if batches.is_empty() {
-            // Nothing to write after all (a stale snapshot's compaction): an empty
-            // append still orders what waits for this iteration behind earlier ones.
+            // Nothing to write after all (a stale snapshot's compaction): an empty append still
+            // orders what waits for this iteration behind earlier ones.
             batches.push(WriteBatch::new());
         }
-        // The iteration's only output waits for this write, and the WAL is idle: this
-        // thread writes it itself (see `EngineConfig::inline_idle_writes`).
+        // The iteration's only output waits for this write, and the WAL is idle: this thread
+        // writes it itself (see `EngineConfig::inline_idle_writes`).
         let own_round = self.context.config.inline_idle_writes
             && batches.len() == 1
             && self.inflight.is_empty()
