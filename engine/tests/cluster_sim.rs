@@ -172,6 +172,15 @@ const REGRESSION_SEEDS: &[(u64, bool, &str)] = &[
          leaves to (found by a 2,000-seed soak, CLUSTER_SIM_SEED_BASE=1000)",
     ),
     (
+        7086,
+        WITH_MEMBERSHIP,
+        "simulator: convergence compared the members of the leader's membership with each \
+         other only; a leader removed by the change it just committed still led (it leads until \
+         the members acknowledge the commit) while both members were one commit behind it, so \
+         the run was judged converged and the members' joint membership failed the check. The \
+         leader's own state is now compared too (found by a soak of seeds 6000..8000)",
+    ),
+    (
         4718,
         WITH_MEMBERSHIP,
         "core bug, fixed: read contexts restarted from 1 with every incarnation of a node; after \

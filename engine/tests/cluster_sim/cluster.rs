@@ -585,7 +585,9 @@ impl Cluster {
     /// True if every node runs unpaused with no IO pending, and every group has a leader, is
     /// not in the middle of a membership change, and has the same applied index and state on
     /// every member's replica (voters and learners of the membership in effect on the
-    /// leader), with everything committed applied.
+    /// leader) and on the leader's — which may not be a member: a leader removed by a change
+    /// leads until the members acknowledge its commit (seed 7086: the members, one commit
+    /// behind it, agreed among themselves) —, with everything committed applied.
     pub fn converged(&self) -> bool {
         if !self.nodes.iter().all(|node| node.is_up() && node.io_pending() == 0) {
             return false;
@@ -598,6 +600,7 @@ impl Cluster {
             }
             let states: Option<Vec<(u64, u64, u64)>> = membership
                 .members()
+                .chain(std::iter::once(leader))
                 .map(|member| {
                     let core = self.node(member).core().expect("up");
                     let machine = core.machine(group)?.inner();
