@@ -434,6 +434,11 @@ impl Replica {
     /// forwards to its leader. A read may be silently dropped (leader change, lost message): the
     /// caller retries on its own timeout. The same as [`Replica::read_index_with`] with
     /// [`ReadMode::Lease`].
+    ///
+    /// `context` must never repeat for this node — not even across restarts: an answer to a
+    /// read of an earlier life, delayed in the network, carries its context and would confirm
+    /// a new read with the same one at an old index (a stale read; the engine's cluster
+    /// simulator, seed 4718). Number reads from a fresh random base at every start.
     pub fn read_index(&mut self, context: u64) -> Result<(), ReadError> {
         self.read_index_with(context, ReadMode::Lease)
     }
