@@ -17,7 +17,11 @@
 //! `cargo bench -p flotilla-bench --bench engine` (≈ 1.5 min; criterion's options shorten it:
 //! `-- --warm-up-time 1 --measurement-time 5`; a filter such as `-- 'engine/writes/128B'` skips the
 //! other clusters). `FLOTILLA_BENCH_SHARDS` sets shards per node (default 1, as the example),
-//! `FLOTILLA_BENCH_PROPOSERS` the proposers (default 512; at least one per group). Under
+//! `FLOTILLA_BENCH_PROPOSERS` the proposers (default 4,096 — 64 per group at 64 groups; at least
+//! one per group). The default saturates the three nodes: with 512 (8 per group at 64 groups)
+//! each group's round carries a handful of entries, so per-round costs decide throughput
+//! (`bench/RESULTS.md` has the sweep). The load runs on a current-thread runtime without an IO
+//! driver (see `flotilla::Engine`: with one, every answer costs an eventfd write). Under
 //! `cargo test --benches` (criterion's test mode) every measurement runs once, shrunk.
 
 use std::collections::BTreeMap;
@@ -60,7 +64,7 @@ impl Settings {
         Settings {
             quick,
             shards: env("FLOTILLA_BENCH_SHARDS", 1),
-            proposers: env("FLOTILLA_BENCH_PROPOSERS", 512),
+            proposers: env("FLOTILLA_BENCH_PROPOSERS", 4096),
             each: if quick { 1 } else { 16 },
             paced: if quick { Duration::from_millis(300) } else { Duration::from_secs(5) },
         }

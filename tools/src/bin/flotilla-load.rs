@@ -300,7 +300,10 @@ fn run(cli: &Cli) -> Result<(), BoxError> {
             }
         }
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Time only, no IO driver: with one, every answer a shard sends this thread costs an
+    // eventfd write to wake it (about one syscall per request, a quarter of the CPU per write
+    // in `bench/RESULTS.md`); without, a wake only signals the thread if it is parked.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     let result = runtime.block_on(async {
         let nodes: Vec<NodeId> = addrs.keys().copied().collect();
         for engine in &engines {
