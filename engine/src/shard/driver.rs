@@ -1,6 +1,6 @@
 //! The thin IO driver around [`ShardCore`]: one thread per shard, with its own current-thread
 //! runtime. It owns the shard's [`ShardStore`] (WAL, snapshots, catalog), its outbound
-//! connections (one writer task per peer node) and the readers of the connections handed to it,
+//! connections (a [`super::peer::PeerLink`] per peer node) and the readers of the connections handed to it,
 //! and runs the loop of DESIGN.md §2:
 //!
 //! ```text
@@ -15,9 +15,9 @@
 //! writer; they complete in order, so "after the append" means "after every append before it".
 
 use std::cmp::Reverse;
+use std::collections::btree_map::Entry as MapEntry;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::future::poll_fn;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -35,6 +35,7 @@ use super::core::{
     Completion, MembershipEdit, PendingSnapshot, Quiescence, RequestError, ShardCore, ShardOutput,
     Token,
 };
+use super::peer::PeerLink;
 use super::store::{ShardStore, StoreError, map_snapshot, write_snapshot_image};
 use super::transfer::{self, Job, Receiver, Transfers};
 use crate::engine::{
@@ -42,25 +43,15 @@ use crate::engine::{
 };
 use crate::kv::StateMachine;
 use crate::liveness::Liveness;
-use crate::transport::batch::{self, BatchWriter};
+use crate::transport::batch;
 use crate::transport::connection::{Connection, ConnectionConfig};
-use crate::transport::faults::{Faults, Verdict};
+use crate::transport::faults::Verdict;
 use crate::transport::frame::FrameKind;
 use crate::transport::handshake::Identity;
 
 /// Inbox requests handled per loop iteration before the loop collects, so ticks and WAL
 /// completions are never starved by a flood.
 const DRAIN_MAX: usize = 4096;
-/// Frames queued per peer writer; more are dropped (Raft resends what matters).
-const PEER_QUEUE_FRAMES: usize = 1024;
-/// A frame body is cut at this size; the transport's limit is far above it.
-const FRAME_BODY_TARGET: usize = 1 << 20;
-/// Reconnect backoff bounds.
-const BACKOFF_MIN: Duration = Duration::from_millis(10);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Queued frames a peer writer sends in one write.
-const WRITE_FRAMES_MAX: usize = 64;
 /// Snapshot files being written at once per shard: bounds the state kept alive by images
 /// being written (a write after a snapshot copies the nodes it changes) and the disk bandwidth
 /// taken from the WAL.
@@ -319,7 +310,7 @@ struct Shard<S: StateMachine> {
     deadlines: BinaryHeap<Reverse<(Instant, Token)>>,
     next_token: Token,
     inflight: VecDeque<InFlight>,
-    peers: BTreeMap<NodeId, mpsc::Sender<Vec<u8>>>,
+    peers: BTreeMap<NodeId, PeerLink>,
     /// Per peer, the task streaming snapshots to it (see [`super::transfer`]).
     snapshot_senders: BTreeMap<NodeId, mpsc::Sender<Job>>,
     fetched: Vec<Entry>,
@@ -724,11 +715,9 @@ where
         // stands in for the heartbeats of every quiet group.
         if self.context.index == 0 && self.ticks.is_multiple_of(u64::from(config.heartbeat_ticks)) {
             for peer in config.peers.keys().copied().filter(|peer| *peer != config.node) {
-                if let Some(sender) = self.peer(peer) {
-                    let mut body = Vec::with_capacity(batch::COUNT_BYTES);
-                    BatchWriter::new(&mut body);
-                    // A full queue means traffic is flowing anyway, which is as good.
-                    let _ = sender.try_send(body);
+                if let Some(link) = self.peer(peer) {
+                    // Dropped if the peer's queue is full: traffic is flowing anyway, as good.
+                    link.send(std::iter::empty::<(GroupId, Message)>());
                 }
             }
         }
@@ -1127,7 +1116,7 @@ where
         }
     }
 
-    /// Sends one frame per peer (cut at [`FRAME_BODY_TARGET`]) and empties the lists.
+    /// Sends one frame per peer (cut at [`super::peer::FRAME_BODY_TARGET`]) and empties the lists.
     fn send_messages(&mut self, messages: &mut BTreeMap<NodeId, Vec<(GroupId, Message)>>) {
         for (peer, list) in messages.iter_mut() {
             if list.is_empty() {
@@ -1147,25 +1136,15 @@ where
                     continue;
                 }
             }
-            let Some(sender) = self.peer(*peer) else {
+            let Some(link) = self.peer(*peer) else {
                 list.clear();
                 continue;
             };
-            let mut items = list.drain(..).peekable();
-            while items.peek().is_some() {
-                let mut body = Vec::with_capacity(4096);
-                let mut writer = BatchWriter::new(&mut body);
-                while writer.len_bytes() < FRAME_BODY_TARGET {
-                    let Some((group, message)) = items.next() else { break };
-                    writer.push(group, &message);
-                }
-                self.metrics.messages_sent.increment(u64::from(writer.count()));
-                self.metrics.frames_sent.increment(1);
-                self.messages_sent += u64::from(writer.count());
-                self.frames_sent += 1;
-                // A full queue means the peer is slow or gone: Raft resends what matters.
-                let _ = sender.try_send(body);
-            }
+            let sent = link.send(list.drain(..));
+            self.metrics.messages_sent.increment(sent.messages);
+            self.metrics.frames_sent.increment(sent.frames);
+            self.messages_sent += sent.messages;
+            self.frames_sent += sent.frames;
         }
     }
 
@@ -1191,20 +1170,20 @@ where
         let _ = sender.try_send(Job::new(group, message, self.store.snapshot_path(group)));
     }
 
-    fn peer(&mut self, peer: NodeId) -> Option<mpsc::Sender<Vec<u8>>> {
-        if let Some(sender) = self.peers.get(&peer) {
-            return Some(sender.clone());
-        }
+    /// The link to `peer`, started on first use; `None` for a node this one does not know.
+    fn peer(&mut self, peer: NodeId) -> Option<&PeerLink> {
         let config = &self.context.config;
-        let Some(addr) = config.peers.get(&peer).copied() else {
-            tracing::debug!(%peer, "message for an unknown node dropped");
-            return None;
-        };
-        let (tx, rx) = mpsc::channel(PEER_QUEUE_FRAMES);
-        let identity = Identity { cluster: config.cluster, node: config.node };
-        tokio::task::spawn_local(write_connection(identity, peer, addr, rx, config.faults.clone()));
-        self.peers.insert(peer, tx.clone());
-        Some(tx)
+        match self.peers.entry(peer) {
+            MapEntry::Occupied(link) => Some(link.into_mut()),
+            MapEntry::Vacant(vacant) => {
+                let Some(addr) = config.peers.get(&peer).copied() else {
+                    tracing::debug!(%peer, "message for an unknown node dropped");
+                    return None;
+                };
+                let identity = Identity { cluster: config.cluster, node: config.node };
+                Some(vacant.insert(PeerLink::spawn(identity, peer, addr, config.faults.clone())))
+            }
+        }
     }
 
     /// The shard's storage failed: it refuses everything from now on (nothing is retried).
@@ -1421,63 +1400,6 @@ async fn read_connection<S: StateMachine>(
             {
                 return;
             }
-        }
-    }
-}
-
-/// Sends frames to one peer, connecting when there is something to send (with backoff after a
-/// failure: a dead peer costs only its failed connects). Frames that arrive while the peer is
-/// unreachable are dropped; Raft resends.
-async fn write_connection(
-    identity: Identity,
-    peer: NodeId,
-    addr: SocketAddr,
-    mut frames: mpsc::Receiver<Vec<u8>>,
-    faults: Option<Arc<Faults>>,
-) {
-    let mut connection: Option<Connection> = None;
-    let mut backoff = BACKOFF_MIN;
-    let mut next_attempt = Instant::now();
-    let mut bodies = Vec::new();
-    while let Some(body) = frames.recv().await {
-        // Whatever queued up meanwhile goes out in the same write.
-        bodies.clear();
-        bodies.push(body);
-        while bodies.len() < WRITE_FRAMES_MAX {
-            match frames.try_recv() {
-                Ok(body) => bodies.push(body),
-                Err(_) => break,
-            }
-        }
-        match faults.as_ref().map_or(Verdict::Deliver, |f| f.verdict(identity.node, peer)) {
-            Verdict::Deliver => {}
-            Verdict::Drop => continue,
-            Verdict::Delay(delay) => tokio::time::sleep(delay).await,
-        }
-        if connection.is_none() {
-            if Instant::now() < next_attempt {
-                continue;
-            }
-            let config = ConnectionConfig::new(identity);
-            match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(addr, peer, config))
-                .await
-            {
-                Ok(Ok(established)) => {
-                    connection = Some(established);
-                    backoff = BACKOFF_MIN;
-                }
-                _ => {
-                    next_attempt = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
-            }
-        }
-        let live = connection.as_mut().expect("connected above");
-        if let Err(error) = live.send_all(&bodies).await {
-            tracing::debug!(%peer, %error, "peer connection lost");
-            connection = None;
-            next_attempt = Instant::now();
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod core;
 pub(crate) mod driver;
+mod peer;
 pub mod store;
 pub(crate) mod transfer;
 

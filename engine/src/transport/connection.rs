@@ -8,6 +8,7 @@
 //! (see [`super::frame::RESERVE_BYTES_MAX`]), so a connection's buffer follows the bytes its peer
 //! actually sent.
 
+use std::borrow::Borrow;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -27,6 +28,8 @@ use super::handshake::{Handshake, HandshakeError, Identity, Session, Verdict};
 const READ_BYTES_MIN: usize = 8 << 10;
 /// Reads during the handshake are tiny: its frames are bounded to a few dozen bytes.
 const HANDSHAKE_READ_BYTES: usize = 256;
+/// Capacity the write buffer keeps between writes.
+const WRITE_BUFFER_KEEP: usize = 1 << 20;
 
 /// How a connection behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +75,25 @@ pub enum ConnectionError {
     /// The peer closed the connection between two frames.
     #[error("connection closed by the peer")]
     Closed,
+}
+
+/// Bytes queued for a connection's writer task, in the order they must go out.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A data frame's body, framed when written.
+    Body(Vec<u8>),
+    /// The unsent end of a frame already framed and partly written
+    /// ([`Connection::try_send_batch`]).
+    Rest(Vec<u8>),
+}
+
+/// What [`Connection::try_send_batch`] wrote.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TrySend {
+    /// The whole frame.
+    Sent,
+    /// Part of the frame (the socket's buffer is full): these bytes are the rest.
+    Partial(Vec<u8>),
 }
 
 /// An established connection to one peer node.
@@ -170,16 +192,65 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends one data frame per body in `bodies`, all in one write: a writer that fell behind
+    /// Sends every item of `outbound` in order, all in one write: a writer that fell behind
     /// catches up with one system call instead of one per frame. Not cancel-safe (see
     /// [`Connection::send`]).
-    pub async fn send_all<B: AsRef<[u8]>>(&mut self, bodies: &[B]) -> Result<(), ConnectionError> {
+    pub async fn send_all(&mut self, outbound: &[Outbound]) -> Result<(), ConnectionError> {
         self.write_buffer.clear();
-        for body in bodies {
-            self.session.encode(body.as_ref(), &mut self.write_buffer)?;
+        for item in outbound {
+            match item {
+                Outbound::Body(body) => self.session.encode(body, &mut self.write_buffer)?,
+                Outbound::Rest(bytes) => self.write_buffer.extend_from_slice(bytes),
+            }
         }
         self.stream.write_all(&self.write_buffer).await?;
+        self.release_write_buffer();
         Ok(())
+    }
+
+    /// Frames a batch of the next `items` — until the body reaches `body_target` bytes or the
+    /// items run out (none: an empty batch, as a node-level heartbeat) — and writes it to the socket without waiting; returns how many items it took and what
+    /// the socket did not take. This lets the shard's own task send while the socket has room,
+    /// instead of handing every frame to a writer task; [`TrySend::Partial`]'s bytes must go
+    /// out (with [`Outbound::Rest`]) before anything else on this connection. After an error
+    /// the connection is unusable: drop it.
+    pub fn try_send_batch<M: Borrow<Message>>(
+        &mut self,
+        items: &mut impl Iterator<Item = (GroupId, M)>,
+        body_target: usize,
+    ) -> Result<(u32, TrySend), ConnectionError> {
+        self.write_buffer.clear();
+        let start = frame::begin(&mut self.write_buffer);
+        let mut writer = BatchWriter::new(&mut self.write_buffer);
+        while writer.len_bytes() < body_target {
+            let Some((group, message)) = items.next() else { break };
+            writer.push(group, message.borrow());
+        }
+        let count = writer.count();
+        self.session.finish(&mut self.write_buffer, start)?;
+        let mut written = 0;
+        while written < self.write_buffer.len() {
+            match self.stream.try_write(&self.write_buffer[written..]) {
+                Ok(0) => return Err(ConnectionError::Closed),
+                Ok(n) => written += n,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let sent = if written == self.write_buffer.len() {
+            TrySend::Sent
+        } else {
+            TrySend::Partial(self.write_buffer[written..].to_vec())
+        };
+        self.release_write_buffer();
+        Ok((count, sent))
+    }
+
+    /// Keeps the write buffer for the next frames unless one large batch (a follower catching
+    /// up) grew it far beyond what ordinary traffic needs.
+    fn release_write_buffer(&mut self) {
+        self.write_buffer.clear();
+        self.write_buffer.shrink_to(WRITE_BUFFER_KEEP);
     }
 
     /// Sends one data frame carrying a batch of `items`, encoded straight into the frame. Not
