@@ -56,6 +56,10 @@ pub struct Config {
     pub rewrite_entries_max: usize,
     /// Threads or inline writes.
     pub writer: WriterMode,
+    /// Labels put on every metric the log records, e.g. `("shard", "3")`: an engine runs one
+    /// log per shard, and unlabelled their fdatasync latencies and batch sizes would merge
+    /// (default none).
+    pub metrics_labels: Vec<(String, String)>,
 }
 
 impl Default for Config {
@@ -70,6 +74,7 @@ impl Default for Config {
             reserved_segments: 1,
             rewrite_entries_max: 256,
             writer: WriterMode::Threads,
+            metrics_labels: Vec::new(),
         }
     }
 }

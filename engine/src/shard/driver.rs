@@ -222,10 +222,10 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn new(shard: usize, backend: ActiveBackend) -> Self {
+    /// The shard's metrics; its WAL records its own (`flotilla_wal_*`, backend included) with
+    /// the same `shard` label (see `Shard::open`).
+    fn new(shard: usize) -> Self {
         let label = shard.to_string();
-        metrics::gauge!("flotilla_wal_backend", "shard" => label.clone(), "backend" => format!("{backend:?}"))
-            .set(1.0);
         Self {
             proposals: metrics::counter!("flotilla_proposals_total", "shard" => label.clone()),
             proposals_failed: metrics::counter!("flotilla_proposals_failed_total", "shard" => label.clone()),
@@ -338,8 +338,9 @@ where
     fn open(context: ShardContext<S>, inbox: mpsc::Receiver<Request<S>>) -> Result<Self, Error> {
         let config = &context.config;
         let dir = shard_dir(config, context.index);
-        let (store, recovery) =
-            ShardStore::open(&dir, config.wal.clone()).map_err(storage_error)?;
+        let mut wal = config.wal.clone();
+        wal.metrics_labels.push(("shard".into(), context.index.to_string()));
+        let (store, recovery) = ShardStore::open(&dir, wal).map_err(storage_error)?;
         tracing::info!(shard = context.index, report = ?recovery.report, "shard log recovered");
         let mut core = ShardCore::new(config.node);
         core.set_read_context_base(random_u64());
@@ -364,7 +365,7 @@ where
             // Woken a bounded number per tick, so a restart does not wake every group at once.
             core.defer_wake(group);
         }
-        let metrics = Metrics::new(context.index, store.wal().backend());
+        let metrics = Metrics::new(context.index);
         metrics.groups.set(core.groups().count() as f64);
         Ok(Self {
             context,

@@ -2,6 +2,7 @@
 //!
 //! `writer.rs` holds the write path, `segments.rs` segment preparation and garbage collection.
 
+mod metered;
 mod segments;
 mod writer;
 
@@ -166,6 +167,8 @@ pub(crate) struct Shared {
     read: RwLock<ReadState>,
     poison: OnceLock<WalError>,
     counters: Counters,
+    /// The metrics this log records, labelled once at open.
+    metrics: metered::WalMetrics,
     rewrite_requested: std::sync::atomic::AtomicBool,
     /// Mirrors `Segs::disk_full` for the append path: while set, batches with new entries are
     /// refused at once, so rounds hold only maintenance and compaction can always get out.
@@ -292,6 +295,7 @@ impl Wal {
             read: RwLock::new(read),
             poison: OnceLock::new(),
             counters: Counters::default(),
+            metrics: metered::WalMetrics::new(&config.metrics_labels, backend.name()),
             rewrite_requested: std::sync::atomic::AtomicBool::new(false),
             disk_full: std::sync::atomic::AtomicBool::new(false),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
@@ -306,7 +310,6 @@ impl Wal {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "wal opened"
         );
-        metrics::gauge!("flotilla_wal_backend", "backend" => backend.name()).set(1.0);
         let wal = Wal { shared, threads: Mutex::new(Vec::new()) };
         if wal.shared.config.writer == WriterMode::Threads {
             wal.start_threads()?;
@@ -668,7 +671,7 @@ impl Shared {
         let poisoned = WalError::Poisoned { op, cause: Arc::new(error) };
         if self.poison.set(poisoned.clone()).is_ok() {
             tracing::error!(%poisoned, "wal poisoned: refusing all further operations");
-            metrics::counter!("flotilla_wal_poisoned_total").increment(1);
+            self.metrics.poisoned.increment(1);
         }
         self.poison.get().cloned().unwrap_or(poisoned)
     }

@@ -26,7 +26,7 @@ impl Shared {
             read.segments.len()
         };
         self.segs.lock().files.insert(prepared.seq, Arc::clone(&prepared.file));
-        metrics::gauge!("flotilla_wal_segments_live").set(live as f64);
+        self.metrics.segments_live.set(live as f64);
         Ok(())
     }
 
@@ -181,9 +181,9 @@ impl Shared {
         }
         if recycled {
             bump(&self.counters.segments_recycled, 1);
-            metrics::counter!("flotilla_wal_segments_recycled_total").increment(1);
+            self.metrics.segments_recycled.increment(1);
         } else {
-            metrics::counter!("flotilla_wal_segments_created_total").increment(1);
+            self.metrics.segments_created.increment(1);
         }
         Ok(Prepared { seq, file, size })
     }
@@ -210,7 +210,7 @@ impl Shared {
         if retired.is_empty() {
             return;
         }
-        metrics::gauge!("flotilla_wal_segments_live").set(self.read.read().segments.len() as f64);
+        self.metrics.segments_live.set(self.read.read().segments.len() as f64);
         self.segs.lock().retire.extend(retired);
         match self.config.writer {
             WriterMode::Inline => self.retire_pending(),

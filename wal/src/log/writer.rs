@@ -148,8 +148,8 @@ impl Shared {
             core.durable_write_seq = write_seq;
             core.active.unsynced = false;
             bump(&self.counters.fdatasyncs, 1);
-            metrics::counter!("flotilla_wal_fdatasyncs_total").increment(1);
-            metrics::histogram!("flotilla_wal_fdatasync_seconds").record(elapsed.as_secs_f64());
+            self.metrics.fdatasyncs.increment(1);
+            self.metrics.fdatasync_seconds.record(elapsed.as_secs_f64());
         } else {
             core.active.unsynced = true;
         }
@@ -166,10 +166,10 @@ impl Shared {
         bump(&self.counters.rounds, 1);
         bump(&self.counters.entries, entries);
         bump(&self.counters.bytes, padded as u64);
-        metrics::counter!("flotilla_wal_rounds_total").increment(1);
-        metrics::counter!("flotilla_wal_entries_total").increment(entries);
-        metrics::counter!("flotilla_wal_bytes_total").increment(padded as u64);
-        metrics::histogram!("flotilla_wal_round_bytes").record(padded as f64);
+        self.metrics.rounds.increment(1);
+        self.metrics.entries.increment(entries);
+        self.metrics.bytes.increment(padded as u64);
+        self.metrics.round_bytes.record(padded as f64);
         round.done.complete(Ok(()));
         let Round { buf, .. } = round;
         self.queue.lock().spare_bufs.push(buf);
@@ -258,6 +258,7 @@ impl Shared {
                 return Err(self.poison_with("fdatasync", error));
             }
             bump(&self.counters.fdatasyncs, 1);
+            self.metrics.fdatasyncs.increment(1);
             core.active.unsynced = false;
             core.durable_write_seq = core.next_write_seq - 1;
         }
