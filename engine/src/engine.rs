@@ -228,6 +228,11 @@ pub struct EngineConfig {
     /// The bytes of one snapshot chunk: the most a stream holds in memory at once on either
     /// side (4 KiB to 8 MiB).
     pub snapshot_chunk_bytes: usize,
+    /// The largest snapshot file this node accepts from a peer: a larger offer is refused
+    /// (`RefuseReason::TooLarge`) before anything is spooled, so a peer's bad offer cannot fill
+    /// the disk the WAL needs. Every node of a cluster should use the same value, above the
+    /// largest state any group holds.
+    pub snapshot_bytes_max: u64,
     /// Live WAL segments per shard above which the groups pinning the oldest segment are
     /// snapshotted (or copied forward) so it can be recycled: bounds disk use when many groups
     /// each write less than `snapshot_entries` between snapshots.
@@ -284,6 +289,7 @@ impl EngineConfig {
             snapshot_entries: 10_000,
             snapshot_bytes_per_sec: 128 << 20,
             snapshot_chunk_bytes: 256 << 10,
+            snapshot_bytes_max: 16 << 30,
             wal_segments_target: 4,
             quiesce: true,
             wakes_per_tick: 512,
@@ -327,6 +333,9 @@ impl EngineConfig {
         }
         if !(4 << 10..=8 << 20).contains(&self.snapshot_chunk_bytes) {
             return bad("snapshot_chunk_bytes must be in 4 KiB..=8 MiB");
+        }
+        if self.snapshot_bytes_max < 1 << 20 {
+            return bad("snapshot_bytes_max must be at least 1 MiB");
         }
         if self.peers.keys().any(|id| id.0 == 0) {
             return bad("peer id 0 is reserved");

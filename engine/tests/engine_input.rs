@@ -104,6 +104,7 @@ async fn bad_snapshot_streams_and_oversized_proposals_are_refused_and_change_not
     config.shards = 2;
     config.peers = [(NodeId(2), free_addr())].into();
     config.proposal_bytes_max = 1000;
+    config.snapshot_bytes_max = 1 << 20;
     let addr = config.listen;
     let engine = Engine::open_kv(config).unwrap();
     engine.create_group(GROUP, &[NodeId(1)]).await.unwrap();
@@ -160,6 +161,18 @@ async fn bad_snapshot_streams_and_oversized_proposals_are_refused_and_change_not
     let closed = tokio::time::timeout(Duration::from_secs(10), connection.recv()).await;
     assert!(matches!(closed, Ok(Err(_))), "an out-of-order chunk closes the stream");
 
+    // An offer beyond snapshot_bytes_max: refused before anything is spooled; the connection
+    // stays usable.
+    let mut connection = Connection::connect(addr, NodeId(1), member()).await.unwrap();
+    let huge = StreamMessage::Offer { id, file_len: (1 << 20) + 1, file_crc: 7, raft: raft(2) };
+    connection.send_snapshot(&encoded(huge)).await.unwrap();
+    let frame = connection.recv().await.unwrap();
+    assert_eq!(
+        StreamMessage::decode(&frame.body),
+        Ok(StreamMessage::Refused { id, reason: RefuseReason::TooLarge })
+    );
+    assert_eq!(engine.snapshot_transfers().failed, 1);
+
     // A whole file that is not a snapshot: refused, and its spool removed.
     let mut connection = Connection::connect(addr, NodeId(1), member()).await.unwrap();
     connection.send_snapshot(&encoded(offer(raft(2)))).await.unwrap();
@@ -179,7 +192,7 @@ async fn bad_snapshot_streams_and_oversized_proposals_are_refused_and_change_not
     let spool = dir.path().join(format!("shard-{shard}/snapshots/{:016x}.recv", GROUP.0));
     assert!(!spool.exists(), "a file that does not verify is not kept");
     assert_eq!(engine.snapshot_transfers().received, 0);
-    assert_eq!(engine.snapshot_transfers().failed, 1);
+    assert_eq!(engine.snapshot_transfers().failed, 2);
 
     let after = engine.status(GROUP).await.unwrap();
     assert_eq!(stable(&after), stable(&before));

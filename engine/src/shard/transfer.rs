@@ -457,6 +457,18 @@ impl<S: StateMachine> Receiver<S> {
         match StreamMessage::decode(body).map_err(|error| error.to_string())? {
             StreamMessage::Offer { id, file_len, file_crc, raft } => {
                 let raft = self.check_offer(id, &raft)?;
+                if file_len > self.config.snapshot_bytes_max {
+                    tracing::warn!(
+                        peer = %self.peer,
+                        group = %id.group,
+                        file_len,
+                        max = self.config.snapshot_bytes_max,
+                        "snapshot offer larger than snapshot_bytes_max refused"
+                    );
+                    self.transfers.counters.failed.add(1);
+                    let refused = StreamMessage::Refused { id, reason: RefuseReason::TooLarge };
+                    return reply(connection, refused).await;
+                }
                 let shard = shard_of(id.group, self.routes.len());
                 let path =
                     store::snapshot_file(&super::driver::shard_dir(&self.config, shard), id.group);
@@ -475,12 +487,7 @@ impl<S: StateMachine> Receiver<S> {
                         .await;
                     }
                 };
-                eprintln!(
-                    "DEBUG {:?} node {} offer {id:?} from {} len {file_len} offset {offset}",
-                    std::time::SystemTime::now(),
-                    self.config.node,
-                    self.peer
-                );
+                tracing::debug!(peer = %self.peer, group = %id.group, index = id.index.0, file_len, offset, "snapshot offered");
                 self.incoming = Some(Incoming {
                     id,
                     file_len,

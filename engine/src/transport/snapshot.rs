@@ -18,6 +18,7 @@
 //!   tag 3 Chunk     offset:u64 data (the rest of the body)         sender → receiver
 //!   tag 4 Installed                                                receiver → sender
 //!   tag 5 Refused   reason:u8                                      receiver → sender
+//!   reason 1 Storage, 2 Corrupt, 3 UnknownGroup, 4 TooLarge (see RefuseReason)
 //! ```
 //!
 //! `group`, `index` and `term` name the snapshot (a [`StreamId`]); `file_len` and `file_crc` (the
@@ -62,6 +63,8 @@ pub enum RefuseReason {
     Corrupt,
     /// The group is not hosted by the receiving node.
     UnknownGroup,
+    /// The offered file is larger than the receiver accepts (`EngineConfig::snapshot_bytes_max`).
+    TooLarge,
 }
 
 impl RefuseReason {
@@ -70,6 +73,7 @@ impl RefuseReason {
             Self::Storage => 1,
             Self::Corrupt => 2,
             Self::UnknownGroup => 3,
+            Self::TooLarge => 4,
         }
     }
 
@@ -78,6 +82,7 @@ impl RefuseReason {
             1 => Some(Self::Storage),
             2 => Some(Self::Corrupt),
             3 => Some(Self::UnknownGroup),
+            4 => Some(Self::TooLarge),
             _ => None,
         }
     }
@@ -283,6 +288,7 @@ mod tests {
             StreamMessage::Refused { id: id(), reason: RefuseReason::Storage },
             StreamMessage::Refused { id: id(), reason: RefuseReason::Corrupt },
             StreamMessage::Refused { id: id(), reason: RefuseReason::UnknownGroup },
+            StreamMessage::Refused { id: id(), reason: RefuseReason::TooLarge },
         ]
     }
 
