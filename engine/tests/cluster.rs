@@ -650,6 +650,52 @@ async fn reads_choose_their_consistency() {
     assert!(read.is_err(), "{read:?}");
 }
 
+/// A leader whose shard thread stalls (a pause, a stolen CPU) past its lease must not serve a
+/// lease read from that lease afterwards: the others elected a new leader and committed a newer
+/// value meanwhile, and the stalled thread's clock stood still. The read is queued while the
+/// thread is stalled, so it is the first thing the thread sees when it resumes.
+#[tokio::test(flavor = "current_thread")]
+async fn a_leader_stalled_past_its_lease_serves_no_lease_read_from_it() {
+    // One shard: the connection readers stall with it, as they do on a one-core node, so
+    // nothing from the new leader reaches the stalled shard before the read does.
+    let cluster = Cluster::start_with(|config| {
+        config.lease_reads = true;
+        config.shards = 1;
+        // A quiet group's lease lapses by design (see `Replica::wake`): keep it ticking.
+        config.quiesce = false;
+    });
+    let all: Vec<NodeId> = (1..=NODES).map(NodeId).collect();
+    let group = GroupId(23);
+    for engine in cluster.running() {
+        engine.create_group(group, &all).await.unwrap();
+    }
+    cluster.put(group, "k", "v1", &all).await;
+    let leader = cluster.busiest_leader_of(group).await;
+    // Leases count only peers whose clock rates were measured, over two election timeouts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let get = || Query::Get { key: "k".into() };
+    let fresh = cluster.engine(leader).read(group, get(), Consistency::Lease).await.unwrap();
+    assert_eq!(fresh, QueryResult::Value(Some("v1".into())));
+
+    // Stall the leader's shard thread (a request that blocks it), long past any lease.
+    let stalled = cluster.engine(leader).clone();
+    let stall = tokio::spawn(async move {
+        stalled.inspect(group, |_| std::thread::sleep(Duration::from_millis(1500))).await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let others: Vec<NodeId> = all.iter().copied().filter(|node| *node != leader).collect();
+    cluster.put(group, "k", "v2", &others).await;
+    let reader = cluster.engine(leader).clone();
+    let read = tokio::spawn(async move { reader.read(group, get(), Consistency::Lease).await });
+    stall.await.unwrap().unwrap();
+    let read = read.await.unwrap();
+    assert!(
+        !matches!(&read, Ok(QueryResult::Value(Some(value))) if value == "v1"),
+        "a lease read served from a lease that ended while the thread stood still: {read:?}"
+    );
+    eprintln!("the lease read after the stall: {read:?}");
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn leadership_moves_where_it_is_asked_to() {
     let cluster = Cluster::start();

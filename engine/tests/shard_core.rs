@@ -10,7 +10,7 @@ use flotilla::kv::StateMachine as _;
 use flotilla::kv::{
     Command, KvConfig, KvStateMachine, Outcome, Proposal, Query, QueryResult, Reply, Request,
 };
-use flotilla::raftgroup::{Config, MemStorage, Message, NodeId, Ready, RecoveredState};
+use flotilla::raftgroup::{Config, MemStorage, Message, NodeId, ReadMode, Ready, RecoveredState};
 use flotilla::shard::{Completion, Quiescence, RequestError, ShardCore, ShardOutput, Token};
 use flotilla::wal::GroupId;
 
@@ -41,6 +41,11 @@ struct Cluster {
 
 impl Cluster {
     fn new(nodes: u64, groups: u64) -> Cluster {
+        Self::new_with(nodes, groups, |_| {})
+    }
+
+    /// A cluster whose replicas' configurations `adjust` changes.
+    fn new_with(nodes: u64, groups: u64, adjust: impl Fn(&mut Config)) -> Cluster {
         let voters: Vec<NodeId> = (1..=nodes).map(NodeId).collect();
         let mut cluster = Cluster {
             nodes: BTreeMap::new(),
@@ -56,8 +61,9 @@ impl Cluster {
         for id in 1..=nodes {
             let mut core = ShardCore::new(NodeId(id));
             for group in 1..=groups {
-                let config =
+                let mut config =
                     Config { seed: id * 1_000 + group, ..Config::new(NodeId(id), voters.clone()) };
+                adjust(&mut config);
                 let machine = KvStateMachine::new(KvConfig::default());
                 core.create_group(GroupId(group), config, RecoveredState::default(), machine)
                     .unwrap();
@@ -516,6 +522,44 @@ fn a_read_on_a_leader_that_loses_its_term_fails_at_once() {
         other => panic!("{other:?}"),
     }
     assert!(!cluster.nodes[&old].core.is_leader(group));
+}
+
+/// After its thread stalled (`ShardCore::clock_stalled`: the driver does not replay missed
+/// ticks), a leader answers no lease read from acknowledgements older than the stall: the read
+/// waits for a fresh heartbeat round, where before the stall the lease answered it at once.
+#[test]
+fn a_stalled_clock_drops_the_leases_until_a_fresh_heartbeat_round() {
+    let mut cluster = Cluster::new_with(3, 1, |config| config.lease_reads = true);
+    let group = GroupId(1);
+    cluster.elect(1);
+    // Peers' clock rates are measured over two election timeouts before a lease counts them.
+    for _ in 0..60 {
+        cluster.tick();
+    }
+    let leader = cluster.leader(group).unwrap();
+    let get = || Query::Get { key: Bytes::from("x") };
+    // Answered by the one iteration that takes it in: a quorum round needs the followers'
+    // answers, which come back in a later iteration.
+    let lease_read = |cluster: &mut Cluster, token: Token| {
+        let core = &mut cluster.nodes.get_mut(&leader).unwrap().core;
+        core.read_with(group, get(), ReadMode::Lease, token).unwrap();
+        cluster.iterate();
+        cluster.done.contains_key(&token)
+    };
+    assert!(lease_read(&mut cluster, 1), "served by the lease at once");
+
+    cluster.nodes.get_mut(&leader).unwrap().core.clock_stalled();
+    assert!(!lease_read(&mut cluster, 2), "the stall dropped the lease");
+    for _ in 0..3 {
+        cluster.iterate();
+    }
+    assert!(
+        matches!(cluster.done.get(&2), Some(Completion::Read { .. })),
+        "served after a fresh heartbeat round: {:?}",
+        cluster.done.get(&2)
+    );
+    // That round renewed the lease.
+    assert!(lease_read(&mut cluster, 3), "served by the renewed lease at once");
 }
 
 /// A leader does not compact a group under a follower that still needs the entries (it would

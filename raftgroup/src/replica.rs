@@ -347,9 +347,10 @@ impl Replica {
         self.spare_entries = Vec::new();
     }
 
-    /// Resumes ticking after a quiet period (any role). The replica's clock stood still while
-    /// real time passed, so heartbeats acknowledged before now no longer support a lease: the
-    /// next lease read needs a fresh quorum round.
+    /// Resumes ticking after a quiet period (any role), or after the embedder's thread stalled
+    /// and did not replay the ticks it missed. The replica's clock stood still while real time
+    /// passed, so heartbeats acknowledged before now no longer support a lease: the next lease
+    /// read needs a fresh quorum round.
     pub fn wake(&mut self) {
         self.ticks += 1;
         self.lease_floor = self.ticks;

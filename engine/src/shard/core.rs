@@ -709,6 +709,27 @@ impl<S: StateMachine> ShardCore<S> {
         }
     }
 
+    /// The embedder's thread stood still for longer than a tick or two (descheduled, or one
+    /// loop iteration ran long): the replicas' clocks, which count the ticks they are given,
+    /// fell behind real time, and the embedder does not replay the ticks it missed. So no lease
+    /// may rest on acknowledgements from before now (each awake replica's clock restarts as
+    /// after a quiet period, see [`Replica::wake`]): a leader serves its next lease read only
+    /// after a fresh heartbeat round. Call it before serving any lease read once the thread is
+    /// known to have stalled.
+    ///
+    /// Replaying missed ticks in a burst instead would keep leases sound but make every leader
+    /// that could not hear its followers during the stall step down (check quorum), and every
+    /// follower time out, before the messages waiting for the thread are even read.
+    pub fn clock_stalled(&mut self) {
+        for group in &self.awake {
+            if let Some(slot) = self.groups.get_mut(group)
+                && !slot.asleep
+            {
+                slot.replica.wake();
+            }
+        }
+    }
+
     /// Advances the clock of every group that is not quiet by one tick; with quiescence, lets
     /// leaders with nothing to do go quiet and wakes queued groups first.
     pub fn tick(&mut self) {

@@ -394,9 +394,11 @@ where
 
     async fn serve(mut self, stop: Arc<Notify>) -> Result<(), Error> {
         let mut ticker = tokio::time::interval(self.context.config.tick);
-        // Missed ticks are delivered in a burst: a lease is only as good as the ticks (see
-        // `flotilla_raftgroup::Config::lease_reads`).
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        // Ticks missed while this thread stood still are not replayed: the replicas' clocks
+        // lose that time, and their leases are dropped instead (`ShardCore::clock_stalled`,
+        // in `on_tick` and before a lease read). A burst made leaders step down and followers
+        // time out before the messages that arrived meanwhile were read.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let stopped = stop.notified();
         tokio::pin!(stopped);
         loop {
@@ -580,6 +582,14 @@ where
                 let _ = reply.send(answer.map(|(_, result)| result).map_err(request_error));
             }
             Consistency::Linearizable | Consistency::Lease => {
+                let tick = self.context.config.tick;
+                if consistency == Consistency::Lease
+                    && Instant::now().saturating_duration_since(self.last_tick) > tick * 2
+                {
+                    // This thread stood still since its last tick (the next tick will say so
+                    // too): the replicas' clocks are behind, so their leases prove nothing.
+                    self.core.clock_stalled();
+                }
                 let mode = if consistency == Consistency::Lease {
                     ReadMode::Lease
                 } else {
@@ -703,6 +713,9 @@ where
         // stamped what arrived meanwhile: judge the peers from the next tick on.
         let stalled = now.saturating_duration_since(self.last_tick) > config.tick * 2;
         self.last_tick = now;
+        if stalled {
+            self.core.clock_stalled();
+        }
         if !stalled {
             for (peer, age) in self.context.liveness.ages(now) {
                 if peer != config.node {
