@@ -1,7 +1,7 @@
 //! The thin IO driver around [`ShardCore`]: one thread per shard, with its own current-thread
 //! runtime. It owns the shard's [`ShardStore`] (WAL, snapshots, catalog), its outbound
-//! connections (a [`super::peer::PeerLink`] per peer node) and the readers of the connections handed to it,
-//! and runs the loop of DESIGN.md §2:
+//! connections (a [`super::peer::PeerLink`] per peer node) and the readers of the connections
+//! handed to it, and runs the loop of DESIGN.md §2:
 //!
 //! ```text
 //! wait for: a request or frame in the inbox | a tick | the oldest WAL append completing
@@ -715,8 +715,7 @@ where
         self.last_tick = now;
         if stalled {
             self.core.clock_stalled();
-        }
-        if !stalled {
+        } else {
             for (peer, age) in self.context.liveness.ages(now) {
                 if peer != config.node {
                     let age_ticks = u32::try_from(age.as_nanos() / tick).unwrap_or(u32::MAX);

@@ -487,7 +487,14 @@ impl<S: StateMachine> Receiver<S> {
                         .await;
                     }
                 };
-                tracing::debug!(peer = %self.peer, group = %id.group, index = id.index.0, file_len, offset, "snapshot offered");
+                tracing::debug!(
+                    peer = %self.peer,
+                    group = %id.group,
+                    index = id.index.0,
+                    file_len,
+                    offset,
+                    "snapshot offered"
+                );
                 self.incoming = Some(Incoming {
                     id,
                     file_len,
