@@ -395,9 +395,9 @@ where
     async fn serve(mut self, stop: Arc<Notify>) -> Result<(), Error> {
         let mut ticker = tokio::time::interval(self.context.config.tick);
         // Ticks missed while this thread stood still are not replayed: the replicas' clocks
-        // lose that time, and their leases are dropped instead (`ShardCore::clock_stalled`,
-        // in `on_tick` and before a lease read). A burst made leaders step down and followers
-        // time out before the messages that arrived meanwhile were read.
+        // lose that time, and their leases are dropped instead (`ShardCore::clock_stalled` in
+        // `on_tick`; `read` takes lease reads as quorum reads until then). A burst made leaders
+        // step down and followers time out before the messages that arrived meanwhile were read.
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let stopped = stop.notified();
         tokio::pin!(stopped);
@@ -582,15 +582,12 @@ where
                 let _ = reply.send(answer.map(|(_, result)| result).map_err(request_error));
             }
             Consistency::Linearizable | Consistency::Lease => {
-                let tick = self.context.config.tick;
-                if consistency == Consistency::Lease
-                    && Instant::now().saturating_duration_since(self.last_tick) > tick * 2
-                {
-                    // This thread stood still since its last tick (the next tick will say so
-                    // too): the replicas' clocks are behind, so their leases prove nothing.
-                    self.core.clock_stalled();
-                }
-                let mode = if consistency == Consistency::Lease {
+                // A lease is only as good as the clock: if this thread stood still since its
+                // last tick, the replicas' clocks are behind real time (the next tick drops
+                // their leases, `ShardCore::clock_stalled`), so this read takes a quorum round.
+                let behind = Instant::now().saturating_duration_since(self.last_tick)
+                    > self.context.config.tick * 2;
+                let mode = if consistency == Consistency::Lease && !behind {
                     ReadMode::Lease
                 } else {
                     ReadMode::Quorum
