@@ -231,7 +231,8 @@ pub struct EngineConfig {
     /// The largest snapshot file this node accepts from a peer: a larger offer is refused
     /// (`RefuseReason::TooLarge`) before anything is spooled, so a peer's bad offer cannot fill
     /// the disk the WAL needs. Every node of a cluster should use the same value, above the
-    /// largest state any group holds.
+    /// largest state any group holds. A leader whose snapshot is refused logs an error and
+    /// does not offer that snapshot again (only a newer one).
     pub snapshot_bytes_max: u64,
     /// Live WAL segments per shard above which the groups pinning the oldest segment are
     /// snapshotted (or copied forward) so it can be recycled: bounds disk use when many groups

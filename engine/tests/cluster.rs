@@ -670,17 +670,32 @@ async fn a_leader_stalled_past_its_lease_serves_no_lease_read_from_it() {
         engine.create_group(group, &all).await.unwrap();
     }
     cluster.put(group, "k", "v1", &all).await;
-    let leader = cluster.busiest_leader_of(group).await;
     // Leases count only peers whose clock rates were measured, over two election timeouts.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let get = || Query::Get { key: "k".into() };
-    let fresh = cluster.engine(leader).read(group, get(), Consistency::Lease).await.unwrap();
-    assert_eq!(fresh, QueryResult::Value(Some("v1".into())));
+    // Prove leases are in effect here, or the rest would prove nothing: cut off from both
+    // followers, a leader answers a lease read only from its lease (no quorum round completes).
+    let mut leader = None;
+    for _ in 0..20 {
+        let candidate = cluster.busiest_leader_of(group).await;
+        cluster.faults.isolate(candidate);
+        let read = cluster.engine(candidate).read(group, get(), Consistency::Lease);
+        let read = tokio::time::timeout(Duration::from_millis(500), read).await;
+        cluster.faults.heal();
+        if matches!(&read, Ok(Ok(QueryResult::Value(Some(value)))) if value == "v1") {
+            leader = Some(candidate);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let leader = leader.expect("no leader ever answered a lease read on its own lease");
+    // Heartbeats flow again: the lease is renewed before the stall.
+    tokio::time::sleep(Duration::from_millis(100)).await;
 
     // Stall the leader's shard thread (a request that blocks it), long past any lease.
     let stalled = cluster.engine(leader).clone();
     let stall = tokio::spawn(async move {
-        stalled.inspect(group, |_| std::thread::sleep(Duration::from_millis(1500))).await
+        stalled.inspect(group, |_| std::thread::sleep(Duration::from_secs(3))).await
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
     let others: Vec<NodeId> = all.iter().copied().filter(|node| *node != leader).collect();

@@ -40,8 +40,11 @@ pub struct Config {
     /// Serve reads from a leader lease when it is valid; requires `check_quorum`.
     ///
     /// A lease is time measured in this replica's ticks, so it is only as good as the ticks:
-    /// after a pause (GC, SIGSTOP, a stalled shard) the driver must deliver the ticks for all the
-    /// time that passed *before* any other input, e.g. by deriving ticks from a monotonic clock.
+    /// after a pause (GC, SIGSTOP, a stalled shard) the driver must, *before* any other input,
+    /// either deliver the ticks for all the time that passed (e.g. derived from a monotonic
+    /// clock) or call [`crate::Replica::wake`], which drops the lease until a fresh heartbeat
+    /// round. The engine does the latter: replaying a burst of ticks ahead of the messages that
+    /// arrived meanwhile makes leaders step down and followers time out needlessly.
     pub lease_reads: bool,
     /// Safety margin subtracted from the lease for clock drift between nodes, in ticks: a lease
     /// lasts `election_ticks - clock_drift_ticks` after the heartbeat a quorum acknowledged.

@@ -58,7 +58,8 @@ pub struct Config {
     pub writer: WriterMode,
     /// Labels put on every metric the log records, e.g. `("shard", "3")`: an engine runs one
     /// log per shard, and unlabelled their fdatasync latencies and batch sizes would merge
-    /// (default none).
+    /// (default none). The log registers its metrics once, at open, with the recorder
+    /// installed then: install a `metrics` recorder before opening the log (or the engine).
     pub metrics_labels: Vec<(String, String)>,
 }
 

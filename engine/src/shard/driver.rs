@@ -323,6 +323,10 @@ struct Shard<S: StateMachine> {
     ticks: u64,
     /// When `on_tick` last ran (a gap means this thread stalled).
     last_tick: Instant,
+    /// The replicas' clocks against real time: ticks delivered since `clock_origin`, one per
+    /// tick period (see `check_clock`).
+    clock_origin: Instant,
+    clock_ticks: u64,
     frames_sent: u64,
     messages_sent: u64,
     metrics: Metrics,
@@ -386,6 +390,8 @@ where
             failed: None,
             ticks: 0,
             last_tick: Instant::now(),
+            clock_origin: Instant::now(),
+            clock_ticks: 0,
             frames_sent: 0,
             messages_sent: 0,
             metrics,
@@ -394,11 +400,13 @@ where
 
     async fn serve(mut self, stop: Arc<Notify>) -> Result<(), Error> {
         let mut ticker = tokio::time::interval(self.context.config.tick);
-        // Ticks missed while this thread stood still are not replayed: the replicas' clocks
-        // lose that time, and their leases are dropped instead (`ShardCore::clock_stalled` in
-        // `on_tick`; `read` takes lease reads as quorum reads until then). A burst made leaders
-        // step down and followers time out before the messages that arrived meanwhile were read.
+        // Ticks missed while this thread stood still or ran busy are not replayed: the replicas'
+        // clocks lose that time, and their leases are dropped instead (`check_clock`, before
+        // any input and on every tick). A burst made leaders step down and followers time out
+        // before the messages that arrived meanwhile were read.
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        self.clock_origin = Instant::now();
+        self.clock_ticks = 0;
         let stopped = stop.notified();
         tokio::pin!(stopped);
         loop {
@@ -464,7 +472,25 @@ where
         token
     }
 
+    /// Drops the replicas' leases (`ShardCore::clock_stalled`) if their clocks — the ticks
+    /// delivered, one per period since `clock_origin` — are more than two periods behind real
+    /// time, and counts from now. Ticks fall behind when this thread stands still, or runs busy
+    /// long enough that the ticker skips some, and are never replayed; a lease judged on a clock
+    /// that lags would outlive real time. Called before every input is handled (a lease read,
+    /// or a follower's read index, is judged as it is stepped) and on every tick.
+    fn check_clock(&mut self, now: Instant) {
+        let period = self.context.config.tick.as_nanos();
+        let counted = period.saturating_mul(u128::from(self.clock_ticks));
+        let elapsed = now.saturating_duration_since(self.clock_origin).as_nanos();
+        if elapsed.saturating_sub(counted) > 2 * period {
+            self.core.clock_stalled();
+            self.clock_origin = now;
+            self.clock_ticks = 0;
+        }
+    }
+
     fn handle(&mut self, request: Request<S>) {
+        self.check_clock(Instant::now());
         if let Some(error) = &self.failed {
             refuse(request, &error.clone());
             return;
@@ -582,12 +608,8 @@ where
                 let _ = reply.send(answer.map(|(_, result)| result).map_err(request_error));
             }
             Consistency::Linearizable | Consistency::Lease => {
-                // A lease is only as good as the clock: if this thread stood still since its
-                // last tick, the replicas' clocks are behind real time (the next tick drops
-                // their leases, `ShardCore::clock_stalled`), so this read takes a quorum round.
-                let behind = Instant::now().saturating_duration_since(self.last_tick)
-                    > self.context.config.tick * 2;
-                let mode = if consistency == Consistency::Lease && !behind {
+                // `handle` checked the clock before this (`check_clock`).
+                let mode = if consistency == Consistency::Lease {
                     ReadMode::Lease
                 } else {
                     ReadMode::Quorum
@@ -710,9 +732,9 @@ where
         // stamped what arrived meanwhile: judge the peers from the next tick on.
         let stalled = now.saturating_duration_since(self.last_tick) > config.tick * 2;
         self.last_tick = now;
-        if stalled {
-            self.core.clock_stalled();
-        } else {
+        self.check_clock(now);
+        self.clock_ticks += 1;
+        if !stalled {
             for (peer, age) in self.context.liveness.ages(now) {
                 if peer != config.node {
                     let age_ticks = u32::try_from(age.as_nanos() / tick).unwrap_or(u32::MAX);

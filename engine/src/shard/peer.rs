@@ -9,6 +9,9 @@
 //! Whoever queues something takes the parked connection along with it (the shard, when the
 //! socket is full or a fault delays the frame), and the writer task parks it again only once it
 //! has written everything queued — so nothing is ever written ahead of what waits in the queue.
+//!
+//! The test fault hook ([`Faults`]) is consulted when a flush is handed to the link: frames
+//! queued before a partition is set still go out after it, as bytes already in a socket would.
 
 use std::borrow::Borrow;
 use std::cell::Cell;
@@ -280,7 +283,8 @@ mod tests {
     ) -> std::thread::JoinHandle<Vec<u64>> {
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-            runtime.expect("runtime").block_on(async move {
+            // A frame lost or out of place would leave this waiting: fail instead of hanging.
+            let receive = async move {
                 let listener = TcpListener::from_std(listener).expect("listener");
                 let (stream, _) = listener.accept().await.expect("accept");
                 let members: BTreeSet<NodeId> = [NodeId(1)].into();
@@ -307,6 +311,10 @@ mod tests {
                     }
                 }
                 seen
+            };
+            let runtime = runtime.expect("runtime");
+            runtime.block_on(async move {
+                tokio::time::timeout(Duration::from_secs(60), receive).await.expect("frames lost")
             })
         })
     }

@@ -197,6 +197,9 @@ enum Failure {
     Retry(String),
     /// This offer cannot succeed (no file, refused): drop it; Raft offers again.
     GiveUp(String),
+    /// The receiver refuses files this large (`EngineConfig::snapshot_bytes_max`): Raft's
+    /// later offers of the same snapshot are not streamed either.
+    TooLarge,
 }
 
 impl From<ConnectionError> for Failure {
@@ -224,6 +227,10 @@ pub(crate) async fn send_snapshots(
     // timeout until the follower's answer reaches it, and those late offers must not send the
     // whole file again.
     let mut installed: HashMap<GroupId, (LogIndex, Instant)> = HashMap::new();
+    // Snapshots the peer refused as too large, per group: offered again by Raft every election
+    // timeout, each would be mapped and verified whole only to be refused again. A newer
+    // snapshot of the group is tried once more.
+    let mut too_large: HashMap<GroupId, LogIndex> = HashMap::new();
     loop {
         if queue.is_empty() {
             match jobs.recv().await {
@@ -241,7 +248,9 @@ pub(crate) async fn send_snapshots(
         let now = Instant::now();
         installed.retain(|_, (_, at)| now.duration_since(*at) < INSTALLED_MEMORY);
         let Some(mut job) = queue.pop_front() else { continue };
-        if installed.get(&job.group).is_some_and(|(index, _)| job.index() <= *index) {
+        if installed.get(&job.group).is_some_and(|(index, _)| job.index() <= *index)
+            || too_large.get(&job.group).is_some_and(|index| job.index() <= *index)
+        {
             continue;
         }
         let counters = &transfers.counters;
@@ -262,6 +271,17 @@ pub(crate) async fn send_snapshots(
             Err(Failure::GiveUp(why)) => {
                 tracing::info!(%peer, group = %job.group, %why, "snapshot not sent");
                 counters.failed.add(1);
+            }
+            Err(Failure::TooLarge) => {
+                tracing::error!(
+                    %peer,
+                    group = %job.group,
+                    index = job.index().0,
+                    "snapshot refused as larger than the peer's snapshot_bytes_max: the peer \
+                     cannot catch up until the limit is raised or the state shrinks"
+                );
+                counters.failed.add(1);
+                too_large.insert(job.group, job.index());
             }
             Err(Failure::Retry(why)) => {
                 connection = None;
@@ -410,6 +430,7 @@ async fn answer(connection: &mut Connection, id: StreamId) -> Result<StreamMessa
 
 fn unexpected(message: &StreamMessage) -> Failure {
     match message {
+        StreamMessage::Refused { reason: RefuseReason::TooLarge, .. } => Failure::TooLarge,
         StreamMessage::Refused { reason, .. } => Failure::GiveUp(format!("refused: {reason:?}")),
         other => Failure::Retry(format!("unexpected answer {other:?}")),
     }

@@ -28,8 +28,10 @@ use super::handshake::{Handshake, HandshakeError, Identity, Session, Verdict};
 const READ_BYTES_MIN: usize = 8 << 10;
 /// Reads during the handshake are tiny: its frames are bounded to a few dozen bytes.
 const HANDSHAKE_READ_BYTES: usize = 256;
-/// Capacity the write buffer keeps between writes.
-const WRITE_BUFFER_KEEP: usize = 1 << 20;
+/// Capacity the write buffer keeps between writes: a whole frame of a peer link (1 MiB of body
+/// plus the message that crossed it and the frame's header), so catching up does not
+/// reallocate per frame.
+const WRITE_BUFFER_KEEP: usize = 2 << 20;
 
 /// How a connection behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
