@@ -378,4 +378,45 @@ mod tests {
         let seen = received.join().expect("receiver");
         assert_eq!(seen, (1..=seen.len() as u64).collect::<Vec<_>>());
     }
+
+    #[test]
+    fn a_delayed_flush_holds_back_the_next_and_a_dropped_one_never_arrives() {
+        use crate::transport::faults::LinkFault;
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let (go, wait) = oneshot::channel();
+        let (total_tx, total_rx) = std::sync::mpsc::channel();
+        let received = receiver(listener, wait, total_rx);
+        go.send(()).expect("receiver waiting");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime.expect("runtime"), async move {
+            let faults = Arc::new(Faults::new());
+            let link = PeerLink::spawn(identity(1), NodeId(2), addr, Some(Arc::clone(&faults)));
+            link.send([numbered(1, 8)]);
+            settle(&link).await;
+            // Delayed: queued, taking the parked connection along.
+            let slow = LinkFault { delay: Duration::from_millis(50), ..LinkFault::default() };
+            faults.set_link(NodeId(1), NodeId(2), slow);
+            link.send([numbered(2, 8)]);
+            faults.heal();
+            let parked = link.parked.take();
+            assert!(parked.is_none(), "the delayed flush took the connection");
+            // Not delayed, yet it must not overtake the delayed one.
+            link.send([numbered(3, 8)]);
+            assert!(link.queue.capacity() < link.queue.max_capacity() - 1, "queued behind it");
+            // Dropped by the fault hook: counted, never sent.
+            faults.isolate(NodeId(1));
+            assert_eq!(link.send([numbered(1_000, 8)]), Sent { frames: 1, messages: 1 });
+            faults.heal();
+            settle(&link).await;
+            // Parked again: straight out (the receiver learns first which frame is the last).
+            total_tx.send(4).expect("receiver waiting");
+            link.send([numbered(4, 8)]);
+            assert_eq!(link.queue.capacity(), link.queue.max_capacity());
+        });
+        assert_eq!(received.join().expect("receiver"), vec![1, 2, 3, 4]);
+    }
 }
