@@ -319,6 +319,30 @@ mod tests {
         })
     }
 
+    /// Node 2 on a free loopback port with its receiving thread started (see `receiver`).
+    struct Node2 {
+        addr: std::net::SocketAddr,
+        go: oneshot::Sender<()>,
+        last: std::sync::mpsc::Sender<u64>,
+        received: std::thread::JoinHandle<Vec<u64>>,
+    }
+
+    fn node2() -> Node2 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let (go, wait) = oneshot::channel();
+        let (last, last_rx) = std::sync::mpsc::channel();
+        let received = receiver(listener, wait, last_rx);
+        Node2 { addr, go, last, received }
+    }
+
+    /// Runs `test` the way a shard runs its tasks: a current-thread runtime's `LocalSet`.
+    fn on_a_shard_thread(test: impl std::future::Future<Output = ()>) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        tokio::task::LocalSet::new().block_on(&runtime.expect("runtime"), test);
+    }
+
     /// Lets the writer task run until it has parked the connection with nothing queued.
     async fn settle(link: &PeerLink) {
         for _ in 0..10_000 {
@@ -336,15 +360,8 @@ mod tests {
     #[test]
     fn frames_keep_their_order_across_direct_writes_a_full_socket_and_the_writer_task() {
         const SMALL: u64 = 50;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("addr");
-        let (go, wait) = oneshot::channel();
-        let (total_tx, total_rx) = std::sync::mpsc::channel();
-        let received = receiver(listener, wait, total_rx);
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&runtime.expect("runtime"), async move {
+        let Node2 { addr, go, last: total_tx, received } = node2();
+        on_a_shard_thread(async move {
             let link = PeerLink::spawn(identity(1), NodeId(2), addr, None);
             // Not connected yet: queued, and the writer connects.
             assert_eq!(link.send([numbered(1, 8)]), Sent { frames: 1, messages: 1 });
@@ -383,16 +400,9 @@ mod tests {
     fn a_delayed_flush_holds_back_the_next_and_a_dropped_one_never_arrives() {
         use crate::transport::faults::LinkFault;
 
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("addr");
-        let (go, wait) = oneshot::channel();
-        let (total_tx, total_rx) = std::sync::mpsc::channel();
-        let received = receiver(listener, wait, total_rx);
+        let Node2 { addr, go, last: total_tx, received } = node2();
         go.send(()).expect("receiver waiting");
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&runtime.expect("runtime"), async move {
+        on_a_shard_thread(async move {
             let faults = Arc::new(Faults::new());
             let link = PeerLink::spawn(identity(1), NodeId(2), addr, Some(Arc::clone(&faults)));
             link.send([numbered(1, 8)]);
