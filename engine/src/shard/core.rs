@@ -714,8 +714,8 @@ impl<S: StateMachine> ShardCore<S> {
     /// fell behind real time, and the embedder does not replay the ticks it missed. So no lease
     /// may rest on acknowledgements from before now (each awake replica's clock restarts as
     /// after a quiet period, see [`Replica::wake`]): a leader serves its next lease read only
-    /// after a fresh heartbeat round. Until the embedder has called it, it must not take lease
-    /// reads on a clock it knows is behind (the engine takes them as quorum reads).
+    /// after a fresh heartbeat round. The embedder must call it before stepping any input
+    /// once it knows the clock is behind (the engine checks before every input and tick).
     ///
     /// Replaying missed ticks in a burst instead would keep leases sound but make every leader
     /// that could not hear its followers during the stall step down (check quorum), and every

@@ -149,10 +149,7 @@ impl PeerLink {
         loop {
             let mut body = Vec::with_capacity(4096);
             let mut writer = BatchWriter::new(&mut body);
-            while writer.len_bytes() < FRAME_BODY_TARGET {
-                let Some((group, message)) = items.next() else { break };
-                writer.push(group, message.borrow());
-            }
+            writer.fill(&mut items, FRAME_BODY_TARGET);
             sent.add(writer.count());
             // A full queue drops the frame (never one carrying the connection: it is queued
             // only into an empty queue).

@@ -11,6 +11,8 @@
 //! the bytes left could hold that many items). A batch decodes whole or not at all, so a damaged
 //! or hostile frame changes no Raft state: the caller steps nothing and closes the connection.
 
+use std::borrow::Borrow;
+
 use bytes::Bytes;
 use flotilla_raftgroup::Message;
 use flotilla_raftgroup::codec::{self, DecodeError};
@@ -94,6 +96,19 @@ impl<'a> BatchWriter<'a> {
         self.out[len_offset..len_offset + 4].copy_from_slice(&len.to_le_bytes());
         self.count = self.count.checked_add(1).expect("fewer than 2^32 messages per batch");
         self.out[self.start..self.start + COUNT_BYTES].copy_from_slice(&self.count.to_le_bytes());
+    }
+
+    /// Pushes the next `items` until the batch holds `bytes_target` bytes or they run out: how
+    /// a sender cuts a stream of messages into frames of about that size.
+    pub fn fill<M: Borrow<Message>>(
+        &mut self,
+        items: &mut impl Iterator<Item = (GroupId, M)>,
+        bytes_target: usize,
+    ) {
+        while self.len_bytes() < bytes_target {
+            let Some((group, message)) = items.next() else { break };
+            self.push(group, message.borrow());
+        }
     }
 
     /// Items pushed so far.

@@ -221,15 +221,7 @@ impl Connection {
         items: &mut impl Iterator<Item = (GroupId, M)>,
         body_target: usize,
     ) -> Result<(u32, TrySend), ConnectionError> {
-        self.write_buffer.clear();
-        let start = frame::begin(&mut self.write_buffer);
-        let mut writer = BatchWriter::new(&mut self.write_buffer);
-        while writer.len_bytes() < body_target {
-            let Some((group, message)) = items.next() else { break };
-            writer.push(group, message.borrow());
-        }
-        let count = writer.count();
-        self.session.finish(&mut self.write_buffer, start)?;
+        let count = self.frame_batch(items, body_target)?;
         let mut written = 0;
         while written < self.write_buffer.len() {
             match self.stream.try_write(&self.write_buffer[written..]) {
@@ -261,15 +253,25 @@ impl Connection {
         &mut self,
         items: impl IntoIterator<Item = (GroupId, &'m Message)>,
     ) -> Result<(), ConnectionError> {
+        self.frame_batch(&mut items.into_iter(), usize::MAX)?;
+        self.stream.write_all(&self.write_buffer).await?;
+        Ok(())
+    }
+
+    /// Replaces the write buffer's contents with one data frame carrying a batch of the next
+    /// `items` (see [`BatchWriter::fill`]); returns how many it took.
+    fn frame_batch<M: Borrow<Message>>(
+        &mut self,
+        items: &mut impl Iterator<Item = (GroupId, M)>,
+        body_target: usize,
+    ) -> Result<u32, ConnectionError> {
         self.write_buffer.clear();
         let start = frame::begin(&mut self.write_buffer);
         let mut writer = BatchWriter::new(&mut self.write_buffer);
-        for (group, message) in items {
-            writer.push(group, message);
-        }
+        writer.fill(items, body_target);
+        let count = writer.count();
         self.session.finish(&mut self.write_buffer, start)?;
-        self.stream.write_all(&self.write_buffer).await?;
-        Ok(())
+        Ok(count)
     }
 
     /// Receives the next data frame. Cancel-safe: bytes read so far stay buffered, so it may be
