@@ -3,8 +3,9 @@
 //! The log reaches the disk only through two small traits, [`Storage`] (a directory) and
 //! [`StorageFile`] (one file), so that every IO step can be simulated, crashed and failed in tests
 //! ([`crate::sim::SimStorage`]). The hot path — one write and one fdatasync per group-commit round —
-//! goes through a [`Backend`]: io_uring (tokio-uring) where the kernel allows it, or plain
-//! `pwrite` + `fdatasync` on the log's writer thread otherwise.
+//! goes through a [`Backend`]: the fdatasync through io_uring where the kernel allows it (so it
+//! runs while the writer writes the next round), or plain `fdatasync` on the log's writer thread
+//! otherwise.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -231,7 +232,8 @@ fn prewrite(file: &File, len: u64) -> io::Result<()> {
 pub enum Backend {
     /// Probe io_uring at open and use it if it works, else fall back to [`Backend::Portable`].
     Auto,
-    /// io_uring through tokio-uring; opening fails if io_uring is unavailable.
+    /// fdatasync through io_uring, overlapping the next round's write; opening fails if io_uring
+    /// is unavailable.
     IoUring,
     /// `pwrite` + `fdatasync` on the log's writer thread: works everywhere.
     Portable,
@@ -263,7 +265,7 @@ impl Backend {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ActiveBackend {
-    /// io_uring through tokio-uring.
+    /// fdatasync through io_uring.
     IoUring,
     /// `pwrite` + `fdatasync`.
     Portable,
@@ -290,12 +292,12 @@ pub struct ProbeError {
     pub reason: String,
 }
 
-/// Checks, without panicking, that an io_uring instance can be created and supports the opcodes
-/// the log uses (write, fsync, fallocate). tokio-uring's own `start` panics when the kernel
-/// refuses io_uring, so this runs first.
+/// Checks, without panicking, that an io_uring instance of the size the writer uses can be
+/// created and supports the opcodes the log relies on (write, fsync, fallocate). A blocked
+/// io_uring (seccomp, `io_uring_disabled`, an old kernel) is an error here, never a panic.
 pub fn probe_io_uring() -> Result<(), ProbeError> {
     use io_uring::opcode;
-    let ring = io_uring::IoUring::new(8)
+    let ring = io_uring::IoUring::new(RING_ENTRIES)
         .map_err(|error| ProbeError { reason: format!("cannot create a ring: {error}") })?;
     let mut probe = io_uring::Probe::new();
     ring.submitter()
@@ -313,94 +315,132 @@ pub fn probe_io_uring() -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// Checks that the runtime the writer uses (a tokio-uring runtime with its default ring) starts
-/// here: a kernel or seccomp profile may allow the probe's small ring and refuse a larger one.
-pub fn probe_io_uring_runtime() -> Result<(), ProbeError> {
-    tokio_uring::Runtime::new(&tokio_uring::builder()).map(drop).map_err(|error| ProbeError {
-        reason: format!("cannot start the io_uring runtime: {error}"),
-    })
-}
+/// Entries in the writer's ring: it never has more than one fdatasync in flight.
+const RING_ENTRIES: u32 = 8;
 
-/// Performs the hot-path IO of the writer thread: one write and (when asked) one fdatasync.
-pub(crate) enum Writer {
-    /// Through [`StorageFile`] (portable or simulated).
+/// Performs the fdatasyncs of the write path. Round writes are always a plain `pwrite` through
+/// [`StorageFile`]: a buffered write submitted through io_uring is punted by ext4 to an io-wq
+/// worker thread, one thread hop per round for a memory copy (measured in `bench/RESULTS.md`).
+/// What io_uring buys is the fdatasync running while the writer thread writes the next round and
+/// completes the previous one's producers (`Shared::writer_loop`).
+pub(crate) enum Syncer {
+    /// `fdatasync` on the calling thread: a sync is done when [`Syncer::start`] returns (the
+    /// portable backend, the inline writer, and appending threads writing their own round).
     Blocking,
-    /// Through an io_uring runtime owned by the writer thread.
-    IoUring(Box<UringWriter>),
+    /// The simulated disk on the writer thread: a sync is performed only when waited for, so the
+    /// next round's write lands between the start and the end of a sync exactly as with
+    /// io_uring, and the simulated disk's crash tests see that order of operations.
+    Deferred(Option<Arc<dyn StorageFile>>),
+    /// An fdatasync submitted to the writer thread's own io_uring ring.
+    IoUring(Box<UringSyncer>),
 }
 
-pub(crate) struct UringWriter {
-    runtime: tokio_uring::Runtime,
-    /// The uring file for the segment currently written, by sequence number.
-    file: Option<(u64, tokio_uring::fs::File)>,
+/// How [`Syncer::start`] went.
+pub(crate) enum SyncStart {
+    /// Finished already (blocking syncer), or failed to start.
+    Done(io::Result<()>),
+    /// In flight: [`Syncer::wait`] returns its result.
+    InFlight,
 }
 
-impl Writer {
-    /// Creates the writer for `backend` on the calling thread (the writer thread).
-    pub(crate) fn new(backend: ActiveBackend) -> io::Result<Writer> {
+/// The writer thread's ring, and the file of the fdatasync in flight (held so its descriptor
+/// stays open until the completion is reaped).
+pub(crate) struct UringSyncer {
+    ring: io_uring::IoUring,
+    in_flight: Option<Arc<dyn StorageFile>>,
+}
+
+impl Syncer {
+    /// Creates the syncer for `backend` on the calling thread (the writer thread).
+    pub(crate) fn new(backend: ActiveBackend) -> io::Result<Syncer> {
         match backend {
-            ActiveBackend::IoUring => {
-                let runtime = tokio_uring::Runtime::new(&tokio_uring::builder())?;
-                Ok(Writer::IoUring(Box::new(UringWriter { runtime, file: None })))
-            }
-            ActiveBackend::Portable | ActiveBackend::Simulated => Ok(Writer::Blocking),
+            ActiveBackend::IoUring => Ok(Syncer::IoUring(Box::new(UringSyncer {
+                ring: io_uring::IoUring::new(RING_ENTRIES)?,
+                in_flight: None,
+            }))),
+            ActiveBackend::Portable => Ok(Syncer::Blocking),
+            ActiveBackend::Simulated => Ok(Syncer::Deferred(None)),
         }
     }
 
-    /// Writes `buf` at `offset` of segment `seq`, then syncs it if `sync`; hands the buffer back.
-    /// An error names the step that failed (`write` or `fdatasync`).
-    pub(crate) fn write(
-        &mut self,
-        seq: u64,
-        file: &Arc<dyn StorageFile>,
-        buf: Vec<u8>,
-        offset: u64,
-        sync: bool,
-    ) -> (Result<(), (&'static str, io::Error)>, Vec<u8>) {
+    /// Starts an fdatasync of `file`. At most one may be in flight: the caller waits for the
+    /// previous one first.
+    pub(crate) fn start(&mut self, file: &Arc<dyn StorageFile>) -> SyncStart {
         match self {
-            Writer::Blocking => {
-                let mut result = file.write_all_at(&buf, offset).map_err(|e| ("write", e));
-                if result.is_ok() && sync {
-                    result = file.sync_data().map_err(|e| ("fdatasync", e));
-                }
-                (result, buf)
+            Syncer::Blocking => SyncStart::Done(file.sync_data()),
+            Syncer::Deferred(pending) => {
+                debug_assert!(pending.is_none(), "one fdatasync in flight at a time");
+                *pending = Some(Arc::clone(file));
+                SyncStart::InFlight
             }
-            Writer::IoUring(uring) => uring.write(seq, file, buf, offset, sync),
+            Syncer::IoUring(uring) => uring.start(file),
+        }
+    }
+
+    /// Waits for the fdatasync in flight, if any, and returns its result. A failed sync is never
+    /// retried: the caller poisons the log.
+    pub(crate) fn wait(&mut self) -> io::Result<()> {
+        match self {
+            Syncer::Blocking => Ok(()),
+            Syncer::Deferred(pending) => pending.take().map_or(Ok(()), |file| file.sync_data()),
+            Syncer::IoUring(uring) => uring.wait(),
+        }
+    }
+
+    /// Starts an fdatasync and waits for it.
+    pub(crate) fn sync_now(&mut self, file: &Arc<dyn StorageFile>) -> io::Result<()> {
+        match self.start(file) {
+            SyncStart::Done(result) => result,
+            SyncStart::InFlight => self.wait(),
         }
     }
 }
 
-impl UringWriter {
-    fn write(
-        &mut self,
-        seq: u64,
-        file: &Arc<dyn StorageFile>,
-        buf: Vec<u8>,
-        offset: u64,
-        sync: bool,
-    ) -> (Result<(), (&'static str, io::Error)>, Vec<u8>) {
-        if self.file.as_ref().is_none_or(|(current, _)| *current != seq) {
-            let std_file = match file.as_std().map(File::try_clone) {
-                Some(Ok(std_file)) => std_file,
-                Some(Err(error)) => return (Err(("write", error)), buf),
-                None => {
-                    let error = io::Error::other("io_uring backend needs a real file");
-                    return (Err(("write", error)), buf);
-                }
-            };
-            self.file = Some((seq, tokio_uring::fs::File::from_std(std_file)));
+impl UringSyncer {
+    fn start(&mut self, file: &Arc<dyn StorageFile>) -> SyncStart {
+        use io_uring::{opcode, types};
+        use std::os::fd::AsRawFd;
+        debug_assert!(self.in_flight.is_none(), "one fdatasync in flight at a time");
+        let Some(std_file) = file.as_std() else {
+            return SyncStart::Done(Err(io::Error::other("io_uring backend needs a real file")));
+        };
+        let entry = opcode::Fsync::new(types::Fd(std_file.as_raw_fd()))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        // SAFETY: an fsync reads and writes no memory of ours, and its descriptor stays open
+        // until the completion is reaped: `in_flight` holds the file until then (and for good if
+        // the wait fails, so a submission the kernel may still run never sees a reused number).
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            return SyncStart::Done(Err(io::Error::other("io_uring submission queue full")));
         }
-        let (_, uring_file) = self.file.as_ref().expect("set above");
-        self.runtime.block_on(async move {
-            let (result, buf) = uring_file.write_all_at(buf, offset).await;
-            if let Err(error) = result {
-                return (Err(("write", error)), buf);
+        self.in_flight = Some(Arc::clone(file));
+        match self.ring.submit() {
+            Ok(_) => SyncStart::InFlight,
+            Err(error) => SyncStart::Done(Err(error)),
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        if self.in_flight.is_none() {
+            return Ok(());
+        }
+        loop {
+            if let Some(completion) = self.ring.completion().next() {
+                self.in_flight = None;
+                let result = completion.result();
+                return if result < 0 {
+                    Err(io::Error::from_raw_os_error(-result))
+                } else {
+                    Ok(())
+                };
             }
-            if sync && let Err(error) = uring_file.sync_data().await {
-                return (Err(("fdatasync", error)), buf);
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                // The wait was interrupted, not the sync: wait again.
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
             }
-            (Ok(()), buf)
-        })
+        }
     }
 }
 

@@ -585,47 +585,75 @@ fn futures_outliving_the_log_resolve_closed() {
     }
 }
 
-/// `Wal::open` must return the error when the writer thread cannot start its io_uring runtime.
-/// `start_threads` fails, `open_locked` drops the half-built `Wal`, and `Drop` calls `shutdown`,
-/// which waits (`block_on(flush())`) for a writer thread that does not exist: `open` hangs.
-/// Reproduced with a seccomp filter that lets the probe's 8-entry ring through but denies the
-/// runtime's 256-entry ring. Skipped where io_uring is unavailable anyway.
+/// An io_uring ring that takes no submissions (`io_uring_enter` refused by a seccomp filter; the
+/// probe and ring creation still pass): the first fdatasync the writer submits fails, the log
+/// poisons itself and every append says so — nothing hangs, nothing is retried. (This test once
+/// guarded `open` against hanging when the writer thread could not start a tokio-uring runtime;
+/// the writer's ring is now made by `open` on the opening thread, so that failure comes back
+/// from `open` before any thread exists.) Skipped where io_uring is unavailable anyway.
 #[test]
-fn open_returns_an_error_when_the_io_uring_runtime_cannot_start() {
+fn a_ring_refusing_submissions_poisons_the_log_and_hangs_nothing() {
     if let Err(error) = flotilla_wal::probe_io_uring() {
         eprintln!("skipping: {error}");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let opened = within(Duration::from_secs(10), move || {
-        deny_large_io_uring_rings();
+    let outcome = within(Duration::from_secs(10), move || {
+        // Filters are inherited by threads spawned later: the writer thread `open` starts gets
+        // it too.
+        deny_io_uring_enter();
         let config = Config {
             segment_bytes: 1 << 20,
             batch_bytes_max: 64 << 10,
             backend: flotilla_wal::Backend::IoUring,
             ..Config::default()
         };
-        Wal::open(&path, config).map(|_| ()).map_err(|e| e.to_string())
+        let (wal, _) = Wal::open(&path, config).expect("the probe and the ring need no enter");
+        assert_eq!(wal.backend(), flotilla_wal::ActiveBackend::IoUring);
+        // Polled without `block_on`, so the writer thread (not this one) writes and syncs it.
+        let first = poll_until_ready(wal.append(entry_batch(GroupId(1), 1, 10)));
+        let second = poll_until_ready(wal.append(entry_batch(GroupId(1), 1, 10)));
+        (first, second, wal.stats().fdatasyncs)
     });
-    let opened = opened.expect("Wal::open hung after the writer failed to start");
-    assert!(opened.is_err(), "the filter should have made the runtime fail: {opened:?}");
+    let (first, second, fdatasyncs) = outcome.expect("an append or open hung");
+    assert!(
+        matches!(&first, Err(WalError::Poisoned { op: "fdatasync", .. })),
+        "the refused submission must poison the log: {first:?}"
+    );
+    assert!(matches!(&second, Err(WalError::Poisoned { .. })), "{second:?}");
+    assert_eq!(fdatasyncs, 0, "no fdatasync completed");
 }
 
-/// Denies `io_uring_setup` with EPERM on the calling thread unless it asks for exactly 8 entries
-/// (the probe's ring), so the probe passes and the writer's runtime fails.
-fn deny_large_io_uring_rings() {
+/// Polls a future to completion with a plain thread waker (not the crate's `block_on`, which
+/// would make this thread write its own round on an idle log).
+fn poll_until_ready<F: Future>(future: F) -> F::Output {
+    struct ThreadWaker(std::thread::Thread);
+    impl std::task::Wake for ThreadWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
+    }
+}
+
+/// Denies `io_uring_enter` with EPERM on the calling thread and the threads it spawns later.
+fn deny_io_uring_enter() {
     use common::{SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO};
-    let nr = u32::try_from(libc::SYS_io_uring_setup).unwrap();
+    let nr = u32::try_from(libc::SYS_io_uring_enter).unwrap();
     let filter = [
         // Syscall number.
         libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 },
-        // Not io_uring_setup: allow.
-        libc::sock_filter { code: 0x15, jt: 0, jf: 3, k: nr },
-        // Low half of the first argument (entries).
-        libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 16 },
-        // Eight entries: allow.
-        libc::sock_filter { code: 0x15, jt: 1, jf: 0, k: 8 },
+        // io_uring_enter: deny; anything else: allow.
+        libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: nr },
         libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ERRNO | libc::EPERM as u32 },
         libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ALLOW },
     ];
@@ -641,13 +669,25 @@ fn deny_large_io_uring_rings() {
 /// every byte they get from `entries()` while segments are retired under them; then close,
 /// reopen, and compare with what was acknowledged.
 #[test]
-fn threads_mode_stress_on_a_real_disk() {
+fn threads_mode_stress_on_a_real_disk_portable() {
+    stress_on_a_real_disk(flotilla_wal::Backend::Portable);
+}
+
+/// The same with io_uring, where the writer pipelines rounds (a round written while the previous
+/// one's fdatasync is in flight). Skipped where io_uring is unavailable.
+#[test]
+fn threads_mode_stress_on_a_real_disk_io_uring() {
+    if let Err(error) = flotilla_wal::probe_io_uring() {
+        eprintln!("skipping: {error}");
+        return;
+    }
+    let stats = stress_on_a_real_disk(flotilla_wal::Backend::IoUring);
+    assert!(stats.rounds_pipelined > 0, "no round overlapped a sync: {stats:?}");
+}
+
+fn stress_on_a_real_disk(backend: flotilla_wal::Backend) -> flotilla_wal::Stats {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        rewrite_entries_max: 64,
-        backend: flotilla_wal::Backend::Portable,
-        ..threads_config(64 << 10, 16 << 10)
-    };
+    let config = Config { rewrite_entries_max: 64, backend, ..threads_config(64 << 10, 16 << 10) };
     let (wal, _) = Wal::open(dir.path(), config.clone()).unwrap();
     let wal = Arc::new(wal);
     let producers = 8u64;
@@ -705,6 +745,7 @@ fn threads_mode_stress_on_a_real_disk() {
     assert_eq!(recovery.report.torn_tail, None);
     assert_eq!(read_back(&wal), expected);
     eprintln!("stress: {stats:?}");
+    stats
 }
 
 /// A reader for the stress test: reads whole live ranges of random groups, checks every byte,
@@ -832,12 +873,16 @@ fn threads_mode_crashes_lose_nothing_acknowledged() {
         }
         drop_within(wal);
     }
+    let pipelined = TOTAL_PIPELINED.load(Ordering::Relaxed);
     eprintln!(
         "{runs} crash runs, {} batches acknowledged durable, {} rounds written by their appending \
-         thread",
+         thread, {pipelined} written while the previous round's fdatasync was pending",
         TOTAL_ACKED.load(Ordering::Relaxed),
         TOTAL_OWN_ROUNDS.load(Ordering::Relaxed)
     );
+    // The crashes must also have hit the pipelined order (round N+1 written before round N's
+    // fdatasync), which the simulated disk's writer thread produces like io_uring does.
+    assert!(pipelined > 0, "no round was written while a sync was pending");
 }
 
 /// A full disk in threads mode with concurrent producers: every producer gets `DiskFull` (typed,
@@ -977,9 +1022,13 @@ fn continue_after_death(wal: &Wal) {
 
 /// Rounds written by appending threads themselves over the threads-mode runs.
 static TOTAL_OWN_ROUNDS: AtomicU64 = AtomicU64::new(0);
+/// Rounds the writer thread wrote while the previous round's (deferred) fdatasync was pending.
+static TOTAL_PIPELINED: AtomicU64 = AtomicU64::new(0);
 
 fn drop_within(wal: Arc<Wal>) {
-    TOTAL_OWN_ROUNDS.fetch_add(wal.stats().rounds_inline, Ordering::Relaxed);
+    let stats = wal.stats();
+    TOTAL_OWN_ROUNDS.fetch_add(stats.rounds_inline, Ordering::Relaxed);
+    TOTAL_PIPELINED.fetch_add(stats.rounds_pipelined, Ordering::Relaxed);
     let dropped = within(Duration::from_secs(10), move || drop(wal));
     assert!(dropped.is_some(), "dropping the log hung");
 }

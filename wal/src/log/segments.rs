@@ -272,10 +272,11 @@ impl Shared {
     }
 
     /// Copies forward the state of small groups pinning the oldest segment. Runs only on the
-    /// writer, right after a round was applied: then the index plus the open round is exactly
-    /// what was accepted, so a group the open round does not touch has nothing in flight and its
-    /// copy is exact (copying a group with pending writes could resurrect overwritten entries).
-    pub(super) fn rewrite_pinning(&self) {
+    /// writer, right after a round was applied: then the index plus `next` (a round written but
+    /// not applied yet, while its fdatasync is in flight) plus the open round is exactly what was
+    /// accepted, so a group neither round touches has nothing in flight and its copy is exact
+    /// (copying a group with pending writes could resurrect overwritten entries).
+    pub(super) fn rewrite_pinning(&self, next: Option<&crate::commit::Round>) {
         let max = self.config.rewrite_entries_max;
         let mut queue = self.queue.lock();
         let read = self.read.read();
@@ -297,7 +298,7 @@ impl Shared {
             .collect();
         candidates.sort_unstable_by_key(|(group, _)| **group);
         for (group, index) in candidates {
-            if queue.open.touches(*group) {
+            if queue.open.touches(*group) || next.is_some_and(|round| round.touches(*group)) {
                 continue;
             }
             let mut copy = WriteBatch::new();

@@ -1,5 +1,6 @@
-//! The write path: the writer loop (or the inline writer), one round at a time — place it, seal
-//! its header, one write, one fdatasync, update the index, complete the producers — and rotation.
+//! The write path: the writer loop (or the inline writer) — place a round, seal its header, one
+//! write, one fdatasync (overlapping the next round's write where the backend allows), update the
+//! index, complete the producers — and rotation.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,9 +11,24 @@ use crate::commit::{PendingOp, Round};
 use crate::config::WriterMode;
 use crate::error::WalError;
 use crate::index::IndexOp;
-use crate::io::Writer;
+use crate::io::{StorageFile, SyncStart, Syncer};
 use crate::record::{RECORD_HEADER_LEN, encode_header, padded_record_len};
 use crate::segment::SEGMENT_HEADER_LEN;
+
+/// A round written and not yet finished: what its fdatasync and its completion need.
+pub(super) struct Written {
+    round: Round,
+    /// Its segment.
+    seq: u64,
+    body_offset: u64,
+    write_seq: u64,
+    padded: usize,
+    file: Arc<dyn StorageFile>,
+    /// Its placement rotated segments.
+    rotated: bool,
+    /// When its fdatasync started (the latency metric).
+    sync_started: Instant,
+}
 
 /// Holds the right to write rounds (`Queue::writing`) and gives it up when dropped, panic or
 /// not; then wakes the writer thread if work arrived meanwhile (it waits while someone else
@@ -39,7 +55,7 @@ impl Shared {
         if self.config.writer != WriterMode::Inline {
             return;
         }
-        let mut writer = Writer::Blocking;
+        let mut syncer = Syncer::Blocking;
         loop {
             let round = {
                 let mut queue = self.queue.lock();
@@ -56,7 +72,7 @@ impl Shared {
             };
             // Reset even if writing panics (a bug), so later appends and close do not hang.
             let _writing = Writing(self);
-            self.write_round(&mut writer, round);
+            self.write_round(&mut syncer, round);
         }
     }
 
@@ -66,12 +82,27 @@ impl Shared {
     pub(crate) fn write_own_round(&self, round: crate::commit::Round) {
         let _writing = Writing(self);
         bump(&self.counters.rounds_inline, 1);
-        self.write_round(&mut Writer::Blocking, round);
+        self.write_round(&mut Syncer::Blocking, round);
     }
 
-    pub(super) fn writer_loop(&self, mut writer: Writer) {
+    /// The writer thread. Rounds are pipelined: while round N's fdatasync is in flight (io_uring,
+    /// or the simulated disk's deferred syncs) the writer writes round N+1 if one is open, then
+    /// waits for N's sync, starts N+1's, and only then completes N's producers — so the disk
+    /// goes from one sync to the next with only a write between, and the index updates and
+    /// wake-ups of a round overlap the next sync. At most one fdatasync is ever in flight, and a
+    /// round's header claims durable only rounds whose sync had completed when it was written,
+    /// which keeps the recovery rule of `FORMAT.md` true with two rounds unsynced at once.
+    pub(super) fn writer_loop(&self, mut syncer: Syncer) {
+        // The round whose fdatasync is in flight; `_writing` holds the right to write rounds
+        // (`Queue::writing`) for as long as the pipeline is not empty.
+        let mut in_flight: Option<Written> = None;
+        let mut _writing: Option<Writing<'_>> = None;
         loop {
-            let round = {
+            let round = if in_flight.is_some() {
+                // The sync in flight is the batching delay: take whatever arrived meanwhile.
+                self.queue.lock().take()
+            } else {
+                _writing = None;
                 let mut queue = self.queue.lock();
                 // An appending thread may be writing its own round (`write_own_round`): rounds
                 // are written one at a time, in the order they were taken.
@@ -81,7 +112,7 @@ impl Shared {
                 if queue.open.is_empty() {
                     drop(queue);
                     // Closed and drained: the seal is the last round (see `seal`).
-                    self.seal(&mut writer);
+                    self.seal(&mut syncer);
                     return;
                 }
                 if self.config.batch_delay_us_max > 0 && !queue.closed {
@@ -94,29 +125,107 @@ impl Shared {
                     }
                 }
                 queue.writing = true;
-                queue.take().expect("checked non-empty")
+                _writing = Some(Writing(self));
+                queue.take()
             };
-            let _writing = Writing(self);
-            self.write_round(&mut writer, round);
+            let Some(round) = round else {
+                // Nothing new arrived during the sync: finish the round in flight.
+                let previous = in_flight.take().expect("taken without a round only when in flight");
+                let result = syncer.wait();
+                let result = self.synced(&previous, result);
+                self.finish(previous, result, None);
+                continue;
+            };
+            let Some(mut written) = self.place_and_write(&mut syncer, round, &mut in_flight) else {
+                continue;
+            };
+            let previous = in_flight.take().map(|previous| {
+                bump(&self.counters.rounds_pipelined, 1);
+                let result = syncer.wait();
+                let result = self.synced(&previous, result);
+                (previous, result)
+            });
+            if let Some((_, Err(error))) = &previous {
+                // The log is poisoned: the round just written is never synced.
+                written.round.done.complete(Err(error.clone()));
+                let (previous, result) = previous.expect("matched above");
+                self.finish(previous, result, None);
+                continue;
+            }
+            let own = if written.round.sync {
+                written.sync_started = Instant::now();
+                match syncer.start(&written.file) {
+                    SyncStart::InFlight => None,
+                    SyncStart::Done(result) => Some(self.synced(&written, result)),
+                }
+            } else {
+                Some(Ok(()))
+            };
+            match own {
+                None => {
+                    if let Some((previous, result)) = previous {
+                        self.finish(previous, result, Some(&written.round));
+                    }
+                    in_flight = Some(written);
+                }
+                Some(result) => {
+                    if let Some((previous, previous_result)) = previous {
+                        self.finish(previous, previous_result, Some(&written.round));
+                    }
+                    self.finish(written, result, None);
+                }
+            }
         }
     }
 
-    /// Writes one round: place it, seal its header, one write, one fdatasync if any producer
-    /// asked for durability, update the index, complete the producers.
-    pub(super) fn write_round(&self, writer: &mut Writer, mut round: Round) {
+    /// Writes one round and waits for its fdatasync (when any producer asked for durability):
+    /// the inline writer, an appending thread writing its own round, and the seal.
+    pub(super) fn write_round(&self, syncer: &mut Syncer, round: Round) {
+        let Some(mut written) = self.place_and_write(syncer, round, &mut None) else { return };
+        let result = if written.round.sync {
+            written.sync_started = Instant::now();
+            let result = syncer.sync_now(&written.file);
+            self.synced(&written, result)
+        } else {
+            Ok(())
+        };
+        self.finish(written, result, None);
+    }
+
+    /// Places a round in the active segment (rotating first when it does not fit, after the
+    /// round in flight is finished: rotation syncs the old file itself), seals its header and
+    /// writes it. `None` when it failed (its producers have heard).
+    fn place_and_write(
+        &self,
+        syncer: &mut Syncer,
+        mut round: Round,
+        in_flight: &mut Option<Written>,
+    ) -> Option<Written> {
         if let Err(error) = self.check_poison() {
             round.done.complete(Err(error));
-            return;
+            return None;
         }
         let body_len = round.body_len();
         let padded = padded_record_len(body_len);
         let mut core = self.core.lock();
         let mut rotated = false;
         if core.active.offset + padded as u64 > core.active.size {
+            if let Some(previous) = in_flight.take() {
+                drop(core);
+                let result = syncer.wait();
+                let result = self.synced(&previous, result);
+                // `round` is taken and not written: the copy-forward must not touch its groups.
+                self.finish(previous, result, Some(&round));
+                if let Err(error) = self.check_poison() {
+                    round.done.complete(Err(error));
+                    return None;
+                }
+                core = self.core.lock();
+            }
             if let Err(error) = self.rotate(&mut core, round.maintenance) {
                 drop(core);
                 self.fail_pending(&round, error);
-                return;
+                return None;
             }
             rotated = true;
         }
@@ -129,39 +238,66 @@ impl Shared {
         let offset = core.active.offset;
         let write_seq = core.next_write_seq;
         let (head, rest) = round.buf.split_at_mut(RECORD_HEADER_LEN);
+        // Claims only rounds whose fdatasync has completed, never the one in flight.
         encode_header(head, seq, write_seq, core.durable_write_seq, &rest[..body_len]);
         let file = Arc::clone(&core.active.file);
-        let started = Instant::now();
-        let (result, buf) =
-            writer.write(seq, &file, std::mem::take(&mut round.buf), offset, round.sync);
-        round.buf = buf;
-        if let Err((op, error)) = result {
+        if let Err(error) = file.write_all_at(&round.buf, offset) {
             drop(core);
-            let error = self.poison_with(op, error);
+            let error = self.poison_with("write", error);
+            round.done.complete(Err(error));
+            return None;
+        }
+        core.active.offset += padded as u64;
+        core.next_write_seq += 1;
+        core.active.unsynced = true;
+        drop(core);
+        Some(Written {
+            round,
+            seq,
+            body_offset: offset + RECORD_HEADER_LEN as u64,
+            write_seq,
+            padded,
+            file,
+            rotated,
+            sync_started: Instant::now(),
+        })
+    }
+
+    /// Records the outcome of `written`'s fdatasync: durable up to it, or the log poisoned.
+    fn synced(&self, written: &Written, result: std::io::Result<()>) -> Result<(), WalError> {
+        if let Err(error) = result {
+            return Err(self.poison_with("fdatasync", error));
+        }
+        let mut core = self.core.lock();
+        core.durable_write_seq = core.durable_write_seq.max(written.write_seq);
+        if written.write_seq + 1 == core.next_write_seq {
+            core.active.unsynced = false;
+        }
+        drop(core);
+        bump(&self.counters.fdatasyncs, 1);
+        self.metrics.fdatasyncs.increment(1);
+        self.metrics.fdatasync_seconds.record(written.sync_started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Finishes a written round once it is durable (or written, for an unsynced one): update
+    /// the index, complete the producers, collect garbage, copy laggards forward. `next` is a
+    /// round written after this one and not finished yet, whose groups the copy must skip.
+    fn finish(&self, written: Written, result: Result<(), WalError>, next: Option<&Round>) {
+        let Written { round, seq, body_offset, padded, rotated, .. } = written;
+        if let Err(error) = result {
             round.done.complete(Err(error));
             return;
         }
-        let elapsed = started.elapsed();
-        core.active.offset += padded as u64;
-        core.next_write_seq += 1;
-        if round.sync {
-            core.durable_write_seq = write_seq;
-            core.active.unsynced = false;
-            bump(&self.counters.fdatasyncs, 1);
-            self.metrics.fdatasyncs.increment(1);
-            self.metrics.fdatasync_seconds.record(elapsed.as_secs_f64());
-        } else {
-            core.active.unsynced = true;
-        }
-        core.gc_pending |= round.frees || rotated;
-        let run_gc = round.sync && core.gc_pending;
-        if run_gc {
-            core.gc_pending = false;
-        }
-        let active_seq = core.active.seq;
-        drop(core);
-
-        let body_offset = offset + RECORD_HEADER_LEN as u64;
+        let (run_gc, active_seq) = {
+            let mut core = self.core.lock();
+            core.gc_pending |= round.frees || rotated;
+            let run_gc = round.sync && core.gc_pending;
+            if run_gc {
+                core.gc_pending = false;
+            }
+            (run_gc, core.active.seq)
+        };
         let entries = self.apply_to_index(&round, seq, body_offset);
         bump(&self.counters.rounds, 1);
         bump(&self.counters.entries, entries);
@@ -178,7 +314,7 @@ impl Shared {
         }
         let requested = self.rewrite_requested.swap(false, Ordering::Relaxed);
         if (rotated || requested) && self.config.rewrite_entries_max > 0 {
-            self.rewrite_pinning();
+            self.rewrite_pinning(next);
         }
     }
 
@@ -234,20 +370,19 @@ impl Shared {
 
     /// Writes the closing seal: an empty synced round claiming every round before it durable,
     /// so on a cleanly closed log damage to the last data round is refused, not cut as a tail.
-    fn seal(&self, writer: &mut Writer) {
+    fn seal(&self, syncer: &mut Syncer) {
         if self.poison.get().is_none() {
             let mut round = Round::new(Vec::new());
             round.forced = true;
             round.sync = true;
-            self.write_round(writer, round);
+            self.write_round(syncer, round);
         }
     }
 
     /// Inline mode's close: writes what is queued, then the seal.
     pub(super) fn drain_and_seal_inline(&self) {
         self.drive_inline();
-        let mut writer = Writer::Blocking;
-        self.seal(&mut writer);
+        self.seal(&mut Syncer::Blocking);
     }
 
     pub(super) fn rotate(&self, core: &mut WriterCore, maintenance: bool) -> Result<(), WalError> {
