@@ -4,8 +4,8 @@
 //! [`StorageFile`] (one file), so that every IO step can be simulated, crashed and failed in tests
 //! ([`crate::sim::SimStorage`]). The hot path — one write and one fdatasync per group-commit round —
 //! goes through a [`Backend`]: the fdatasync through io_uring where the kernel allows it (so it
-//! runs while the writer writes the next round), or plain `fdatasync` on the log's writer thread
-//! otherwise.
+//! runs while the writer finishes the previous round), or plain `fdatasync` on the log's writer
+//! thread otherwise.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -232,8 +232,8 @@ fn prewrite(file: &File, len: u64) -> io::Result<()> {
 pub enum Backend {
     /// Probe io_uring at open and use it if it works, else fall back to [`Backend::Portable`].
     Auto,
-    /// fdatasync through io_uring, overlapping the next round's write; opening fails if io_uring
-    /// is unavailable.
+    /// fdatasync through io_uring, overlapping the previous round's completion; opening fails if
+    /// io_uring is unavailable.
     IoUring,
     /// `pwrite` + `fdatasync` on the log's writer thread: works everywhere.
     Portable,
@@ -320,16 +320,17 @@ const RING_ENTRIES: u32 = 8;
 
 /// Performs the fdatasyncs of the write path. Round writes are always a plain `pwrite` through
 /// [`StorageFile`]: a buffered write submitted through io_uring is punted by ext4 to an io-wq
-/// worker thread, one thread hop per round for a memory copy (measured in `bench/RESULTS.md`).
-/// What io_uring buys is the fdatasync running while the writer thread writes the next round and
-/// completes the previous one's producers (`Shared::writer_loop`).
+/// worker thread, one thread hop per round for a memory copy (`bench/RESULTS.md`, T5 unsynced).
+/// What io_uring buys is an fdatasync that runs while the writer thread finishes the previous
+/// round — index update, producers' wake-ups, garbage collection (`Shared::writer_loop`).
 pub(crate) enum Syncer {
     /// `fdatasync` on the calling thread: a sync is done when [`Syncer::start`] returns (the
     /// portable backend, the inline writer, and appending threads writing their own round).
     Blocking,
-    /// The simulated disk on the writer thread: a sync is performed only when waited for, so the
-    /// next round's write lands between the start and the end of a sync exactly as with
-    /// io_uring, and the simulated disk's crash tests see that order of operations.
+    /// The simulated disk on the writer thread: a sync is performed only when waited for, so
+    /// what the writer does meanwhile (the previous round's garbage collection: renames,
+    /// unlinks, directory syncs) comes before it, the latest a real asynchronous sync can end,
+    /// and the simulated disk's crash tests see that order of operations.
     Deferred(Option<Arc<dyn StorageFile>>),
     /// An fdatasync submitted to the writer thread's own io_uring ring.
     IoUring(Box<UringSyncer>),

@@ -673,8 +673,8 @@ fn threads_mode_stress_on_a_real_disk_portable() {
     stress_on_a_real_disk(flotilla_wal::Backend::Portable);
 }
 
-/// The same with io_uring, where the writer pipelines rounds (a round written while the previous
-/// one's fdatasync is in flight). Skipped where io_uring is unavailable.
+/// The same with io_uring, where a round's fdatasync runs while the writer finishes the round
+/// before. Skipped where io_uring is unavailable.
 #[test]
 fn threads_mode_stress_on_a_real_disk_io_uring() {
     if let Err(error) = flotilla_wal::probe_io_uring() {
@@ -682,7 +682,7 @@ fn threads_mode_stress_on_a_real_disk_io_uring() {
         return;
     }
     let stats = stress_on_a_real_disk(flotilla_wal::Backend::IoUring);
-    assert!(stats.rounds_pipelined > 0, "no round overlapped a sync: {stats:?}");
+    assert!(stats.rounds_overlapped > 0, "no sync overlapped a round's completion: {stats:?}");
 }
 
 fn stress_on_a_real_disk(backend: flotilla_wal::Backend) -> flotilla_wal::Stats {
@@ -873,16 +873,17 @@ fn threads_mode_crashes_lose_nothing_acknowledged() {
         }
         drop_within(wal);
     }
-    let pipelined = TOTAL_PIPELINED.load(Ordering::Relaxed);
+    let overlapped = TOTAL_OVERLAPPED.load(Ordering::Relaxed);
     eprintln!(
         "{runs} crash runs, {} batches acknowledged durable, {} rounds written by their appending \
-         thread, {pipelined} written while the previous round's fdatasync was pending",
+         thread, {overlapped} synced while the writer finished the round before",
         TOTAL_ACKED.load(Ordering::Relaxed),
         TOTAL_OWN_ROUNDS.load(Ordering::Relaxed)
     );
-    // The crashes must also have hit the pipelined order (round N+1 written before round N's
-    // fdatasync), which the simulated disk's writer thread produces like io_uring does.
-    assert!(pipelined > 0, "no round was written while a sync was pending");
+    // The crashes must also have hit the overlapped order (round N's garbage collection while
+    // round N+1's sync is pending), which the simulated disk's writer thread produces like
+    // io_uring does.
+    assert!(overlapped > 0, "no round's sync overlapped the previous round's completion");
 }
 
 /// A full disk in threads mode with concurrent producers: every producer gets `DiskFull` (typed,
@@ -1022,13 +1023,13 @@ fn continue_after_death(wal: &Wal) {
 
 /// Rounds written by appending threads themselves over the threads-mode runs.
 static TOTAL_OWN_ROUNDS: AtomicU64 = AtomicU64::new(0);
-/// Rounds the writer thread wrote while the previous round's (deferred) fdatasync was pending.
-static TOTAL_PIPELINED: AtomicU64 = AtomicU64::new(0);
+/// Rounds whose (deferred) fdatasync was pending while the writer finished the round before.
+static TOTAL_OVERLAPPED: AtomicU64 = AtomicU64::new(0);
 
 fn drop_within(wal: Arc<Wal>) {
     let stats = wal.stats();
     TOTAL_OWN_ROUNDS.fetch_add(stats.rounds_inline, Ordering::Relaxed);
-    TOTAL_PIPELINED.fetch_add(stats.rounds_pipelined, Ordering::Relaxed);
+    TOTAL_OVERLAPPED.fetch_add(stats.rounds_overlapped, Ordering::Relaxed);
     let dropped = within(Duration::from_secs(10), move || drop(wal));
     assert!(dropped.is_some(), "dropping the log hung");
 }

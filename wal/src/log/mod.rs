@@ -55,10 +55,10 @@ pub struct Stats {
     /// Rounds written by the appending thread itself rather than the writer thread (an append
     /// awaited with [`block_on`] on an idle log).
     pub rounds_inline: u64,
-    /// Rounds written while the previous round's fdatasync was in flight (the io_uring backend,
-    /// and the simulated disk's writer thread; the portable backend syncs on the writer thread
-    /// and never overlaps).
-    pub rounds_pipelined: u64,
+    /// Rounds whose fdatasync ran while the writer finished the round before (index update,
+    /// producers' wake-ups): the io_uring backend and the simulated disk's writer thread. The
+    /// portable backend syncs on the writer thread and never overlaps.
+    pub rounds_overlapped: u64,
     /// Entries written.
     pub entries: u64,
     /// Record bytes written (headers and padding included).
@@ -90,7 +90,7 @@ pub struct Stats {
 struct Counters {
     rounds: AtomicU64,
     rounds_inline: AtomicU64,
-    rounds_pipelined: AtomicU64,
+    rounds_overlapped: AtomicU64,
     entries: AtomicU64,
     bytes: AtomicU64,
     fdatasyncs: AtomicU64,
@@ -487,7 +487,7 @@ impl Wal {
             backend: Some(self.shared.backend),
             rounds: c.rounds.load(Ordering::Relaxed),
             rounds_inline: c.rounds_inline.load(Ordering::Relaxed),
-            rounds_pipelined: c.rounds_pipelined.load(Ordering::Relaxed),
+            rounds_overlapped: c.rounds_overlapped.load(Ordering::Relaxed),
             entries: c.entries.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
             fdatasyncs: c.fdatasyncs.load(Ordering::Relaxed),

@@ -85,21 +85,27 @@ impl Shared {
         self.write_round(&mut Syncer::Blocking, round);
     }
 
-    /// The writer thread. Rounds are pipelined: while round N's fdatasync is in flight (io_uring,
-    /// or the simulated disk's deferred syncs) the writer writes round N+1 if one is open, then
-    /// waits for N's sync, starts N+1's, and only then completes N's producers — so the disk
-    /// goes from one sync to the next with only a write between, and the index updates and
-    /// wake-ups of a round overlap the next sync. At most one fdatasync is ever in flight, and a
-    /// round's header claims durable only rounds whose sync had completed when it was written,
-    /// which keeps the recovery rule of `FORMAT.md` true with two rounds unsynced at once.
+    /// The writer thread. With a syncer whose fdatasync runs asynchronously (io_uring, or the
+    /// simulated disk's deferred syncs) the writer completes round N — index update, producers'
+    /// wake-ups, garbage collection — while round N+1's fdatasync is in flight: once N's sync
+    /// returns it takes everything that arrived meanwhile as N+1, writes it, starts its sync,
+    /// and only then finishes N. Between two syncs the disk waits only for one write. Round N+1
+    /// is written after N's sync completed, so at most one fdatasync is in flight and at most
+    /// one synced round is unsynced at a time, exactly as without the overlap.
     pub(super) fn writer_loop(&self, mut syncer: Syncer) {
         // The round whose fdatasync is in flight; `_writing` holds the right to write rounds
-        // (`Queue::writing`) for as long as the pipeline is not empty.
+        // (`Queue::writing`) for as long as a round is in flight or unfinished.
         let mut in_flight: Option<Written> = None;
         let mut _writing: Option<Writing<'_>> = None;
         loop {
-            let round = if in_flight.is_some() {
-                // The sync in flight is the batching delay: take whatever arrived meanwhile.
+            // Durable (or failed), not yet finished: finished after the next round's sync starts.
+            let mut synced = in_flight.take().map(|written| {
+                let result = syncer.wait();
+                let result = self.synced(&written, result);
+                (written, result)
+            });
+            let round = if synced.is_some() {
+                // What arrived during the sync: the sync was the batching delay.
                 self.queue.lock().take()
             } else {
                 _writing = None;
@@ -129,29 +135,17 @@ impl Shared {
                 queue.take()
             };
             let Some(round) = round else {
-                // Nothing new arrived during the sync: finish the round in flight.
-                let previous = in_flight.take().expect("taken without a round only when in flight");
-                let result = syncer.wait();
-                let result = self.synced(&previous, result);
-                self.finish(previous, result, None);
+                if let Some((written, result)) = synced {
+                    self.finish(written, result, None);
+                }
                 continue;
             };
-            let Some(mut written) = self.place_and_write(&mut syncer, round, &mut in_flight) else {
+            let Some(mut written) = self.place_and_write(round, &mut synced) else {
+                if let Some((previous, result)) = synced {
+                    self.finish(previous, result, None);
+                }
                 continue;
             };
-            let previous = in_flight.take().map(|previous| {
-                bump(&self.counters.rounds_pipelined, 1);
-                let result = syncer.wait();
-                let result = self.synced(&previous, result);
-                (previous, result)
-            });
-            if let Some((_, Err(error))) = &previous {
-                // The log is poisoned: the round just written is never synced.
-                written.round.done.complete(Err(error.clone()));
-                let (previous, result) = previous.expect("matched above");
-                self.finish(previous, result, None);
-                continue;
-            }
             let own = if written.round.sync {
                 written.sync_started = Instant::now();
                 match syncer.start(&written.file) {
@@ -161,19 +155,15 @@ impl Shared {
             } else {
                 Some(Ok(()))
             };
+            if let Some((previous, result)) = synced {
+                if own.is_none() {
+                    bump(&self.counters.rounds_overlapped, 1);
+                }
+                self.finish(previous, result, Some(&written.round));
+            }
             match own {
-                None => {
-                    if let Some((previous, result)) = previous {
-                        self.finish(previous, result, Some(&written.round));
-                    }
-                    in_flight = Some(written);
-                }
-                Some(result) => {
-                    if let Some((previous, previous_result)) = previous {
-                        self.finish(previous, previous_result, Some(&written.round));
-                    }
-                    self.finish(written, result, None);
-                }
+                None => in_flight = Some(written),
+                Some(result) => self.finish(written, result, None),
             }
         }
     }
@@ -181,7 +171,7 @@ impl Shared {
     /// Writes one round and waits for its fdatasync (when any producer asked for durability):
     /// the inline writer, an appending thread writing its own round, and the seal.
     pub(super) fn write_round(&self, syncer: &mut Syncer, round: Round) {
-        let Some(mut written) = self.place_and_write(syncer, round, &mut None) else { return };
+        let Some(mut written) = self.place_and_write(round, &mut None) else { return };
         let result = if written.round.sync {
             written.sync_started = Instant::now();
             let result = syncer.sync_now(&written.file);
@@ -193,14 +183,19 @@ impl Shared {
     }
 
     /// Places a round in the active segment (rotating first when it does not fit, after the
-    /// round in flight is finished: rotation syncs the old file itself), seals its header and
-    /// writes it. `None` when it failed (its producers have heard).
+    /// previous round — synced, not yet finished — is finished: the segment it lives in must be
+    /// settled before it is left), seals its header and writes it. `None` when it failed (its
+    /// producers have heard).
     fn place_and_write(
         &self,
-        syncer: &mut Syncer,
         mut round: Round,
-        in_flight: &mut Option<Written>,
+        unfinished: &mut Option<(Written, Result<(), WalError>)>,
     ) -> Option<Written> {
+        if let Some((_, Err(error))) = unfinished {
+            // The previous round's sync failed: the log is poisoned.
+            round.done.complete(Err(error.clone()));
+            return None;
+        }
         if let Err(error) = self.check_poison() {
             round.done.complete(Err(error));
             return None;
@@ -210,10 +205,8 @@ impl Shared {
         let mut core = self.core.lock();
         let mut rotated = false;
         if core.active.offset + padded as u64 > core.active.size {
-            if let Some(previous) = in_flight.take() {
+            if let Some((previous, result)) = unfinished.take() {
                 drop(core);
-                let result = syncer.wait();
-                let result = self.synced(&previous, result);
                 // `round` is taken and not written: the copy-forward must not touch its groups.
                 self.finish(previous, result, Some(&round));
                 if let Err(error) = self.check_poison() {
@@ -238,7 +231,6 @@ impl Shared {
         let offset = core.active.offset;
         let write_seq = core.next_write_seq;
         let (head, rest) = round.buf.split_at_mut(RECORD_HEADER_LEN);
-        // Claims only rounds whose fdatasync has completed, never the one in flight.
         encode_header(head, seq, write_seq, core.durable_write_seq, &rest[..body_len]);
         let file = Arc::clone(&core.active.file);
         if let Err(error) = file.write_all_at(&round.buf, offset) {
