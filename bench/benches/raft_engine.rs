@@ -12,6 +12,11 @@
 //! memtable after the shared write, so two threads appending to one region could reach it out of
 //! order. Hence 16 and 256 writers run over 100 and 1024 groups.
 //!
+//! The last row (`…/g1024/tasks`) gives each engine its own way of having many producers:
+//! raft-engine's API blocks, so its 256 writers are threads; Flotilla's appends are futures, so
+//! its 256 writers are tasks on one thread, as a shard's event loop drives them (T5: "16–128 B
+//! entries on one core … with many producers"). The rows before compare thread with thread.
+//!
 //! `cargo bench -p flotilla-bench --bench raft_engine`.
 
 use std::sync::Arc;
@@ -110,30 +115,32 @@ fn main() {
         .sampling_mode(SamplingMode::Flat)
         .measurement_time(Duration::from_secs(if full_mode() { 4 } else { 2 }))
         .warm_up_time(Duration::from_millis(500));
-    // (payload, groups, writer threads)
+    // (payload, groups, writers, Flotilla's writers are tasks on one thread)
     let mut matrix = Vec::new();
     for payload in [128, 1024] {
         for (groups, writers) in [(1, 1), (100, 1), (100, 16)] {
-            matrix.push((payload, groups, writers));
+            matrix.push((payload, groups, writers, false));
         }
     }
-    matrix.push((128, 1024, 256));
+    matrix.push((128, 1024, 256, false));
     if full_mode() {
-        matrix.push((1024, 1024, 256));
-        matrix.push((128, 1024, 16));
+        matrix.push((1024, 1024, 256, false));
+        matrix.push((128, 1024, 16, false));
     }
-    for (payload, groups, writers) in matrix {
+    matrix.push((128, 1024, 256, true));
+    for (payload, groups, writers, tasks) in matrix {
         let shape = Shape {
             payload_bytes: payload,
             producers: writers,
             groups,
             entries_each: 1,
             sync: true,
-            tasks: false,
+            tasks,
         };
         let appends_each = flotilla_bench::appends_per_producer(writers);
         group.throughput(Throughput::Elements(appends_each * writers as u64));
-        let name = format!("{payload}B/g{groups}");
+        // Criterion's ids must be unique: the tasks row's raft-engine side repeats a threads row.
+        let name = format!("{payload}B/g{groups}{}", if tasks { "/tasks" } else { "" });
         if !selected(&format!("raft_engine_vs_flotilla/raft_engine/{name}/w{writers}"))
             && !selected(&format!("raft_engine_vs_flotilla/flotilla/{name}/w{writers}"))
         {
@@ -143,7 +150,7 @@ fn main() {
         // Both engines stay open; every sample of one is followed by the same appends on the
         // other, so each pair of rates saw the same disk (it drifts by the second here).
         let peer_dir = disk::bench_dir("raft-engine");
-        let peer = RaftEngineLoad::open(peer_dir.path(), shape);
+        let peer = RaftEngineLoad::open(peer_dir.path(), Shape { tasks: false, ..shape });
         let dir = disk::bench_dir("flotilla");
         let config = WalConfig {
             segment_bytes: if quick { 8 << 20 } else { WalConfig::default().segment_bytes },
@@ -193,8 +200,13 @@ fn main() {
         drop(peer);
         let ratios: Vec<f64> = pairs.iter().map(|(peer, ours)| ours / peer).collect();
         let peer_rate = flotilla_bench::rate(peer_entries as f64, peer_time);
+        let writers_are = if tasks {
+            " (raft-engine: threads; flotilla: tasks on one thread)"
+        } else {
+            " (threads)"
+        };
         let line = format!(
-            "RESULT raft_engine payload={payload}B groups={groups} writers={writers} sync: \
+            "RESULT raft_engine payload={payload}B groups={groups} writers={writers}{writers_are} sync: \
              raft-engine {}entries/s, {}fdatasyncs/s, {:.1} entries/fdatasync | flotilla({backend}) \
              {}entries/s, {}fdatasyncs/s, {:.1} entries/fdatasync | flotilla/raft-engine: median of \
              {} interleaved pairs {:.2}, of totals {:.2}",
