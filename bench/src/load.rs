@@ -247,11 +247,15 @@ impl Producers {
                             futures[id] = None;
                         }
                         Poll::Pending => {
-                            let state = format!("{:?}", futures[id].as_ref().expect("set"));
-                            assert!(
-                                !state.contains("queued") || self.shape.groups >= producers,
-                                "a full round would let tasks sharing a group reorder"
-                            );
+                            // Only where tasks share groups: formatting a future per pending poll
+                            // cost ~0.1 µs per append, charged to the log's CPU figure.
+                            if self.shape.groups < producers {
+                                let state = format!("{:?}", futures[id].as_ref().expect("set"));
+                                assert!(
+                                    !state.contains("queued"),
+                                    "a full round would let tasks sharing a group reorder"
+                                );
+                            }
                             break;
                         }
                     }
