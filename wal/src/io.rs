@@ -293,24 +293,18 @@ pub struct ProbeError {
 }
 
 /// Checks, without panicking, that an io_uring instance of the size the writer uses can be
-/// created and supports the opcodes the log relies on (write, fsync, fallocate). A blocked
-/// io_uring (seccomp, `io_uring_disabled`, an old kernel) is an error here, never a panic.
+/// created and supports the one opcode the log submits (fsync, with the datasync flag). A
+/// blocked io_uring (seccomp, `io_uring_disabled`, an old kernel) is an error here, never a
+/// panic.
 pub fn probe_io_uring() -> Result<(), ProbeError> {
-    use io_uring::opcode;
     let ring = io_uring::IoUring::new(RING_ENTRIES)
         .map_err(|error| ProbeError { reason: format!("cannot create a ring: {error}") })?;
     let mut probe = io_uring::Probe::new();
     ring.submitter()
         .register_probe(&mut probe)
         .map_err(|error| ProbeError { reason: format!("cannot probe opcodes: {error}") })?;
-    for (code, name) in [
-        (opcode::Write::CODE, "write"),
-        (opcode::Fsync::CODE, "fsync"),
-        (opcode::Fallocate::CODE, "fallocate"),
-    ] {
-        if !probe.is_supported(code) {
-            return Err(ProbeError { reason: format!("opcode {name} not supported") });
-        }
+    if !probe.is_supported(io_uring::opcode::Fsync::CODE) {
+        return Err(ProbeError { reason: "opcode fsync not supported".to_owned() });
     }
     Ok(())
 }
