@@ -34,7 +34,10 @@ impl RoundDone {
         }
     }
 
-    fn poll(&self, cx: &mut Context<'_>) -> Poll<Result<(), WalError>> {
+    /// `slot` is where this waiter's waker went on an earlier poll: a re-poll replaces its own
+    /// waker instead of searching the round's (hundreds of producers would make a round's
+    /// registrations quadratic).
+    fn poll(&self, cx: &mut Context<'_>, slot: &mut Option<usize>) -> Poll<Result<(), WalError>> {
         if let Some(result) = self.result.get() {
             return Poll::Ready(result.clone());
         }
@@ -43,8 +46,18 @@ impl RoundDone {
         if let Some(result) = self.result.get() {
             return Poll::Ready(result.clone());
         }
-        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            wakers.push(cx.waker().clone());
+        // The list only grows until `complete` drains it, and then the result is set: a slot
+        // handed out stays this waiter's.
+        match slot.and_then(|at| wakers.get_mut(at)) {
+            Some(waker) => {
+                if !waker.will_wake(cx.waker()) {
+                    waker.clone_from(cx.waker());
+                }
+            }
+            None => {
+                *slot = Some(wakers.len());
+                wakers.push(cx.waker().clone());
+            }
         }
         Poll::Pending
     }
@@ -271,8 +284,12 @@ pub struct AppendFuture {
 }
 
 enum AppendState {
-    Queued { batch: WriteBatch, sync: bool },
-    Waiting(Arc<RoundDone>),
+    Queued {
+        batch: WriteBatch,
+        sync: bool,
+    },
+    /// In a round; where its waker sits in the round's list once registered.
+    Waiting(Arc<RoundDone>, Option<usize>),
     Failed(WalError),
     Done,
 }
@@ -301,7 +318,7 @@ impl std::fmt::Debug for AppendFuture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
             AppendState::Queued { .. } => "queued",
-            AppendState::Waiting(_) => "waiting",
+            AppendState::Waiting(..) => "waiting",
             AppendState::Failed(_) => "failed",
             AppendState::Done => "done",
         };
@@ -324,7 +341,7 @@ impl Future for AppendFuture {
                             return Poll::Pending;
                         }
                         Poll::Ready(Ok((done, own))) => {
-                            this.state = AppendState::Waiting(done);
+                            this.state = AppendState::Waiting(done, None);
                             if let Some(round) = own {
                                 this.shared.write_own_round(round);
                             }
@@ -332,11 +349,11 @@ impl Future for AppendFuture {
                         Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                     }
                 }
-                AppendState::Waiting(done) => {
+                AppendState::Waiting(done, mut slot) => {
                     this.shared.drive_inline();
-                    let poll = done.poll(cx);
+                    let poll = done.poll(cx, &mut slot);
                     if poll.is_pending() {
-                        this.state = AppendState::Waiting(done);
+                        this.state = AppendState::Waiting(done, slot);
                     } else {
                         this.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     }
@@ -351,7 +368,7 @@ impl Future for AppendFuture {
 
 impl Drop for AppendFuture {
     fn drop(&mut self) {
-        if matches!(self.state, AppendState::Waiting(_)) {
+        if matches!(self.state, AppendState::Waiting(..)) {
             self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -421,5 +438,53 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
             return output;
         }
         std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll, Wake, Waker};
+
+    use super::RoundDone;
+
+    struct Counting(AtomicUsize);
+
+    impl Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counting() -> (Arc<Counting>, Waker) {
+        let count = Arc::new(Counting(AtomicUsize::new(0)));
+        (Arc::clone(&count), Waker::from(count))
+    }
+
+    /// A waiter re-polled with another waker replaces its own registration: the round wakes
+    /// the latest waker of every waiter once, and no stale one.
+    #[test]
+    fn a_repoll_replaces_the_waiters_own_waker_and_completion_wakes_each_waiter_once() {
+        let done = RoundDone::default();
+        let (first, first_waker) = counting();
+        let (second, second_waker) = counting();
+        let (other, other_waker) = counting();
+        let (mut mine, mut theirs) = (None, None);
+        assert!(done.poll(&mut Context::from_waker(&first_waker), &mut mine).is_pending());
+        assert!(done.poll(&mut Context::from_waker(&other_waker), &mut theirs).is_pending());
+        assert!(done.poll(&mut Context::from_waker(&second_waker), &mut mine).is_pending());
+        // The same waker again registers nothing new.
+        assert!(done.poll(&mut Context::from_waker(&other_waker), &mut theirs).is_pending());
+        assert_eq!((mine, theirs), (Some(0), Some(1)));
+        assert_eq!(done.wakers.lock().len(), 2);
+        done.complete(Ok(()));
+        assert_eq!(first.0.load(Ordering::SeqCst), 0, "the replaced waker is not woken");
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert_eq!(other.0.load(Ordering::SeqCst), 1);
+        assert!(matches!(
+            done.poll(&mut Context::from_waker(&first_waker), &mut mine),
+            Poll::Ready(Ok(()))
+        ));
     }
 }
