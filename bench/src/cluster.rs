@@ -399,6 +399,7 @@ impl Client {
         self.next += 1;
         let asked = Instant::now();
         let mut refused = Refusals::default();
+        let mut last_refusal = None;
         loop {
             let leader = self.leaders[self.slot].load(Ordering::Relaxed);
             let command = Command::Put { key: key.clone(), value: self.value.clone() };
@@ -413,8 +414,9 @@ impl Client {
                     refused.busy += 1;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Err(_) => {
+                Err(error) => {
                     refused.other += 1;
+                    last_refusal = Some(error);
                     let next = (leader + 1) % self.engines.len();
                     self.leaders[self.slot].store(next, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -422,7 +424,8 @@ impl Client {
             }
             assert!(
                 asked.elapsed() < Duration::from_secs(60),
-                "group {} could not commit a write in 60 s",
+                "group {} could not commit a write in 60 s ({refused:?}; last other refusal: \
+                 {last_refusal:?})",
                 self.group
             );
         }
