@@ -292,21 +292,46 @@ pub struct ProbeError {
     pub reason: String,
 }
 
-/// Checks, without panicking, that an io_uring instance of the size the writer uses can be
-/// created and supports the one opcode the log submits (fsync, with the datasync flag). A
-/// blocked io_uring (seccomp, `io_uring_disabled`, an old kernel) is an error here, never a
-/// panic.
+/// Checks, without panicking, that io_uring works here as the log uses it: a ring of the
+/// writer's size can be created, supports the one opcode the log submits (fsync, with the
+/// datasync flag), and takes a submission (a no-op through `io_uring_enter`). A blocked
+/// io_uring (seccomp, `io_uring_disabled`, an old kernel) is an error here, never a panic.
 pub fn probe_io_uring() -> Result<(), ProbeError> {
-    let ring = io_uring::IoUring::new(RING_ENTRIES)
-        .map_err(|error| ProbeError { reason: format!("cannot create a ring: {error}") })?;
+    open_ring().map(drop)
+}
+
+/// The probe of [`probe_io_uring`], keeping the ring: `Wal::open` hands the very ring that
+/// passed it to the writer thread, so nothing about io_uring can fail after the choice.
+pub(crate) fn open_ring() -> Result<io_uring::IoUring, ProbeError> {
+    let fail = |what: &str, error: io::Error| ProbeError { reason: format!("{what}: {error}") };
+    let mut ring =
+        io_uring::IoUring::new(RING_ENTRIES).map_err(|e| fail("cannot create a ring", e))?;
     let mut probe = io_uring::Probe::new();
-    ring.submitter()
-        .register_probe(&mut probe)
-        .map_err(|error| ProbeError { reason: format!("cannot probe opcodes: {error}") })?;
+    ring.submitter().register_probe(&mut probe).map_err(|e| fail("cannot probe opcodes", e))?;
     if !probe.is_supported(io_uring::opcode::Fsync::CODE) {
         return Err(ProbeError { reason: "opcode fsync not supported".to_owned() });
     }
-    Ok(())
+    // Some filters allow setting a ring up but refuse `io_uring_enter`: found here, the log
+    // falls back (or `Backend::IoUring` fails to open) instead of poisoning itself on its first
+    // durable append.
+    let nop = io_uring::opcode::Nop::new().build();
+    // SAFETY: a no-op refers to no memory and no descriptor.
+    if unsafe { ring.submission().push(&nop) }.is_err() {
+        return Err(ProbeError { reason: "a fresh ring's submission queue is full".to_owned() });
+    }
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => break,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(fail("cannot submit", error)),
+        }
+    }
+    let result = ring.completion().next().map(|completion| completion.result());
+    match result {
+        Some(result) if result >= 0 => Ok(ring),
+        Some(result) => Err(fail("a no-op failed", io::Error::from_raw_os_error(-result))),
+        None => Err(ProbeError { reason: "a no-op did not complete".to_owned() }),
+    }
 }
 
 /// Entries in the writer's ring: it never has more than one fdatasync in flight.
@@ -346,16 +371,9 @@ pub(crate) struct UringSyncer {
 }
 
 impl Syncer {
-    /// Creates the syncer for `backend` on the calling thread (the writer thread).
-    pub(crate) fn new(backend: ActiveBackend) -> io::Result<Syncer> {
-        match backend {
-            ActiveBackend::IoUring => Ok(Syncer::IoUring(Box::new(UringSyncer {
-                ring: io_uring::IoUring::new(RING_ENTRIES)?,
-                in_flight: None,
-            }))),
-            ActiveBackend::Portable => Ok(Syncer::Blocking),
-            ActiveBackend::Simulated => Ok(Syncer::Deferred(None)),
-        }
+    /// The io_uring syncer, on a ring that passed [`open_ring`].
+    pub(crate) fn io_uring(ring: io_uring::IoUring) -> Syncer {
+        Syncer::IoUring(Box::new(UringSyncer { ring, in_flight: None }))
     }
 
     /// Starts an fdatasync of `file`. At most one may be in flight: the caller waits for the
@@ -403,8 +421,9 @@ impl UringSyncer {
             .flags(types::FsyncFlags::DATASYNC)
             .build();
         // SAFETY: an fsync reads and writes no memory of ours, and its descriptor stays open
-        // until the completion is reaped: `in_flight` holds the file until then (and for good if
-        // the wait fails, so a submission the kernel may still run never sees a reused number).
+        // until the kernel has taken its file: `in_flight` holds it until the completion is
+        // reaped (or, if the wait fails, until the syncer is dropped with its ring; the kernel
+        // resolved the descriptor at submission, so a reused number is never synced).
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
             return SyncStart::Done(Err(io::Error::other("io_uring submission queue full")));
         }

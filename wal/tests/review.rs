@@ -585,12 +585,40 @@ fn futures_outliving_the_log_resolve_closed() {
     }
 }
 
-/// An io_uring ring that takes no submissions (`io_uring_enter` refused by a seccomp filter; the
-/// probe and ring creation still pass): the first fdatasync the writer submits fails, the log
-/// poisons itself and every append says so — nothing hangs, nothing is retried. (This test once
-/// guarded `open` against hanging when the writer thread could not start a tokio-uring runtime;
-/// the writer's ring is now made by `open` on the opening thread, so that failure comes back
-/// from `open` before any thread exists.) Skipped where io_uring is unavailable anyway.
+/// A host that lets a ring be set up but refuses `io_uring_enter` (a seccomp filter) is found
+/// at open by the probe's no-op submission: `Backend::IoUring` fails to open with a typed error,
+/// `Auto` falls back to the portable backend and appends are durable. Skipped where io_uring is
+/// unavailable anyway.
+#[test]
+fn a_host_refusing_submissions_is_found_at_open() {
+    if let Err(error) = flotilla_wal::probe_io_uring() {
+        eprintln!("skipping: {error}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let outcome = within(Duration::from_secs(10), move || {
+        deny_io_uring_enter(EnterCalls::All);
+        let probe = flotilla_wal::probe_io_uring();
+        let forced = Config { backend: flotilla_wal::Backend::IoUring, ..Config::default() };
+        let forced = Wal::open(path.join("forced"), forced).map(|_| ());
+        let auto = Config { backend: flotilla_wal::Backend::Auto, ..Config::default() };
+        let (wal, _) = Wal::open(path.join("auto"), auto).expect("Auto falls back");
+        let appended = poll_until_ready(wal.append(entry_batch(GroupId(1), 1, 10)));
+        (probe, forced, wal.backend(), appended, wal.stats().fdatasyncs)
+    });
+    let (probe, forced, backend, appended, fdatasyncs) = outcome.expect("open or an append hung");
+    assert!(probe.is_err(), "the probe submits: {probe:?}");
+    assert!(matches!(forced, Err(WalError::IoUringUnavailable(_))), "{forced:?}");
+    assert_eq!(backend, flotilla_wal::ActiveBackend::Portable);
+    appended.expect("the portable backend appends");
+    assert!(fdatasyncs >= 1);
+}
+
+/// A ring whose fdatasync submission is refused after open (a filter that denies
+/// `io_uring_enter` only without `min_complete`, which is how the writer submits and not how
+/// the probe waits): the first fdatasync fails, the log poisons itself and every append says
+/// so — nothing hangs, nothing is retried. Skipped where io_uring is unavailable anyway.
 #[test]
 fn a_ring_refusing_submissions_poisons_the_log_and_hangs_nothing() {
     if let Err(error) = flotilla_wal::probe_io_uring() {
@@ -602,14 +630,14 @@ fn a_ring_refusing_submissions_poisons_the_log_and_hangs_nothing() {
     let outcome = within(Duration::from_secs(10), move || {
         // Filters are inherited by threads spawned later: the writer thread `open` starts gets
         // it too.
-        deny_io_uring_enter();
+        deny_io_uring_enter(EnterCalls::SubmitOnly);
         let config = Config {
             segment_bytes: 1 << 20,
             batch_bytes_max: 64 << 10,
             backend: flotilla_wal::Backend::IoUring,
             ..Config::default()
         };
-        let (wal, _) = Wal::open(&path, config).expect("the probe and the ring need no enter");
+        let (wal, _) = Wal::open(&path, config).expect("the probe waits for its no-op");
         assert_eq!(wal.backend(), flotilla_wal::ActiveBackend::IoUring);
         // Polled without `block_on`, so the writer thread (not this one) writes and syncs it.
         let first = poll_until_ready(wal.append(entry_batch(GroupId(1), 1, 10)));
@@ -645,18 +673,44 @@ fn poll_until_ready<F: Future>(future: F) -> F::Output {
     }
 }
 
-/// Denies `io_uring_enter` with EPERM on the calling thread and the threads it spawns later.
-fn deny_io_uring_enter() {
+/// Which `io_uring_enter` calls [`deny_io_uring_enter`] refuses.
+#[derive(Clone, Copy)]
+enum EnterCalls {
+    All,
+    /// Those with `min_complete` 0: a submission that does not wait (the writer's fdatasync,
+    /// `IoUring::submit`), not the probe's `submit_and_wait(1)`.
+    SubmitOnly,
+}
+
+/// Denies `io_uring_enter` calls with EPERM on the calling thread and the threads it spawns
+/// later.
+fn deny_io_uring_enter(calls: EnterCalls) {
     use common::{SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO};
     let nr = u32::try_from(libc::SYS_io_uring_enter).unwrap();
-    let filter = [
-        // Syscall number.
-        libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 },
-        // io_uring_enter: deny; anything else: allow.
-        libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: nr },
-        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ERRNO | libc::EPERM as u32 },
-        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ALLOW },
-    ];
+    let deny =
+        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ERRNO | libc::EPERM as u32 };
+    let allow = libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: SECCOMP_RET_ALLOW };
+    let filter: Vec<libc::sock_filter> = match calls {
+        EnterCalls::All => vec![
+            // Syscall number (`seccomp_data.nr`).
+            libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 },
+            // io_uring_enter: deny; anything else: allow.
+            libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: nr },
+            deny,
+            allow,
+        ],
+        EnterCalls::SubmitOnly => vec![
+            libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 },
+            // Not io_uring_enter: to `allow`.
+            libc::sock_filter { code: 0x15, jt: 0, jf: 3, k: nr },
+            // The low half of its third argument, `min_complete` (`seccomp_data.args[2]`).
+            libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 32 },
+            // 0: deny; anything else: allow.
+            libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: 0 },
+            deny,
+            allow,
+        ],
+    };
     common::install_seccomp_filter(&filter);
 }
 

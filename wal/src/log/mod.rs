@@ -251,7 +251,7 @@ impl Wal {
         storage: &Arc<dyn Storage>,
         config: Config,
     ) -> Result<(Wal, Recovery), WalError> {
-        let backend = choose_backend(storage.as_ref(), &config)?;
+        let (backend, syncer) = choose_backend(storage.as_ref(), &config)?;
         let started = Instant::now();
         let recovered = recover(storage.as_ref(), config.recovery)?;
         let mut read = ReadState { index: recovered.index, segments: BTreeMap::new() };
@@ -317,16 +317,14 @@ impl Wal {
         );
         let wal = Wal { shared, threads: Mutex::new(Vec::new()) };
         if wal.shared.config.writer == WriterMode::Threads {
-            wal.start_threads()?;
+            wal.start_threads(syncer)?;
         }
         Ok((wal, Recovery { groups, report: recovered.report }))
     }
 
-    fn start_threads(&self) -> Result<(), WalError> {
-        // The ring is made here, on the opening thread right after the probe, and moved to the
-        // writer: a ring that cannot be made fails `open` before any thread exists.
-        let syncer = Syncer::new(self.shared.backend)
-            .map_err(|e| WalError::io("creating the writer's io_uring ring", e))?;
+    /// Starts the writer (with the syncer `choose_backend` made, the io_uring ring that passed
+    /// the probe) and the preparer.
+    fn start_threads(&self, syncer: Syncer) -> Result<(), WalError> {
         let shared = Arc::clone(&self.shared);
         let writer = std::thread::Builder::new()
             .name("flotilla-wal-writer".into())
@@ -558,26 +556,28 @@ impl Drop for Wal {
     }
 }
 
-/// Picks the backend: the simulated disk always goes through [`StorageFile`]; otherwise the
-/// configured choice (or `FLOTILLA_WAL_BACKEND`), probing io_uring for `Auto`.
-fn choose_backend(storage: &dyn Storage, config: &Config) -> Result<ActiveBackend, WalError> {
+/// Picks the backend and makes the writer's syncer: the simulated disk always goes through
+/// [`StorageFile`]; otherwise the configured choice (or `FLOTILLA_WAL_BACKEND`), probing
+/// io_uring for `Auto` and keeping the ring that passed the probe.
+fn choose_backend(
+    storage: &dyn Storage,
+    config: &Config,
+) -> Result<(ActiveBackend, Syncer), WalError> {
     if storage.kind() == "sim" {
-        return Ok(ActiveBackend::Simulated);
+        return Ok((ActiveBackend::Simulated, Syncer::Deferred(None)));
     }
+    let portable = Ok((ActiveBackend::Portable, Syncer::Blocking));
     if config.writer == WriterMode::Inline {
-        return Ok(ActiveBackend::Portable);
+        return portable;
     }
     match config.backend.from_env_or() {
-        Backend::Portable => Ok(ActiveBackend::Portable),
-        Backend::IoUring => {
-            io::probe_io_uring()?;
-            Ok(ActiveBackend::IoUring)
-        }
-        _ => match io::probe_io_uring() {
-            Ok(()) => Ok(ActiveBackend::IoUring),
+        Backend::Portable => portable,
+        Backend::IoUring => Ok((ActiveBackend::IoUring, Syncer::io_uring(io::open_ring()?))),
+        _ => match io::open_ring() {
+            Ok(ring) => Ok((ActiveBackend::IoUring, Syncer::io_uring(ring))),
             Err(error) => {
                 tracing::warn!(%error, "io_uring unavailable; using the portable backend");
-                Ok(ActiveBackend::Portable)
+                portable
             }
         },
     }
