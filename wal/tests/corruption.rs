@@ -270,3 +270,44 @@ fn a_real_directory_recovers_exactly_as_the_simulated_disk() {
     }
     assert!(refused > 0, "no damage was refused");
 }
+
+/// Rounds appended without a sync of their own are synced by the close, so on a cleanly
+/// closed log damage to them is corruption like damage to any synced round: refused, never cut
+/// as a torn tail (the seal's header must claim them).
+#[test]
+fn damage_to_unsynced_rounds_of_a_closed_log_is_refused() {
+    let disk = SimStorage::new();
+    let (wal, _) = open_sim(&disk, &config()).unwrap();
+    let mut synced = WriteBatch::new();
+    synced.add_entries(GroupId(1), 1, [(1, Bytes::from_static(b"synced"))]);
+    block_on(wal.append(synced)).unwrap();
+    for index in 2..=3 {
+        let mut unsynced = WriteBatch::new();
+        unsynced.add_entries(GroupId(1), index, [(1, Bytes::from(vec![index as u8; 16]))]);
+        block_on(wal.append_with(unsynced, false)).unwrap();
+    }
+    wal.close().unwrap();
+    let (name, image) = disk
+        .file_names()
+        .into_iter()
+        .filter(|name| parse_segment_file_name(name).is_some())
+        .map(|name| {
+            let image = disk.contents(&name).unwrap();
+            (name, image)
+        })
+        .find(|(name, image)| records(name, image).len() >= 4)
+        .expect("one segment holds the three rounds and the seal");
+    let recs = records(&name, &image);
+    let (last_data, _) = recs[recs.len() - 2];
+    for (at, what) in
+        [(recs[recs.len() - 3].0, "the first unsynced round"), (last_data, "the last")]
+    {
+        let mut damaged = image.clone();
+        // A payload byte: past the record header.
+        damaged[at + 40] ^= 0x10;
+        let copy = disk.fork();
+        copy.set_contents(&name, damaged);
+        let opened = open_sim(&copy, &config()).map(|(_, recovery)| recovery.report);
+        assert!(matches!(opened, Err(WalError::Corrupt { .. })), "{what}: {opened:?}");
+    }
+}

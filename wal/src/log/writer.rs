@@ -362,8 +362,14 @@ impl Shared {
 
     /// Writes the closing seal: an empty synced round claiming every round before it durable,
     /// so on a cleanly closed log damage to the last data round is refused, not cut as a tail.
+    /// Rounds that rode along unsynced are synced first: a header claims only rounds already
+    /// synced when it is written, and the seal must claim them too.
     fn seal(&self, syncer: &mut Syncer) {
         if self.poison.get().is_none() {
+            // A failure poisons the log, which `close` reports.
+            if self.sync_unsynced(&mut self.core.lock()).is_err() {
+                return;
+            }
             let mut round = Round::new(Vec::new());
             round.forced = true;
             round.sync = true;
@@ -377,10 +383,10 @@ impl Shared {
         self.seal(&mut Syncer::Blocking);
     }
 
-    pub(super) fn rotate(&self, core: &mut WriterCore, maintenance: bool) -> Result<(), WalError> {
+    /// Syncs the active segment if rounds that rode along unsynced are in it (at most one
+    /// fdatasync in flight: called only with none in flight).
+    fn sync_unsynced(&self, core: &mut WriterCore) -> Result<(), WalError> {
         if core.active.unsynced {
-            // Rounds that rode along unsynced live in the old file: the next round's fdatasync
-            // covers only the new one.
             if let Err(error) = core.active.file.sync_data() {
                 return Err(self.poison_with("fdatasync", error));
             }
@@ -389,6 +395,13 @@ impl Shared {
             core.active.unsynced = false;
             core.durable_write_seq = core.next_write_seq - 1;
         }
+        Ok(())
+    }
+
+    pub(super) fn rotate(&self, core: &mut WriterCore, maintenance: bool) -> Result<(), WalError> {
+        // Rounds that rode along unsynced live in the old file: the next round's fdatasync
+        // covers only the new one.
+        self.sync_unsynced(core)?;
         let next = self.take_prepared(maintenance)?;
         self.install(&next)?;
         core.active = Active {
