@@ -8,7 +8,9 @@ use metrics::{Counter, Gauge, Histogram, Label};
 pub(crate) struct WalMetrics {
     /// `flotilla_wal_fdatasyncs_total`: fdatasyncs of segment files, rotation's included.
     pub(crate) fdatasyncs: Counter,
-    /// `flotilla_wal_fdatasync_seconds`: a synced round's write + fdatasync.
+    /// `flotilla_wal_fdatasync_seconds`: a synced round's fdatasync, from its start until the
+    /// writer has its result. With io_uring the writer reaps it only after finishing the round
+    /// before, so a sync shorter than that finish is recorded as long as the finish.
     pub(crate) fdatasync_seconds: Histogram,
     /// `flotilla_wal_rounds_total`: group-commit rounds written.
     pub(crate) rounds: Counter,

@@ -1,6 +1,6 @@
 //! The write path: the writer loop (or the inline writer) — place a round, seal its header, one
-//! write, one fdatasync (overlapping the next round's write where the backend allows), update the
-//! index, complete the producers — and rotation.
+//! write, one fdatasync (while it runs, the round before is finished where the backend allows),
+//! update the index, complete the producers — and rotation.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,6 +14,12 @@ use crate::index::IndexOp;
 use crate::io::{StorageFile, SyncStart, Syncer};
 use crate::record::{RECORD_HEADER_LEN, encode_header, padded_record_len};
 use crate::segment::SEGMENT_HEADER_LEN;
+
+/// A round taken while the previous one is synced but not finished is written first only up to
+/// this size (or a quarter of `batch_bytes_max`, if smaller): the previous round's producers
+/// wait for that write and its checksum, which for a round of `batch_bytes_max` (4 MiB by
+/// default) would add about a millisecond.
+const OVERLAP_ROUND_BYTES_MAX: usize = 256 << 10;
 
 /// A round written and not yet finished: what its fdatasync and its completion need.
 pub(super) struct Written {
@@ -89,9 +95,11 @@ impl Shared {
     /// simulated disk's deferred syncs) the writer completes round N — index update, producers'
     /// wake-ups, garbage collection — while round N+1's fdatasync is in flight: once N's sync
     /// returns it takes everything that arrived meanwhile as N+1, writes it, starts its sync,
-    /// and only then finishes N. Between two syncs the disk waits only for one write. Round N+1
-    /// is written after N's sync completed, so at most one fdatasync is in flight and at most
-    /// one synced round is unsynced at a time, exactly as without the overlap.
+    /// and only then finishes N. Between two syncs the disk waits only for one write; N's
+    /// producers wait for that write too, so a large N+1 (see `OVERLAP_ROUND_BYTES_MAX`) is
+    /// written only after N is finished. Round N+1 is written after N's sync completed, so at
+    /// most one fdatasync is in flight and at most one synced round is unsynced at a time,
+    /// exactly as without the overlap.
     pub(super) fn writer_loop(&self, mut syncer: Syncer) {
         // The round whose fdatasync is in flight; `_writing` holds the right to write rounds
         // (`Queue::writing`) for as long as a round is in flight or unfinished.
@@ -140,6 +148,13 @@ impl Shared {
                 }
                 continue;
             };
+            let overlap_max = OVERLAP_ROUND_BYTES_MAX.min(self.config.batch_bytes_max / 4);
+            if round.body_len() > overlap_max
+                && let Some((previous, result)) = synced.take()
+            {
+                // `round` is taken and not written: the copy-forward must not touch its groups.
+                self.finish(previous, result, Some(&round));
+            }
             let Some(mut written) = self.place_and_write(round, &mut synced) else {
                 if let Some((previous, result)) = synced {
                     self.finish(previous, result, None);
