@@ -341,7 +341,9 @@ const RING_ENTRIES: u32 = 8;
 /// [`StorageFile`]: a buffered write submitted through io_uring is punted by ext4 to an io-wq
 /// worker thread, one thread hop per round for a memory copy (`bench/RESULTS.md`, T5 unsynced).
 /// What io_uring buys is an fdatasync that runs while the writer thread finishes the previous
-/// round — index update, producers' wake-ups, garbage collection (`Shared::writer_loop`).
+/// round — index update, producers' wake-ups, garbage collection (`Shared::writer_loop`). A
+/// round with nothing to overlap (idle log) is synced with a plain `fdatasync` on the writer
+/// thread instead: the ring's completion would cost it a thread hop (~30 µs measured).
 pub(crate) enum Syncer {
     /// `fdatasync` on the calling thread: a sync is done when [`Syncer::start`] returns (the
     /// portable backend, the inline writer, and appending threads writing their own round).

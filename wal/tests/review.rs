@@ -617,8 +617,10 @@ fn a_host_refusing_submissions_is_found_at_open() {
 
 /// A ring whose fdatasync submission is refused after open (a filter that denies
 /// `io_uring_enter` only without `min_complete`, which is how the writer submits and not how
-/// the probe waits): the first fdatasync fails, the log poisons itself and every append says
-/// so — nothing hangs, nothing is retried. Skipped where io_uring is unavailable anyway.
+/// the probe waits): the first sync submitted through the ring fails, the log poisons itself and
+/// every append after says so — nothing hangs, nothing is retried. An idle round is synced on
+/// the writer thread without the ring, so eight producers keep the log busy until a round is
+/// synced through it. Skipped where io_uring is unavailable anyway.
 #[test]
 fn a_ring_refusing_submissions_poisons_the_log_and_hangs_nothing() {
     if let Err(error) = flotilla_wal::probe_io_uring() {
@@ -627,7 +629,7 @@ fn a_ring_refusing_submissions_poisons_the_log_and_hangs_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    let outcome = within(Duration::from_secs(10), move || {
+    let outcome = within(Duration::from_secs(30), move || {
         // Filters are inherited by threads spawned later: the writer thread `open` starts gets
         // it too.
         deny_io_uring_enter(EnterCalls::SubmitOnly);
@@ -639,18 +641,37 @@ fn a_ring_refusing_submissions_poisons_the_log_and_hangs_nothing() {
         };
         let (wal, _) = Wal::open(&path, config).expect("the probe waits for its no-op");
         assert_eq!(wal.backend(), flotilla_wal::ActiveBackend::IoUring);
-        // Polled without `block_on`, so the writer thread (not this one) writes and syncs it.
-        let first = poll_until_ready(wal.append(entry_batch(GroupId(1), 1, 10)));
-        let second = poll_until_ready(wal.append(entry_batch(GroupId(1), 1, 10)));
-        (first, second, wal.stats().fdatasyncs)
+        let wal = Arc::new(wal);
+        let producers: Vec<_> = (0..8u64)
+            .map(|producer| {
+                let wal = Arc::clone(&wal);
+                std::thread::spawn(move || {
+                    let group = GroupId(producer);
+                    for index in 1..=2_000 {
+                        // Polled without `block_on`: the writer thread writes and syncs it.
+                        let outcome = poll_until_ready(wal.append(entry_batch(group, index, 10)));
+                        if let Err(first) = outcome {
+                            let next = poll_until_ready(wal.append(entry_batch(group, index, 10)));
+                            return Some((first, next));
+                        }
+                    }
+                    None
+                })
+            })
+            .collect();
+        let failures: Vec<_> = producers.into_iter().map(|p| p.join().unwrap()).collect();
+        (failures, wal.stats().rounds_overlapped)
     });
-    let (first, second, fdatasyncs) = outcome.expect("an append or open hung");
-    assert!(
-        matches!(&first, Err(WalError::Poisoned { op: "fdatasync", .. })),
-        "the refused submission must poison the log: {first:?}"
-    );
-    assert!(matches!(&second, Err(WalError::Poisoned { .. })), "{second:?}");
-    assert_eq!(fdatasyncs, 0, "no fdatasync completed");
+    let (failures, overlapped) = outcome.expect("an append or open hung");
+    assert!(failures.iter().any(Option::is_some), "no round was synced through the ring");
+    let mut saw_fdatasync = false;
+    for (first, next) in failures.into_iter().flatten() {
+        assert!(matches!(&first, WalError::Poisoned { .. }), "{first:?}");
+        saw_fdatasync |= matches!(&first, WalError::Poisoned { op: "fdatasync", .. });
+        assert!(matches!(&next, Err(WalError::Poisoned { .. })), "after it: {next:?}");
+    }
+    assert!(saw_fdatasync, "the refused submission poisons the log as a failed fdatasync");
+    assert_eq!(overlapped, 0, "no submitted sync completed");
 }
 
 /// Polls a future to completion with a plain thread waker (not the crate's `block_on`, which

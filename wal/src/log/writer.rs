@@ -97,9 +97,10 @@ impl Shared {
     /// returns it takes everything that arrived meanwhile as N+1, writes it, starts its sync,
     /// and only then finishes N. Between two syncs the disk waits only for one write; N's
     /// producers wait for that write too, so a large N+1 (see `OVERLAP_ROUND_BYTES_MAX`) is
-    /// written only after N is finished. Round N+1 is written after N's sync completed, so at
-    /// most one fdatasync is in flight and at most one synced round is unsynced at a time,
-    /// exactly as without the overlap.
+    /// written only after N is finished, and a round with nothing to overlap (no N to finish,
+    /// nothing queued behind it) is synced on the writer thread itself. Round N+1 is written
+    /// after N's sync completed, so at most one fdatasync is in flight and at most one synced
+    /// round is unsynced at a time, exactly as without the overlap.
     pub(super) fn writer_loop(&self, mut syncer: Syncer) {
         // The round whose fdatasync is in flight; `_writing` holds the right to write rounds
         // (`Queue::writing`) for as long as a round is in flight or unfinished.
@@ -163,9 +164,18 @@ impl Shared {
             };
             let own = if written.round.sync {
                 written.sync_started = Instant::now();
-                match syncer.start(&written.file) {
-                    SyncStart::InFlight => None,
-                    SyncStart::Done(result) => Some(self.synced(&written, result)),
+                // Nothing to finish during the sync and nothing waiting to be written after it:
+                // an asynchronous sync would only add its completion's thread hop (io_uring's
+                // worker) to an idle append, so this thread syncs. Under load a round is
+                // waiting, or one is finished during the sync, and the overlap goes on.
+                let idle = synced.is_none() && self.queue.lock().open.is_empty();
+                if idle {
+                    Some(self.synced(&written, written.file.sync_data()))
+                } else {
+                    match syncer.start(&written.file) {
+                        SyncStart::InFlight => None,
+                        SyncStart::Done(result) => Some(self.synced(&written, result)),
+                    }
                 }
             } else {
                 Some(Ok(()))
