@@ -591,8 +591,7 @@ fn futures_outliving_the_log_resolve_closed() {
 /// unavailable anyway.
 #[test]
 fn a_host_refusing_submissions_is_found_at_open() {
-    if let Err(error) = flotilla_wal::probe_io_uring() {
-        eprintln!("skipping: {error}");
+    if !io_uring_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -623,8 +622,7 @@ fn a_host_refusing_submissions_is_found_at_open() {
 /// synced through it. Skipped where io_uring is unavailable anyway.
 #[test]
 fn a_ring_refusing_submissions_poisons_the_log_and_hangs_nothing() {
-    if let Err(error) = flotilla_wal::probe_io_uring() {
-        eprintln!("skipping: {error}");
+    if !io_uring_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -694,6 +692,11 @@ fn poll_until_ready<F: Future>(future: F) -> F::Output {
     }
 }
 
+/// Whether io_uring works here; says why not (the test is then skipped).
+fn io_uring_available() -> bool {
+    flotilla_wal::probe_io_uring().map_err(|error| eprintln!("skipping: {error}")).is_ok()
+}
+
 /// Which `io_uring_enter` calls [`deny_io_uring_enter`] refuses.
 #[derive(Clone, Copy)]
 enum EnterCalls {
@@ -752,8 +755,7 @@ fn threads_mode_stress_on_a_real_disk_portable() {
 /// before. Skipped where io_uring is unavailable.
 #[test]
 fn threads_mode_stress_on_a_real_disk_io_uring() {
-    if let Err(error) = flotilla_wal::probe_io_uring() {
-        eprintln!("skipping: {error}");
+    if !io_uring_available() {
         return;
     }
     let stats = stress_on_a_real_disk(flotilla_wal::Backend::IoUring);
