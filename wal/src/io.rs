@@ -232,8 +232,8 @@ fn prewrite(file: &File, len: u64) -> io::Result<()> {
 pub enum Backend {
     /// Probe io_uring at open and use it if it works, else fall back to [`Backend::Portable`].
     Auto,
-    /// fdatasync through io_uring, overlapping the previous round's completion; opening fails if
-    /// io_uring is unavailable.
+    /// fdatasync through io_uring, overlapping the previous round's completion (an idle round is
+    /// synced on the writer thread); opening fails if io_uring is unavailable.
     IoUring,
     /// `pwrite` + `fdatasync` on the log's writer thread: works everywhere.
     Portable,
@@ -348,7 +348,9 @@ pub(crate) enum Syncer {
     /// `fdatasync` on the calling thread: a sync is done when [`Syncer::start`] returns (the
     /// portable backend, the inline writer, and appending threads writing their own round).
     Blocking,
-    /// The simulated disk on the writer thread: a sync is performed only when waited for, so
+    /// The simulated disk on the writer thread (for rounds that go through the syncer: an idle
+    /// round, and rotation's and the seal's syncs of unsynced rounds, call `sync_data` directly,
+    /// as on every backend): a sync is performed only when waited for, so
     /// what the writer does meanwhile (the previous round's garbage collection: renames,
     /// unlinks, directory syncs) comes before it, the latest a real asynchronous sync can end,
     /// and the simulated disk's crash tests see that order of operations.
@@ -429,6 +431,8 @@ impl UringSyncer {
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
             return SyncStart::Done(Err(io::Error::other("io_uring submission queue full")));
         }
+        // Kept even if the submission fails: the entry may still sit in the queue, and the log
+        // is poisoned then, so no other sync is started on this ring.
         self.in_flight = Some(Arc::clone(file));
         match self.ring.submit() {
             Ok(_) => SyncStart::InFlight,

@@ -107,12 +107,15 @@ impl Shared {
         let mut in_flight: Option<Written> = None;
         let mut _writing: Option<Writing<'_>> = None;
         loop {
-            // Durable (or failed), not yet finished: finished after the next round's sync starts.
+            // Durable (or failed), not yet finished: finished once the next round's sync has
+            // started (before its write, if it is large).
             let mut synced = in_flight.take().map(|written| {
                 let result = syncer.wait();
                 let result = self.synced(&written, result);
                 (written, result)
             });
+            // The writer had nothing to do before this round arrived (see `idle` below).
+            let mut waited = false;
             let round = if synced.is_some() {
                 // What arrived during the sync: the sync was the batching delay.
                 self.queue.lock().take()
@@ -122,6 +125,7 @@ impl Shared {
                 // An appending thread may be writing its own round (`write_own_round`): rounds
                 // are written one at a time, in the order they were taken.
                 while queue.writing || (queue.open.is_empty() && !queue.closed) {
+                    waited = true;
                     self.work.wait(&mut queue);
                 }
                 if queue.open.is_empty() {
@@ -164,11 +168,12 @@ impl Shared {
             };
             let own = if written.round.sync {
                 written.sync_started = Instant::now();
-                // Nothing to finish during the sync and nothing waiting to be written after it:
-                // an asynchronous sync would only add its completion's thread hop (io_uring's
-                // worker) to an idle append, so this thread syncs. Under load a round is
-                // waiting, or one is finished during the sync, and the overlap goes on.
-                let idle = synced.is_none() && self.queue.lock().open.is_empty();
+                // A round that found the writer waiting, with nothing to finish during its sync
+                // and nothing queued behind it: an asynchronous sync would only add its
+                // completion's thread hop (io_uring's worker) to an idle append, so this thread
+                // syncs. Under load the next round is already queued when the writer looks for
+                // it, and goes through the ring, which restarts the overlap.
+                let idle = waited && synced.is_none() && self.queue.lock().open.is_empty();
                 if idle {
                     Some(self.synced(&written, written.file.sync_data()))
                 } else {
@@ -402,21 +407,38 @@ impl Shared {
         }
     }
 
-    /// Inline mode's close: writes what is queued, then the seal.
+    /// Inline mode's close: waits for a caller that is writing rounds (`drive_inline`) — the
+    /// seal must follow its last round and that round's fdatasync — then writes what is queued,
+    /// then the seal.
     pub(super) fn drain_and_seal_inline(&self) {
-        self.drive_inline();
-        self.seal(&mut Syncer::Blocking);
+        {
+            let mut queue = self.queue.lock();
+            // `Writing::drop` notifies `work` once the queue is closed.
+            while queue.writing {
+                self.work.wait(&mut queue);
+            }
+            queue.writing = true;
+        }
+        let _writing = Writing(self);
+        let mut syncer = Syncer::Blocking;
+        loop {
+            let Some(round) = self.queue.lock().take() else { break };
+            self.write_round(&mut syncer, round);
+        }
+        self.seal(&mut syncer);
     }
 
     /// Syncs the active segment if rounds that rode along unsynced are in it (at most one
     /// fdatasync in flight: called only with none in flight).
     fn sync_unsynced(&self, core: &mut WriterCore) -> Result<(), WalError> {
         if core.active.unsynced {
+            let started = Instant::now();
             if let Err(error) = core.active.file.sync_data() {
                 return Err(self.poison_with("fdatasync", error));
             }
             bump(&self.counters.fdatasyncs, 1);
             self.metrics.fdatasyncs.increment(1);
+            self.metrics.fdatasync_seconds.record(started.elapsed().as_secs_f64());
             core.active.unsynced = false;
             core.durable_write_seq = core.next_write_seq - 1;
         }
