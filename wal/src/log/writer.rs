@@ -97,8 +97,8 @@ impl Shared {
     /// returns it takes everything that arrived meanwhile as N+1, writes it, starts its sync,
     /// and only then finishes N. Between two syncs the disk waits only for one write; N's
     /// producers wait for that write too, so a large N+1 (see `OVERLAP_ROUND_BYTES_MAX`) is
-    /// written only after N is finished, and a round with nothing to overlap (no N to finish,
-    /// nothing queued behind it) is synced on the writer thread itself. Round N+1 is written
+    /// written only after N is finished, and a round the writer was idle for, with nothing queued
+    /// behind it, is synced on the writer thread itself. Round N+1 is written
     /// after N's sync completed, so at most one fdatasync is in flight and at most one synced
     /// round is unsynced at a time, exactly as without the overlap.
     pub(super) fn writer_loop(&self, mut syncer: Syncer) {
@@ -114,7 +114,7 @@ impl Shared {
                 let result = self.synced(&written, result);
                 (written, result)
             });
-            // The writer had nothing to do before this round arrived (see `idle` below).
+            // The writer was idle when this round arrived: no round to finish, none queued.
             let mut waited = false;
             let round = if synced.is_some() {
                 // What arrived during the sync: the sync was the batching delay.
@@ -168,12 +168,12 @@ impl Shared {
             };
             let own = if written.round.sync {
                 written.sync_started = Instant::now();
-                // A round that found the writer waiting, with nothing to finish during its sync
-                // and nothing queued behind it: an asynchronous sync would only add its
-                // completion's thread hop (io_uring's worker) to an idle append, so this thread
-                // syncs. Under load the next round is already queued when the writer looks for
-                // it, and goes through the ring, which restarts the overlap.
-                let idle = waited && synced.is_none() && self.queue.lock().open.is_empty();
+                // A round that found the writer idle, with nothing queued behind it: an
+                // asynchronous sync would only add its completion's thread hop (io_uring's
+                // worker) to an idle append, so this thread syncs. Under load the next round is
+                // already queued when the writer looks for it, and goes through the ring, which
+                // restarts the overlap.
+                let idle = waited && self.queue.lock().open.is_empty();
                 if idle {
                     Some(self.synced(&written, written.file.sync_data()))
                 } else {
