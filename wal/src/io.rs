@@ -348,12 +348,12 @@ pub(crate) enum Syncer {
     /// `fdatasync` on the calling thread: a sync is done when [`Syncer::start`] returns (the
     /// portable backend, the inline writer, and appending threads writing their own round).
     Blocking,
-    /// The simulated disk on the writer thread (for rounds that go through the syncer: an idle
-    /// round, and rotation's and the seal's syncs of unsynced rounds, call `sync_data` directly,
-    /// as on every backend): a sync is performed only when waited for, so
+    /// The simulated disk on the writer thread: a sync is performed only when waited for, so
     /// what the writer does meanwhile (the previous round's garbage collection: renames,
     /// unlinks, directory syncs) comes before it, the latest a real asynchronous sync can end,
-    /// and the simulated disk's crash tests see that order of operations.
+    /// and the simulated disk's crash tests see that order of operations. (An idle round, and
+    /// rotation's and the seal's syncs of unsynced rounds, call `sync_data` directly on every
+    /// backend.)
     Deferred(Option<Arc<dyn StorageFile>>),
     /// An fdatasync submitted to the writer thread's own io_uring ring.
     IoUring(Box<UringSyncer>),

@@ -221,11 +221,7 @@ impl Shared {
         mut round: Round,
         unfinished: &mut Option<(Written, Result<(), WalError>)>,
     ) -> Option<Written> {
-        if let Some((_, Err(error))) = unfinished {
-            // The previous round's sync failed: the log is poisoned.
-            round.done.complete(Err(error.clone()));
-            return None;
-        }
+        // A failed sync of the unfinished round has poisoned the log (`synced`).
         if let Err(error) = self.check_poison() {
             round.done.complete(Err(error));
             return None;
