@@ -1,7 +1,7 @@
 //! TiKV's raft-engine (0.4, from crates.io, bench-only) against Flotilla's log on the identical
 //! workload, side by side in one process run: W writer threads, each looping "append one entry of
 //! B bytes to one of its own groups, durably" (`Engine::write(batch, sync = true)` there,
-//! `block_on(wal.append(batch))` here), compacting in the same batch every 64 entries of a group.
+//! `wal.append(batch).wait()` here), compacting in the same batch every 64 entries of a group.
 //!
 //! Both engines get incompressible payloads. raft-engine runs with its default configuration (only
 //! `dir` set); its entries are protobuf messages (`BytesValue` with the entry index in the first

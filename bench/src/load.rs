@@ -126,7 +126,7 @@ pub struct Shape {
     /// Whether each append waits for durability (fdatasync) or only for the write.
     pub sync: bool,
     /// Producers are tasks on one executor thread (as in a shard's event loop) rather than one
-    /// OS thread each blocking in `block_on`.
+    /// OS thread each blocking in `AppendFuture::wait`.
     pub tasks: bool,
 }
 
@@ -197,7 +197,7 @@ impl Producers {
             enqueue_then_wait(future, next)
         } else {
             drop(next);
-            flotilla_wal::block_on(future)
+            future.wait()
         };
         result.expect("append");
         self.appended.fetch_add(count, Ordering::Relaxed);
@@ -313,12 +313,7 @@ fn enqueue_then_wait(mut future: AppendFuture, guard: MutexGuard<'_, u64>) -> Re
         std::thread::yield_now();
     }
     drop(guard);
-    loop {
-        if let Poll::Ready(result) = Pin::new(&mut future).poll(&mut cx) {
-            return result;
-        }
-        std::thread::park();
-    }
+    future.wait()
 }
 
 impl WalLoad {

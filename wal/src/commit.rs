@@ -7,7 +7,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 
@@ -24,14 +24,40 @@ use crate::record::{HardState, Op, RECORD_HEADER_LEN, WriteBatch};
 pub(crate) struct RoundDone {
     result: OnceLock<Result<(), WalError>>,
     wakers: Mutex<Vec<Waker>>,
+    /// 0 until `result` is set, then 1: the futex word threads in [`RoundDone::wait`] sleep on,
+    /// so that completing a round wakes all of them with one system call rather than one
+    /// `unpark` (a futex wake) per thread, which the writer thread would pay before its next round.
+    completed: AtomicU32,
+    /// Threads that are in [`RoundDone::wait`] (or about to sleep there).
+    sleepers: AtomicU32,
 }
 
 impl RoundDone {
     pub(crate) fn complete(&self, result: Result<(), WalError>) {
         assert!(self.result.set(result).is_ok(), "a round completes once");
+        // SeqCst on both sides (here and in `wait`): either this load sees a sleeper's
+        // registration, or that sleeper's check of `completed` sees the store.
+        self.completed.store(1, Ordering::SeqCst);
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            atomic_wait::wake_all(std::ptr::from_ref(&self.completed));
+        }
         for waker in std::mem::take(&mut *self.wakers.lock()) {
             waker.wake();
         }
+    }
+
+    /// Blocks the calling thread until the round completes.
+    fn wait(&self) -> Result<(), WalError> {
+        if let Some(result) = self.result.get() {
+            return result.clone();
+        }
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        // The kernel compares the word with 0 before sleeping: a completion between the check
+        // and the sleep is not lost. Spurious returns just check again.
+        while self.completed.load(Ordering::SeqCst) == 0 {
+            atomic_wait::wait(&self.completed, 0);
+        }
+        self.result.get().expect("set before `completed`").clone()
     }
 
     /// `slot` is where this waiter's waker went on an earlier poll: a re-poll replaces its own
@@ -305,6 +331,64 @@ impl AppendFuture {
 }
 
 impl AppendFuture {
+    /// Waits on the calling thread until the append is durable (or, for `sync: false`, written),
+    /// like [`block_on`]`(self)` — an idle log is written by this thread itself — except that
+    /// once the batch is in a round the thread sleeps on the round's completion word instead of
+    /// registering a waker: a round shared by many blocked threads wakes all of them with one
+    /// system call, where one waker per thread costs the writer thread one `unpark` each before
+    /// it can start its next round. For threads that do nothing else meanwhile; a future that
+    /// must be combined with others goes through [`block_on`] or an executor.
+    pub fn wait(mut self) -> Result<(), WalError> {
+        if self.shared.inline_writer() {
+            // Rounds are written by polls: only polling makes progress.
+            return block_on(self);
+        }
+        let waker = thread_waker();
+        let cx = Context::from_waker(&waker);
+        let _restore = WaitingCaller::enter();
+        loop {
+            match std::mem::replace(&mut self.state, AppendState::Done) {
+                AppendState::Waiting(done, _) => {
+                    let result = done.wait();
+                    self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    return result;
+                }
+                AppendState::Failed(error) => return Err(error),
+                AppendState::Done => unreachable!("an AppendFuture is consumed when it completes"),
+                queued @ AppendState::Queued { .. } => {
+                    self.state = queued;
+                    if self.try_join(&cx).is_pending() {
+                        // The open round was full: the writer taking it unparks this thread.
+                        std::thread::park();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves a queued batch into the open round (`Waiting`), writing the round on this thread
+    /// when `enqueue` hands it over; `Pending` while the open round is full (the waker is called
+    /// once it is taken). Leaves every other state as it is.
+    fn try_join(&mut self, cx: &Context<'_>) -> Poll<()> {
+        let AppendState::Queued { batch, sync } = &self.state else {
+            return Poll::Ready(());
+        };
+        match self.shared.enqueue(batch, *sync, cx, blocking_caller()) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok((done, own))) => {
+                self.state = AppendState::Waiting(done, None);
+                if let Some(round) = own {
+                    self.shared.write_own_round(round);
+                }
+                Poll::Ready(())
+            }
+            Poll::Ready(Err(error)) => {
+                self.state = AppendState::Failed(error);
+                Poll::Ready(())
+            }
+        }
+    }
+
     /// Whether the batch has joined the log's queue. Appends join in the order they are first
     /// polled, except that one finding the open round full joins only when polled again after
     /// the writer took the round: a caller keeping several appends in flight polls them in
@@ -333,20 +417,11 @@ impl Future for AppendFuture {
         let this = &mut *self;
         loop {
             match std::mem::replace(&mut this.state, AppendState::Done) {
-                AppendState::Queued { batch, sync } => {
-                    match this.shared.enqueue(&batch, sync, cx, blocking_caller()) {
-                        Poll::Pending => {
-                            this.state = AppendState::Queued { batch, sync };
-                            this.shared.drive_inline();
-                            return Poll::Pending;
-                        }
-                        Poll::Ready(Ok((done, own))) => {
-                            this.state = AppendState::Waiting(done, None);
-                            if let Some(round) = own {
-                                this.shared.write_own_round(round);
-                            }
-                        }
-                        Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                queued @ AppendState::Queued { .. } => {
+                    this.state = queued;
+                    if this.try_join(cx).is_pending() {
+                        this.shared.drive_inline();
+                        return Poll::Pending;
                     }
                 }
                 AppendState::Waiting(done, mut slot) => {
@@ -420,16 +495,7 @@ impl Drop for WaitingCaller {
 /// An append awaited this way on an idle log is written by the calling thread itself, saving
 /// the hand-off to the log's writer thread and back.
 pub fn block_on<F: Future>(future: F) -> F::Output {
-    struct ThreadWaker(std::thread::Thread);
-    impl std::task::Wake for ThreadWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-        fn wake_by_ref(self: &Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let waker = thread_waker();
     let mut cx = Context::from_waker(&waker);
     let mut future = std::pin::pin!(future);
     let _restore = WaitingCaller::enter();
@@ -439,6 +505,20 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         }
         std::thread::park();
     }
+}
+
+/// A waker that unparks the calling thread.
+fn thread_waker() -> Waker {
+    struct ThreadWaker(std::thread::Thread);
+    impl std::task::Wake for ThreadWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    Waker::from(Arc::new(ThreadWaker(std::thread::current())))
 }
 
 #[cfg(test)]
@@ -486,5 +566,49 @@ mod tests {
             done.poll(&mut Context::from_waker(&first_waker), &mut mine),
             Poll::Ready(Ok(()))
         ));
+    }
+
+    /// Threads in `wait` register no waker (the writer has nothing to wake one by one), all
+    /// return with the round's result once it completes, alongside a polled waiter, and a wait
+    /// after completion returns at once.
+    #[test]
+    fn threads_in_wait_share_the_completion_and_register_no_waker() {
+        let done = Arc::new(RoundDone::default());
+        let threads = 8;
+        let waiters: Vec<_> = (0..threads)
+            .map(|_| {
+                let done = Arc::clone(&done);
+                std::thread::spawn(move || done.wait())
+            })
+            .collect();
+        let (polled, polled_waker) = counting();
+        assert!(done.poll(&mut Context::from_waker(&polled_waker), &mut None).is_pending());
+        while done.sleepers.load(Ordering::SeqCst) < threads {
+            std::thread::yield_now();
+        }
+        assert_eq!(done.wakers.lock().len(), 1, "only the polled waiter registered a waker");
+        let error = crate::WalError::Closed;
+        done.complete(Err(error));
+        for waiter in waiters {
+            assert!(matches!(waiter.join().unwrap(), Err(crate::WalError::Closed)));
+        }
+        assert_eq!(polled.0.load(Ordering::SeqCst), 1);
+        assert!(matches!(done.wait(), Err(crate::WalError::Closed)));
+    }
+
+    /// Completion racing a thread on its way into `wait`: never a lost wake-up.
+    #[test]
+    fn a_completion_racing_a_waiter_is_never_lost() {
+        for round in 0..2_000 {
+            let done = Arc::new(RoundDone::default());
+            let (tx, rx) = std::sync::mpsc::channel();
+            {
+                let done = Arc::clone(&done);
+                std::thread::spawn(move || tx.send(done.wait()).unwrap());
+            }
+            done.complete(Ok(()));
+            let result = rx.recv_timeout(std::time::Duration::from_secs(10));
+            assert!(matches!(result, Ok(Ok(()))), "round {round}: the waiter missed the wake-up");
+        }
     }
 }

@@ -6,7 +6,8 @@ mod common;
 use bytes::Bytes;
 use common::{check_prefix, inline_config, open_sim, read_back, run_batches, scripted_batches};
 use flotilla_wal::sim::{CrashMode, Keep, SimError, SimOp, SimStorage};
-use flotilla_wal::{GroupId, WalError, WriteBatch, block_on};
+use flotilla_wal::{Config, GroupId, WalError, WriteBatch, WriterMode, block_on};
+use std::sync::Arc;
 
 const SEGMENT_BYTES: u64 = 16 << 10;
 const ROUNDS: usize = 240;
@@ -159,6 +160,36 @@ fn fdatasync_error_poisons_and_is_never_retried() {
     assert!(matches!(block_on(wal.flush()), Err(WalError::Poisoned { .. })));
     assert_eq!(disk.op_count_of(SimOp::Sync), syncs_before + 1, "a failed fdatasync was retried");
     assert!(matches!(wal.close(), Err(WalError::Poisoned { .. })));
+}
+
+/// S9 with a writer thread and threads blocked in `AppendFuture::wait`: a failed fdatasync
+/// wakes every thread waiting on the failed round and on later ones with an error (none hangs),
+/// and the log stays poisoned.
+#[test]
+fn fdatasync_error_reaches_every_thread_blocked_in_wait() {
+    let disk = SimStorage::new();
+    let config = Config { writer: WriterMode::Threads, ..inline_config(SEGMENT_BYTES) };
+    let (wal, _) = open_sim(&disk, &config).unwrap();
+    let wal = Arc::new(wal);
+    let batches = scripted_batches(5, 4);
+    assert_eq!(run_batches(&wal, &batches), 4);
+    disk.fail_all(SimOp::Sync, SimError::Io);
+    let threads = 16u64;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for t in 0..threads {
+        let (wal, tx) = (Arc::clone(&wal), tx.clone());
+        std::thread::spawn(move || {
+            let mut batch = WriteBatch::new();
+            batch.add_entries(GroupId(1_000 + t), 1, [(1, Bytes::from_static(b"lost"))]);
+            tx.send(wal.append_blocking(batch)).unwrap();
+        });
+    }
+    for _ in 0..threads {
+        let result = rx.recv_timeout(std::time::Duration::from_secs(30));
+        let Ok(Err(error)) = result else { panic!("a waiter hung or succeeded: {result:?}") };
+        assert!(matches!(error, WalError::Poisoned { .. }), "{error}");
+    }
+    assert!(matches!(wal.append_blocking(WriteBatch::new()), Err(WalError::Poisoned { .. })));
 }
 
 /// S9: ENOSPC is a typed `DiskFull`; maintenance (compaction) still works through the reserved

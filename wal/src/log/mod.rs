@@ -18,7 +18,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::commit::{AppendFuture, Queue, Round, RoundDone, block_on};
+use crate::commit::{AppendFuture, Queue, Round, RoundDone};
 use crate::config::{Config, WriterMode};
 use crate::error::WalError;
 use crate::index::{Bounds, Index, resolve_seq};
@@ -53,7 +53,7 @@ pub struct Stats {
     /// Rounds (records) written.
     pub rounds: u64,
     /// Rounds written by the appending thread itself rather than the writer thread (an append
-    /// awaited with [`block_on`] on an idle log).
+    /// awaited with [`crate::block_on`] on an idle log).
     pub rounds_inline: u64,
     /// Rounds whose fdatasync ran while the writer finished the round before (index update,
     /// producers' wake-ups): the io_uring backend and the simulated disk's writer thread. The
@@ -352,9 +352,10 @@ impl Wal {
         AppendFuture::new(Arc::clone(&self.shared), batch, sync)
     }
 
-    /// Appends and waits on the calling thread.
+    /// Appends and waits on the calling thread until the batch is durable
+    /// ([`AppendFuture::wait`]: threads blocked on one round are woken together).
     pub fn append_blocking(&self, batch: WriteBatch) -> Result<(), WalError> {
-        block_on(self.append(batch))
+        self.append(batch).wait()
     }
 
     /// Resolves once everything appended before it is durable.

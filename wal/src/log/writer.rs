@@ -55,6 +55,11 @@ impl Drop for Writing<'_> {
 }
 
 impl Shared {
+    /// Whether rounds are written by the appending tasks' polls (no writer thread).
+    pub(crate) fn inline_writer(&self) -> bool {
+        self.config.writer == WriterMode::Inline
+    }
+
     /// Inline mode: the caller writes rounds itself until none is left (unless another caller is
     /// already doing so, in which case that one will write ours too).
     pub(crate) fn drive_inline(&self) {
