@@ -285,22 +285,12 @@ impl Wake for TaskWaker {
     }
 }
 
-struct ThreadWaker(std::thread::Thread);
-
-impl Wake for ThreadWaker {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
 /// Polls `future` until its batch has joined a round (while `guard` keeps other producers of the
-/// group out), then waits for it with the lock released.
+/// group out), then waits for it with the lock released. Polled with a no-op waker: the loop
+/// yields rather than sleeps, and a waker registered in the round would be unparked by the
+/// writer on top of `wait`'s shared wake-up.
 fn enqueue_then_wait(mut future: AppendFuture, guard: MutexGuard<'_, u64>) -> Result<(), WalError> {
-    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
+    let mut cx = Context::from_waker(Waker::noop());
     loop {
         if let Poll::Ready(result) = Pin::new(&mut future).poll(&mut cx) {
             return result;

@@ -1,7 +1,8 @@
 //! Group commit: producers encode their batches straight into the open round (the only copy of
 //! each payload byte on the write path); one writer turns a whole round into one record, one write
 //! and one fdatasync, while the next round fills; every producer's future completes when its round
-//! is durable. On an idle log a caller blocked in [`block_on`] writes its own round instead
+//! is durable. On an idle log a caller blocked in [`block_on`] or [`AppendFuture::wait`] writes
+//! its own round instead
 //! (`Shared::write_own_round`); `Queue::writing` keeps rounds one at a time and in order.
 
 use std::cell::Cell;
@@ -28,7 +29,8 @@ pub(crate) struct RoundDone {
     /// so that completing a round wakes all of them with one system call rather than one
     /// `unpark` (a futex wake) per thread, which the writer thread would pay before its next round.
     completed: AtomicU32,
-    /// Threads that are in [`RoundDone::wait`] (or about to sleep there).
+    /// Threads that went to sleep in [`RoundDone::wait`] (never decremented: it only decides
+    /// whether completing the round needs a futex wake at all).
     sleepers: AtomicU32,
 }
 
@@ -44,6 +46,12 @@ impl RoundDone {
         for waker in std::mem::take(&mut *self.wakers.lock()) {
             waker.wake();
         }
+    }
+
+    /// `(threads that slept in `wait`, wakers registered)`, for tests.
+    #[cfg(test)]
+    pub(crate) fn waiters(&self) -> (u32, usize) {
+        (self.sleepers.load(Ordering::SeqCst), self.wakers.lock().len())
     }
 
     /// Blocks the calling thread until the round completes.
@@ -335,9 +343,14 @@ impl AppendFuture {
     /// like [`block_on`]`(self)` — an idle log is written by this thread itself — except that
     /// once the batch is in a round the thread sleeps on the round's completion word instead of
     /// registering a waker: a round shared by many blocked threads wakes all of them with one
-    /// system call, where one waker per thread costs the writer thread one `unpark` each before
-    /// it can start its next round. For threads that do nothing else meanwhile; a future that
-    /// must be combined with others goes through [`block_on`] or an executor.
+    /// system call, where one waker per thread costs the writer thread one `unpark` each, on its
+    /// path between fdatasyncs. For threads that do nothing else meanwhile; a future that must
+    /// be combined with others goes through [`block_on`] or an executor. A future already polled
+    /// after joining its round keeps the waker it registered then, which is still woken.
+    ///
+    /// # Panics
+    ///
+    /// If the future was already polled to completion.
     pub fn wait(mut self) -> Result<(), WalError> {
         if self.shared.inline_writer() {
             // Rounds are written by polls: only polling makes progress.
@@ -354,7 +367,7 @@ impl AppendFuture {
                     return result;
                 }
                 AppendState::Failed(error) => return Err(error),
-                AppendState::Done => unreachable!("an AppendFuture is consumed when it completes"),
+                AppendState::Done => panic!("AppendFuture waited on after completion"),
                 queued @ AppendState::Queued { .. } => {
                     self.state = queued;
                     if self.try_join(&cx).is_pending() {
@@ -450,7 +463,8 @@ impl Drop for AppendFuture {
 }
 
 thread_local! {
-    /// Set while this thread is inside [`block_on`]: it does nothing but wait for the future, so
+    /// Set while this thread is inside [`block_on`], [`AppendFuture::wait`] or
+    /// [`waiting_caller`]: it does nothing but wait for the future, so
     /// it may write its own round on an idle log instead of waking the writer thread (never done
     /// from an executor's task, which would stall the executor's other tasks).
     static BLOCKING_CALLER: Cell<bool> = const { Cell::new(false) };
@@ -526,6 +540,7 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::{Context, Poll, Wake, Waker};
+    use std::time::Duration;
 
     use super::RoundDone;
 
@@ -575,39 +590,50 @@ mod tests {
     fn threads_in_wait_share_the_completion_and_register_no_waker() {
         let done = Arc::new(RoundDone::default());
         let threads = 8;
-        let waiters: Vec<_> = (0..threads)
-            .map(|_| {
-                let done = Arc::clone(&done);
-                std::thread::spawn(move || done.wait())
-            })
-            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..threads {
+            let (done, tx) = (Arc::clone(&done), tx.clone());
+            std::thread::spawn(move || tx.send(done.wait()).unwrap());
+        }
         let (polled, polled_waker) = counting();
         assert!(done.poll(&mut Context::from_waker(&polled_waker), &mut None).is_pending());
-        while done.sleepers.load(Ordering::SeqCst) < threads {
+        while done.waiters().0 < threads {
             std::thread::yield_now();
         }
-        assert_eq!(done.wakers.lock().len(), 1, "only the polled waiter registered a waker");
-        let error = crate::WalError::Closed;
-        done.complete(Err(error));
-        for waiter in waiters {
-            assert!(matches!(waiter.join().unwrap(), Err(crate::WalError::Closed)));
+        assert_eq!(done.waiters(), (threads, 1), "only the polled waiter registered a waker");
+        done.complete(Err(crate::WalError::Closed));
+        for _ in 0..threads {
+            let result = rx.recv_timeout(Duration::from_secs(10)).expect("a waiter was not woken");
+            assert!(matches!(result, Err(crate::WalError::Closed)), "{result:?}");
         }
         assert_eq!(polled.0.load(Ordering::SeqCst), 1);
         assert!(matches!(done.wait(), Err(crate::WalError::Closed)));
     }
 
-    /// Completion racing a thread on its way into `wait`: never a lost wake-up.
+    /// Completion racing a thread on its way into `wait` (released together by a barrier; every
+    /// other round completes only once the thread has registered as a sleeper): never a lost
+    /// wake-up.
     #[test]
     fn a_completion_racing_a_waiter_is_never_lost() {
         for round in 0..2_000 {
             let done = Arc::new(RoundDone::default());
+            let barrier = Arc::new(std::sync::Barrier::new(2));
             let (tx, rx) = std::sync::mpsc::channel();
             {
-                let done = Arc::clone(&done);
-                std::thread::spawn(move || tx.send(done.wait()).unwrap());
+                let (done, barrier) = (Arc::clone(&done), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    tx.send(done.wait()).unwrap();
+                });
+            }
+            barrier.wait();
+            if round % 2 == 1 {
+                while done.waiters().0 == 0 {
+                    std::hint::spin_loop();
+                }
             }
             done.complete(Ok(()));
-            let result = rx.recv_timeout(std::time::Duration::from_secs(10));
+            let result = rx.recv_timeout(Duration::from_secs(10));
             assert!(matches!(result, Ok(Ok(()))), "round {round}: the waiter missed the wake-up");
         }
     }

@@ -22,8 +22,9 @@ pub enum RecoveryMode {
 #[non_exhaustive]
 pub enum WriterMode {
     /// A writer thread performs group commit; a preparer thread readies segments ahead of need.
-    /// On an idle log, an append awaited with [`crate::block_on`] is written and synced by the
-    /// appending thread itself, sparing it the hand-off to the writer thread and back.
+    /// On an idle log, an append awaited with [`crate::block_on`] or
+    /// [`crate::AppendFuture::wait`] is written and synced by the appending thread itself,
+    /// sparing it the hand-off to the writer thread and back.
     #[default]
     Threads,
     /// No threads: the task awaiting an append performs the round itself. Deterministic, for tests

@@ -162,18 +162,24 @@ fn fdatasync_error_poisons_and_is_never_retried() {
     assert!(matches!(wal.close(), Err(WalError::Poisoned { .. })));
 }
 
-/// S9 with a writer thread and threads blocked in `AppendFuture::wait`: a failed fdatasync
-/// wakes every thread waiting on the failed round and on later ones with an error (none hangs),
-/// and the log stays poisoned.
+/// S9 with a writer thread and threads blocked in `Wal::append_blocking`: a failed fdatasync
+/// reaches every one of them as an error (none hangs), and the log stays poisoned. The batching
+/// delay keeps the idle log from being written by the first appending thread, so the threads
+/// join one round and sleep on it (`log::tests` checks that they do, deterministically).
 #[test]
 fn fdatasync_error_reaches_every_thread_blocked_in_wait() {
     let disk = SimStorage::new();
-    let config = Config { writer: WriterMode::Threads, ..inline_config(SEGMENT_BYTES) };
+    let config = Config {
+        writer: WriterMode::Threads,
+        batch_delay_us_max: 200_000,
+        ..inline_config(SEGMENT_BYTES)
+    };
     let (wal, _) = open_sim(&disk, &config).unwrap();
     let wal = Arc::new(wal);
     let batches = scripted_batches(5, 4);
     assert_eq!(run_batches(&wal, &batches), 4);
     disk.fail_all(SimOp::Sync, SimError::Io);
+    let syncs_before = disk.op_count_of(SimOp::Sync);
     let threads = 16u64;
     let (tx, rx) = std::sync::mpsc::channel();
     for t in 0..threads {
@@ -189,6 +195,7 @@ fn fdatasync_error_reaches_every_thread_blocked_in_wait() {
         let Ok(Err(error)) = result else { panic!("a waiter hung or succeeded: {result:?}") };
         assert!(matches!(error, WalError::Poisoned { .. }), "{error}");
     }
+    assert_eq!(disk.op_count_of(SimOp::Sync), syncs_before + 1, "a failed fdatasync was retried");
     assert!(matches!(wal.append_blocking(WriteBatch::new()), Err(WalError::Poisoned { .. })));
 }
 

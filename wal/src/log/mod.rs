@@ -53,7 +53,7 @@ pub struct Stats {
     /// Rounds (records) written.
     pub rounds: u64,
     /// Rounds written by the appending thread itself rather than the writer thread (an append
-    /// awaited with [`crate::block_on`] on an idle log).
+    /// awaited with [`crate::block_on`] or [`AppendFuture::wait`] on an idle log).
     pub rounds_inline: u64,
     /// Rounds whose fdatasync ran while the writer finished the round before (index update,
     /// producers' wake-ups): the io_uring backend and the simulated disk's writer thread. The
@@ -730,5 +730,75 @@ impl Shared {
         drop(queue);
         self.work.notify_one();
         Poll::Ready(Ok((done, None)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+
+    use super::Wal;
+    use crate::sim::{SimError, SimOp, SimStorage};
+    use crate::{Config, GroupId, WalError, WriteBatch};
+
+    /// Threads in `AppendFuture::wait` (through `Wal::append_blocking`) join one round and sleep
+    /// on its completion word — no waker for the writer to wake one by one — and all of them
+    /// get that round's failed fdatasync as an error.
+    #[test]
+    fn threads_in_wait_sleep_on_their_round_and_all_get_its_error() {
+        let disk = SimStorage::new();
+        let config =
+            Config { segment_bytes: 1 << 20, batch_bytes_max: 64 << 10, ..Config::default() };
+        let (wal, _) = Wal::open_with(Arc::new(disk.clone()), config).unwrap();
+        let wal = Arc::new(wal);
+        // Hold the right to write rounds, so the writer thread leaves the open round alone.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut queue = wal.shared.queue.lock();
+            if !queue.writing {
+                queue.writing = true;
+                break;
+            }
+            drop(queue);
+            assert!(Instant::now() < deadline, "the writer never went idle");
+            std::thread::yield_now();
+        }
+        let threads = 8u32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for t in 0..threads {
+            let (wal, tx) = (Arc::clone(&wal), tx.clone());
+            std::thread::spawn(move || {
+                let mut batch = WriteBatch::new();
+                batch.add_entries(GroupId(u64::from(t)), 1, [(1, Bytes::from_static(b"x"))]);
+                tx.send(wal.append_blocking(batch)).unwrap();
+            });
+        }
+        loop {
+            let queue = wal.shared.queue.lock();
+            let joined = queue.open.ops.len();
+            let (sleepers, wakers) = queue.open.done.waiters();
+            drop(queue);
+            assert_eq!(wakers, 0, "a thread in `wait` registered a waker");
+            if joined == threads as usize && sleepers == threads {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{joined} joined, {sleepers} asleep");
+            std::thread::yield_now();
+        }
+        disk.fail_all(SimOp::Sync, SimError::Io);
+        let syncs_before = disk.op_count_of(SimOp::Sync);
+        wal.shared.queue.lock().writing = false;
+        wal.shared.work.notify_all();
+        for _ in 0..threads {
+            let result = rx.recv_timeout(Duration::from_secs(30)).expect("a waiter was not woken");
+            assert!(
+                matches!(result, Err(WalError::Poisoned { op: "fdatasync", .. })),
+                "{result:?}"
+            );
+        }
+        assert_eq!(disk.op_count_of(SimOp::Sync), syncs_before + 1, "one round, one fdatasync");
     }
 }
