@@ -128,6 +128,22 @@ pub(crate) struct Round {
     pub done: Arc<RoundDone>,
 }
 
+/// What the waiters of a round dropped before it completed hear (see `Round`'s `Drop`).
+pub(crate) const PANICKED: &str = "a panic unwound through the write of this round (a bug)";
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        // Every round is completed before it is dropped, except when a panic (a bug) unwinds
+        // through its write: its waiters must hear of it instead of waiting forever.
+        if self.done.result.get().is_none() {
+            self.done.complete(Err(WalError::Poisoned {
+                op: "writing a round",
+                cause: Arc::new(std::io::Error::other(PANICKED)),
+            }));
+        }
+    }
+}
+
 impl Round {
     pub(crate) fn new(mut buf: Vec<u8>) -> Round {
         buf.clear();

@@ -14,7 +14,8 @@ pub enum WalError {
     /// after a failed fdatasync the page cache can no longer be trusted (it is never retried).
     #[error("log poisoned by an earlier {op} failure: {cause}")]
     Poisoned {
-        /// The operation that failed: `write` or `fdatasync`.
+        /// The operation that failed: `write` or `fdatasync`, or `writing a round` when a panic
+        /// (a bug) unwound through a round's write.
         op: &'static str,
         /// The error it returned.
         cause: Arc<std::io::Error>,

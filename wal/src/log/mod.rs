@@ -18,7 +18,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::commit::{AppendFuture, Queue, Round, RoundDone};
+use crate::commit::{AppendFuture, PANICKED, Queue, Round, RoundDone};
 use crate::config::{Config, WriterMode};
 use crate::error::WalError;
 use crate::index::{Bounds, Index, resolve_seq};
@@ -328,7 +328,14 @@ impl Wal {
         let shared = Arc::clone(&self.shared);
         let writer = std::thread::Builder::new()
             .name("flotilla-wal-writer".into())
-            .spawn(move || shared.writer_loop(syncer))
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| shared.writer_loop(syncer));
+                if std::panic::catch_unwind(run).is_err() {
+                    // Also outside a round's write (`Writing` covers those): appends must fail,
+                    // not wait for this thread.
+                    shared.poison_after_panic();
+                }
+            })
             .map_err(|e| WalError::io("starting the writer thread", e))?;
         // Recorded at once: if the preparer cannot start, shutdown still joins the writer.
         self.threads.lock().push(writer);
@@ -671,6 +678,18 @@ impl Shared {
         self.poison.get().cloned().unwrap_or(poisoned)
     }
 
+    /// After a panic while a round was written (a bug): poisons the log and fails the open
+    /// round, so no caller waits for a write that will not come (the writer thread may be gone).
+    /// Rounds being written are failed as the panic drops them (`Round`'s `Drop`).
+    pub(crate) fn poison_after_panic(&self) {
+        let error = self.poison_with("writing a round", std::io::Error::other(PANICKED));
+        // Taken after the poison is set: an append that locks the queue later sees the poison.
+        let open = self.queue.lock().take();
+        if let Some(open) = open {
+            open.done.complete(Err(error));
+        }
+    }
+
     /// Checks what can be checked before queueing.
     pub(crate) fn check_batch(&self, batch: &WriteBatch) -> Result<(), WalError> {
         self.check_poison()?;
@@ -702,6 +721,11 @@ impl Shared {
         let mut queue = self.queue.lock();
         if queue.closed {
             return Poll::Ready(Err(WalError::Closed));
+        }
+        // Again under the lock: `poison_after_panic` fails the open round after poisoning, and
+        // a batch joining the next one could wait for a writer thread that is gone.
+        if let Err(error) = self.check_poison() {
+            return Poll::Ready(Err(error));
         }
         if !queue.open.is_empty()
             && queue.open.body_len() + batch.encoded_len() > self.config.batch_bytes_max

@@ -43,6 +43,10 @@ struct Writing<'a>(&'a Shared);
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A bug unwound through a round's write: the log's state is unknown.
+            self.0.poison_after_panic();
+        }
         let pending = {
             let mut queue = self.0.queue.lock();
             queue.writing = false;
@@ -307,7 +311,7 @@ impl Shared {
     /// the index, complete the producers, collect garbage, copy laggards forward. `next` is a
     /// round written after this one and not finished yet, whose groups the copy must skip.
     fn finish(&self, written: Written, result: Result<(), WalError>, next: Option<&Round>) {
-        let Written { round, seq, body_offset, padded, rotated, .. } = written;
+        let Written { mut round, seq, body_offset, padded, rotated, .. } = written;
         if let Err(error) = result {
             round.done.complete(Err(error));
             return;
@@ -330,7 +334,7 @@ impl Shared {
         self.metrics.bytes.increment(padded as u64);
         self.metrics.round_bytes.record(padded as f64);
         round.done.complete(Ok(()));
-        let Round { buf, .. } = round;
+        let buf = std::mem::take(&mut round.buf);
         self.queue.lock().spare_bufs.push(buf);
         if run_gc {
             self.collect_garbage(active_seq);
