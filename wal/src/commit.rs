@@ -2,8 +2,8 @@
 //! each payload byte on the write path); one writer turns a whole round into one record, one write
 //! and one fdatasync, while the next round fills; every producer's future completes when its round
 //! is durable. On an idle log a caller blocked in [`block_on`] or [`AppendFuture::wait`] writes
-//! its own round instead
-//! (`Shared::write_own_round`); `Queue::writing` keeps rounds one at a time and in order.
+//! its own round instead (`Shared::write_own_round`); `Queue::writing` keeps rounds one at a
+//! time and in order.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -27,7 +27,7 @@ pub(crate) struct RoundDone {
     wakers: Mutex<Vec<Waker>>,
     /// 0 until `result` is set, then 1: the futex word threads in [`RoundDone::wait`] sleep on,
     /// so that completing a round wakes all of them with one system call rather than one
-    /// `unpark` (a futex wake) per thread, which the writer thread would pay before its next round.
+    /// `unpark` (a futex wake) per thread, which the writer thread would pay between fdatasyncs.
     completed: AtomicU32,
     /// Threads that went to sleep in [`RoundDone::wait`] (never decremented: it only decides
     /// whether completing the round needs a futex wake at all).
