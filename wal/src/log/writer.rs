@@ -67,7 +67,7 @@ impl Shared {
     /// Inline mode: the caller writes rounds itself until none is left (unless another caller is
     /// already doing so, in which case that one will write ours too).
     pub(crate) fn drive_inline(&self) {
-        if self.config.writer != WriterMode::Inline {
+        if !self.inline_writer() {
             return;
         }
         let mut syncer = Syncer::Blocking;
