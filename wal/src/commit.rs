@@ -228,6 +228,8 @@ pub(crate) struct Queue {
     /// written one at a time.
     pub writing: bool,
     pub spare_bufs: Vec<Vec<u8>>,
+    /// `accept`'s per-batch list of the groups it touches, kept so a batch allocates nothing.
+    touched: Vec<(GroupId, Bounds)>,
 }
 
 impl Queue {
@@ -239,6 +241,7 @@ impl Queue {
             space_waiters: Vec::new(),
             writing: false,
             spare_bufs: Vec::new(),
+            touched: Vec::new(),
         }
     }
 
@@ -258,7 +261,9 @@ impl Queue {
     /// Checks `batch` against the accepted bounds and, if it fits, adds it to the open round.
     /// All or nothing: a batch that does not fit changes nothing.
     pub(crate) fn accept(&mut self, batch: &WriteBatch, sync: bool) -> Result<(), WalError> {
-        let mut touched: Vec<(GroupId, Bounds)> = Vec::new();
+        // Always empty here: drained below, or dropped with a batch that failed (which leaves
+        // an unallocated one behind).
+        let mut touched = std::mem::take(&mut self.touched);
         for op in batch.ops() {
             let group = op.group();
             let position = match touched.iter().position(|(g, _)| *g == group) {
@@ -309,7 +314,7 @@ impl Queue {
                 Op::HardState { .. } => {}
             }
         }
-        for (group, bounds) in touched {
+        for (group, bounds) in touched.drain(..) {
             // Fresh bounds and no entry are the same thing: removed groups leave nothing behind.
             if bounds == Bounds::new() {
                 self.bounds.remove(&group);
@@ -317,6 +322,7 @@ impl Queue {
                 self.bounds.insert(group, bounds);
             }
         }
+        self.touched = touched;
         for op in batch.ops() {
             self.open.push(op);
         }
@@ -537,7 +543,9 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
     }
 }
 
-/// A waker that unparks the calling thread.
+/// A waker that unparks the calling thread: one per thread, made on its first wait and kept,
+/// so a blocking append allocates nothing for it (a fresh one per append cost an allocation,
+/// a `Thread` clone and their release on every append of every blocked producer).
 fn thread_waker() -> Waker {
     struct ThreadWaker(std::thread::Thread);
     impl std::task::Wake for ThreadWaker {
@@ -548,7 +556,12 @@ fn thread_waker() -> Waker {
             self.0.unpark();
         }
     }
-    Waker::from(Arc::new(ThreadWaker(std::thread::current())))
+    let fresh = || Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    thread_local! {
+        static WAKER: Waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    }
+    // A fresh one while the thread's locals are being destroyed (an append from a destructor).
+    WAKER.try_with(Waker::clone).unwrap_or_else(|_| fresh())
 }
 
 #[cfg(test)]
