@@ -128,7 +128,7 @@ proptest! {
                 }
             }
         }
-        let state: Vec<_> = kv.iter().map(|(key, value)| (key.clone(), value.clone())).collect();
+        let state: Vec<_> = kv.iter().map(|(key, value)| (Bytes::copy_from_slice(key), value.clone())).collect();
         let expected: Vec<_> = model.into_iter().collect();
         prop_assert_eq!(state, expected);
     }
@@ -206,7 +206,7 @@ proptest! {
             }
             prop_assert_eq!(kv.last_sequence(client_id), Some(last));
         }
-        let state: Vec<_> = kv.iter().map(|(key, value)| (key.clone(), value.clone())).collect();
+        let state: Vec<_> = kv.iter().map(|(key, value)| (Bytes::copy_from_slice(key), value.clone())).collect();
         let expected: Vec<_> = model.into_iter().collect();
         prop_assert_eq!(state, expected);
     }

@@ -223,7 +223,7 @@ fn every_group_elects_commits_and_applies_on_every_replica() {
             .values()
             .map(|node| {
                 let machine = node.core.machine(group).unwrap();
-                machine.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+                machine.iter().map(|(k, v)| (Bytes::copy_from_slice(k), v.clone())).collect()
             })
             .collect();
         assert_eq!(states[0], vec![(Bytes::from("k"), Bytes::from(format!("v{g}")))]);

@@ -1,10 +1,14 @@
 //! The ordered map behind [`super::KvStateMachine`]: a sorted vector while it is small, a
-//! persistent B-tree beyond that.
+//! persistent B-tree beyond that, keyed by [`Key`]s that hold short keys inline.
 //!
 //! Most groups of a node with tens of thousands of them hold a handful of keys. A B-tree
 //! allocates a whole leaf (~1 KiB for `Bytes` keys and values) for its first key; a sorted
 //! vector sized exactly holds one key in 64 B. Both iterate in key order, so nothing observable
 //! (reads, ranges, snapshot bytes) depends on the representation.
+//!
+//! A lookup compares the key against about six keys per B-tree node. A key behind a pointer
+//! costs a cache miss per comparison once the store outgrows the cache; a [`Key`] of at most
+//! [`INLINE_MAX`] bytes lives in the node itself and costs none, nor an allocation of its own.
 //!
 //! Cloning is what a snapshot does (the image is written from the clone on another thread while
 //! the group goes on applying), so it must cost next to nothing on the shard thread whatever the
@@ -12,7 +16,9 @@
 //! its nodes between clones — a clone is O(1), and a write after it copies only the nodes on
 //! its path (a node is mutated in place while nothing else holds it).
 
-use std::ops::Bound;
+use std::borrow::Borrow;
+use std::cmp::Ordering;
+use std::ops::{Bound, Deref};
 
 use bytes::Bytes;
 use imbl::OrdMap;
@@ -20,13 +26,92 @@ use imbl::OrdMap;
 /// Most keys held in the vector form; one more moves the map to a B-tree for good.
 const SMALL_MAX: usize = 8;
 
+/// Longest key held inline: what fits beside the length in the 32 bytes a `Bytes` takes.
+pub(crate) const INLINE_MAX: usize = 23;
+
+/// A stored key: its bytes inline when short, else a `Bytes` of its own (never a slice of a
+/// larger buffer, which it would keep alive). Ordered, compared and hashed as its bytes.
+#[derive(Clone)]
+pub(crate) struct Key(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, bytes: [u8; INLINE_MAX] },
+    Heap(Bytes),
+}
+
+impl Key {
+    /// A key holding a copy of `key`.
+    pub(crate) fn copy_from(key: &[u8]) -> Self {
+        if key.len() <= INLINE_MAX {
+            let mut bytes = [0; INLINE_MAX];
+            bytes[..key.len()].copy_from_slice(key);
+            Self(Repr::Inline { len: key.len() as u8, bytes })
+        } else {
+            Self(Repr::Heap(Bytes::copy_from_slice(key)))
+        }
+    }
+
+    /// The key as `Bytes` (a copy when it is inline).
+    pub(crate) fn to_bytes(&self) -> Bytes {
+        match &self.0 {
+            Repr::Inline { .. } => Bytes::copy_from_slice(self),
+            Repr::Heap(bytes) => bytes.clone(),
+        }
+    }
+}
+
+impl Deref for Key {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Heap(bytes) => bytes,
+        }
+    }
+}
+
+// `Borrow` requires `Key`'s order and equality to be its bytes': they are.
+impl Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (**self).cmp(&**other)
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Bytes::copy_from_slice(self).fmt(f)
+    }
+}
+
 /// An ordered map from keys to values. See the module documentation.
 #[derive(Clone, Debug)]
 pub(crate) enum KvMap {
     /// At most [`SMALL_MAX`] pairs, sorted by key, keys distinct, capacity exactly the length.
-    Small(Vec<(Bytes, Bytes)>),
+    Small(Vec<(Key, Bytes)>),
     /// Any number of pairs.
-    Large(OrdMap<Bytes, Bytes>),
+    Large(OrdMap<Key, Bytes>),
 }
 
 impl Default for KvMap {
@@ -36,8 +121,10 @@ impl Default for KvMap {
 }
 
 impl KvMap {
-    /// A map of `pairs`, which must be sorted by key without duplicates.
-    pub(crate) fn from_sorted(pairs: Vec<(Bytes, Bytes)>) -> Self {
+    /// A map of `pairs`, which must be sorted by key without duplicates. The keys are copied.
+    pub(crate) fn from_sorted<K: AsRef<[u8]>>(pairs: Vec<(K, Bytes)>) -> Self {
+        let pairs: Vec<(Key, Bytes)> =
+            pairs.into_iter().map(|(key, value)| (Key::copy_from(key.as_ref()), value)).collect();
         debug_assert!(pairs.windows(2).all(|pair| pair[0].0 < pair[1].0), "sorted, distinct");
         if pairs.len() <= SMALL_MAX {
             let mut pairs = pairs;
@@ -62,7 +149,7 @@ impl KvMap {
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Bytes> {
         match self {
             Self::Small(pairs) => {
-                pairs.binary_search_by(|(k, _)| k[..].cmp(key)).ok().map(|at| &pairs[at].1)
+                pairs.binary_search_by(|(k, _)| (**k).cmp(key)).ok().map(|at| &pairs[at].1)
             }
             Self::Large(map) => map.get(key),
         }
@@ -70,7 +157,7 @@ impl KvMap {
 
     pub(crate) fn get_mut(&mut self, key: &[u8]) -> Option<&mut Bytes> {
         match self {
-            Self::Small(pairs) => match pairs.binary_search_by(|(k, _)| k[..].cmp(key)) {
+            Self::Small(pairs) => match pairs.binary_search_by(|(k, _)| (**k).cmp(key)) {
                 Ok(at) => Some(&mut pairs[at].1),
                 Err(_) => None,
             },
@@ -78,8 +165,9 @@ impl KvMap {
         }
     }
 
-    /// Inserts `key`, which must not be present.
-    pub(crate) fn insert_new(&mut self, key: Bytes, value: Bytes) {
+    /// Inserts a copy of `key`, which must not be present.
+    pub(crate) fn insert_new(&mut self, key: &[u8], value: Bytes) {
+        let key = Key::copy_from(key);
         match self {
             Self::Small(pairs) => {
                 let at = pairs.binary_search_by(|(k, _)| k.cmp(&key)).expect_err("key is new");
@@ -88,7 +176,7 @@ impl KvMap {
                     pairs.reserve_exact(1);
                     pairs.insert(at, (key, value));
                 } else {
-                    let mut map: OrdMap<Bytes, Bytes> = std::mem::take(pairs).into_iter().collect();
+                    let mut map: OrdMap<Key, Bytes> = std::mem::take(pairs).into_iter().collect();
                     map.insert(key, value);
                     *self = Self::Large(map);
                 }
@@ -103,7 +191,7 @@ impl KvMap {
     pub(crate) fn remove(&mut self, key: &[u8]) -> Option<Bytes> {
         match self {
             Self::Small(pairs) => {
-                let at = pairs.binary_search_by(|(k, _)| k[..].cmp(key)).ok()?;
+                let at = pairs.binary_search_by(|(k, _)| (**k).cmp(key)).ok()?;
                 let (_, value) = pairs.remove(at);
                 if pairs.is_empty() {
                     *pairs = Vec::new();
@@ -127,11 +215,11 @@ impl KvMap {
     pub(crate) fn range(&self, start: &[u8], end: Bound<&[u8]>) -> Iter<'_> {
         match self {
             Self::Small(pairs) => {
-                let from = pairs.partition_point(|(k, _)| &k[..] < start);
+                let from = pairs.partition_point(|(k, _)| &**k < start);
                 let to = match end {
                     Bound::Unbounded => pairs.len(),
-                    Bound::Excluded(end) => pairs.partition_point(|(k, _)| &k[..] < end),
-                    Bound::Included(end) => pairs.partition_point(|(k, _)| &k[..] <= end),
+                    Bound::Excluded(end) => pairs.partition_point(|(k, _)| &**k < end),
+                    Bound::Included(end) => pairs.partition_point(|(k, _)| &**k <= end),
                 };
                 Iter::Small(pairs[from..to.max(from)].iter())
             }
@@ -142,12 +230,12 @@ impl KvMap {
 
 /// Pairs of a [`KvMap`] in key order.
 pub(crate) enum Iter<'a> {
-    Small(std::slice::Iter<'a, (Bytes, Bytes)>),
-    Large(imbl::ordmap::RangedIter<'a, Bytes, Bytes, imbl::shared_ptr::DefaultSharedPtr>),
+    Small(std::slice::Iter<'a, (Key, Bytes)>),
+    Large(imbl::ordmap::RangedIter<'a, Key, Bytes, imbl::shared_ptr::DefaultSharedPtr>),
 }
 
 impl<'a> Iterator for Iter<'a> {
-    type Item = (&'a Bytes, &'a Bytes);
+    type Item = (&'a Key, &'a Bytes);
 
     fn next(&mut self) -> Option<Self::Item> {
         match self {
@@ -177,7 +265,7 @@ mod tests {
             let value = Bytes::from(step.to_string());
             match map.get_mut(&key(n)) {
                 Some(slot) => *slot = value.clone(),
-                None => map.insert_new(key(n), value.clone()),
+                None => map.insert_new(&key(n), value.clone()),
             }
             model.insert(key(n), value);
             if step % 5 == 4 {
@@ -185,12 +273,13 @@ mod tests {
                 assert_eq!(map.remove(&key(gone)), model.remove(&key(gone)));
             }
             assert_eq!(map.len(), model.len());
-            assert!(map.iter().eq(model.iter()));
+            assert!(map.iter().map(|(k, v)| (&**k, v)).eq(model.iter().map(|(k, v)| (&k[..], v))));
             for n in 0..24 {
                 assert_eq!(map.get(&key(n)), model.get(&key(n)));
                 for end in [Bound::Unbounded, Bound::Excluded(&key(n + 3)[..])] {
                     let expected = model.range::<[u8], _>((Bound::Included(&key(n)[..]), end));
-                    assert!(map.range(&key(n), end).eq(expected));
+                    let expected = expected.map(|(k, v)| (&k[..], v));
+                    assert!(map.range(&key(n), end).map(|(k, v)| (&**k, v)).eq(expected));
                 }
             }
         }
@@ -200,22 +289,59 @@ mod tests {
     fn a_clone_keeps_its_contents_while_the_original_changes() {
         let mut map = KvMap::default();
         for n in 0..100 {
-            map.insert_new(key(n), key(n));
+            map.insert_new(&key(n), key(n));
         }
-        let before: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let before: Vec<_> = map.iter().map(|(k, v)| (k.to_bytes(), v.clone())).collect();
         let view = map.clone();
         *map.get_mut(&key(5)).expect("present") = key(500);
         map.remove(&key(6));
-        map.insert_new(key(1000), key(1));
-        assert!(view.iter().map(|(k, v)| (k.clone(), v.clone())).eq(before));
+        map.insert_new(&key(1000), key(1));
+        assert!(view.iter().map(|(k, v)| (k.to_bytes(), v.clone())).eq(before));
         assert_eq!(map.get(&key(5)), Some(&key(500)));
         assert_eq!(view.get(&key(5)), Some(&key(5)));
+    }
+
+    /// Keys on both sides of the inline limit, sharing prefixes, with zero bytes (which the
+    /// inline form pads with): the map orders, finds and ranges them exactly as byte strings.
+    #[test]
+    fn inline_and_heap_keys_order_as_their_bytes() {
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for len in [0, 1, 2, INLINE_MAX - 1, INLINE_MAX, INLINE_MAX + 1, 40] {
+            for fill in [0u8, 1, 0xff] {
+                keys.push(vec![fill; len]);
+                let mut longer = vec![fill; len];
+                longer.push(0);
+                keys.push(longer);
+            }
+        }
+        let mut map = KvMap::default();
+        let mut model = BTreeMap::new();
+        for (n, key) in keys.iter().enumerate() {
+            let value = Bytes::from(n.to_string());
+            match map.get_mut(key) {
+                Some(slot) => *slot = value.clone(),
+                None => map.insert_new(key, value.clone()),
+            }
+            model.insert(key.clone(), value);
+        }
+        assert!(map.len() > SMALL_MAX, "the B-tree form is exercised");
+        assert!(map.iter().map(|(k, v)| (&**k, v)).eq(model.iter().map(|(k, v)| (&k[..], v))));
+        for key in &keys {
+            assert_eq!(map.get(key), model.get(key));
+            let expected = model.range::<[u8], _>((Bound::Included(&key[..]), Bound::Unbounded));
+            let expected = expected.map(|(k, v)| (&k[..], v));
+            assert!(map.range(key, Bound::Unbounded).map(|(k, v)| (&**k, v)).eq(expected));
+            let stored = Key::copy_from(key);
+            assert_eq!(&*stored, &key[..]);
+            assert_eq!(stored.to_bytes(), key[..]);
+        }
+        assert_eq!(std::mem::size_of::<Key>(), std::mem::size_of::<Bytes>());
     }
 
     #[test]
     fn one_key_costs_one_exact_allocation() {
         let mut map = KvMap::default();
-        map.insert_new(key(1), key(2));
+        map.insert_new(&key(1), key(2));
         let KvMap::Small(pairs) = &map else { panic!("small") };
         assert_eq!(pairs.capacity(), 1);
         assert_eq!(map.remove(&key(1)), Some(key(2)));

@@ -277,9 +277,9 @@ impl KvStateMachine {
     }
 
     /// Every key-value pair, in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Bytes)> {
         let pairs: Iter<'_> = self.data.iter();
-        pairs
+        pairs.map(|(key, value)| (&**key, value))
     }
 
     /// How many sessions are open.
@@ -321,7 +321,7 @@ impl KvStateMachine {
         let mut entries = Vec::new();
         for _ in 0..limit {
             let Some((key, value)) = matching.next() else { break };
-            entries.push((key.clone(), value.clone()));
+            entries.push((key.to_bytes(), value.clone()));
         }
         QueryResult::Range { entries, more: matching.next().is_some() }
     }
@@ -432,7 +432,7 @@ fn store(data: &mut KvMap, key: &[u8], value: &[u8]) {
     match data.get_mut(key) {
         Some(slot) => *slot = value,
         None => {
-            data.insert_new(Bytes::copy_from_slice(key), value);
+            data.insert_new(key, value);
         }
     }
 }

@@ -26,7 +26,10 @@ pub fn free_addr() -> SocketAddr {
 pub async fn contents(engine: &Engine, group: GroupId) -> BTreeMap<Bytes, Bytes> {
     engine
         .inspect(group, |machine: &KvStateMachine| {
-            machine.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>()
+            machine
+                .iter()
+                .map(|(k, v)| (Bytes::copy_from_slice(k), v.clone()))
+                .collect::<BTreeMap<_, _>>()
         })
         .await
         .unwrap()

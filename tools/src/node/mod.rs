@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use flotilla::kv::{self, Command, Query, QueryResult, StateMachine};
 use flotilla::raftgroup::Role as EngineRole;
 use flotilla::{Consistency, Engine, Error, GroupId};
@@ -209,8 +209,10 @@ async fn run(engine: &Engine, request: Request) -> Result<Response, Error> {
         Request::Dump { group } => {
             let dump = engine
                 .inspect(GroupId(group), |machine| {
-                    let entries: Vec<_> =
-                        machine.iter().map(|(key, value)| (key.clone(), value.clone())).collect();
+                    let entries: Vec<_> = machine
+                        .iter()
+                        .map(|(key, value)| (Bytes::copy_from_slice(key), value.clone()))
+                        .collect();
                     (machine.applied_index().0, entries)
                 })
                 .await?;
