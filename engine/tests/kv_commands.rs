@@ -371,16 +371,20 @@ fn a_gap_in_the_log_is_a_bug() {
 
 #[test]
 fn stored_keys_and_values_do_not_share_the_entry_buffer() {
-    let mut kv = KvStateMachine::default();
-    let payload =
-        Proposal { leader_time_ms: 0, request: Request::Unsessioned(put("key", "value")) }
-            .to_bytes();
-    let range = payload.as_ptr() as usize..payload.as_ptr() as usize + payload.len();
-    let entry = Entry { index: LogIndex(1), term: Term(1), kind: EntryKind::Normal, payload };
-    kv.apply(&[entry], &mut Vec::new());
-    let (key, value) = kv.iter().next().expect("one pair");
-    assert!(!range.contains(&(key.as_ptr() as usize)));
-    assert!(!range.contains(&(value.as_ptr() as usize)));
+    // A key short enough to be held inline, and one past that limit, held in its own buffer.
+    for name in ["key", "a-key-longer-than-twenty-three-bytes"] {
+        let mut kv = KvStateMachine::default();
+        let payload =
+            Proposal { leader_time_ms: 0, request: Request::Unsessioned(put(name, "value")) }
+                .to_bytes();
+        let range = payload.as_ptr() as usize..payload.as_ptr() as usize + payload.len();
+        let entry = Entry { index: LogIndex(1), term: Term(1), kind: EntryKind::Normal, payload };
+        kv.apply(&[entry], &mut Vec::new());
+        let (key, value) = kv.iter().next().expect("one pair");
+        assert_eq!(key, name.as_bytes());
+        assert!(!range.contains(&(key.as_ptr() as usize)), "{name}");
+        assert!(!range.contains(&(value.as_ptr() as usize)), "{name}");
+    }
 }
 
 #[test]

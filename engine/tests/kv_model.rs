@@ -16,8 +16,20 @@ use proptest::strategy::ValueTree;
 type Response = Result<Reply, ApplyError>;
 
 fn key() -> impl Strategy<Value = Bytes> {
-    prop::sample::select(vec!["", "a", "aa", "ab", "b", "c", "d"])
-        .prop_map(|key: &'static str| Bytes::from_static(key.as_bytes()))
+    // The last three straddle the map's inline-key limit (23 bytes): 23, 23 + a zero byte, 24.
+    prop::sample::select(vec![
+        "",
+        "a",
+        "aa",
+        "ab",
+        "b",
+        "c",
+        "d",
+        "bbbbbbbbbbbbbbbbbbbbbbb",
+        "bbbbbbbbbbbbbbbbbbbbbbb\0",
+        "bbbbbbbbbbbbbbbbbbbbbbbb",
+    ])
+    .prop_map(|key: &'static str| Bytes::from_static(key.as_bytes()))
 }
 
 fn value() -> impl Strategy<Value = Bytes> {

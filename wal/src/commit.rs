@@ -228,9 +228,13 @@ pub(crate) struct Queue {
     /// written one at a time.
     pub writing: bool,
     pub spare_bufs: Vec<Vec<u8>>,
-    /// `accept`'s per-batch list of the groups it touches, kept so a batch allocates nothing.
+    /// `accept`'s per-batch list of the groups it touches, kept (up to [`TOUCHED_KEPT_MAX`]
+    /// groups' room) so a batch allocates nothing.
     touched: Vec<(GroupId, Bounds)>,
 }
+
+/// The most groups' room `Queue::touched` keeps between batches.
+const TOUCHED_KEPT_MAX: usize = 1024;
 
 impl Queue {
     pub(crate) fn new(bounds: std::collections::HashMap<GroupId, Bounds>) -> Queue {
@@ -322,7 +326,10 @@ impl Queue {
                 self.bounds.insert(group, bounds);
             }
         }
-        self.touched = touched;
+        // A batch of many groups leaves no lasting large buffer behind.
+        if touched.capacity() <= TOUCHED_KEPT_MAX {
+            self.touched = touched;
+        }
         for op in batch.ops() {
             self.open.push(op);
         }

@@ -1368,9 +1368,11 @@ impl flotilla_wal::io::Storage for GatedDisk {
 }
 
 /// Inline mode: `close` while another caller is inside its round's fdatasync waits for it —
-/// no second fdatasync or seal write overlaps it, `close` returns only after that fdatasync
-/// has, the append is acknowledged, and the seal claims it. (The close once sealed at once
-/// beside the writing caller.)
+/// no second fdatasync or seal write overlaps it (the check that catches a close that does not
+/// wait), `close` returns only after that fdatasync returned, the append succeeds, and the seal
+/// claims it. Whether the caller's round completes before `close` returns is not checked here:
+/// only the caller's thread sees its completion, and its clock after `block_on` races `close`.
+/// (The close once sealed at once beside the writing caller.)
 #[test]
 fn an_inline_close_waits_for_the_caller_writing_a_round() {
     let disk = SimStorage::new();

@@ -26,11 +26,12 @@ use imbl::OrdMap;
 /// Most keys held in the vector form; one more moves the map to a B-tree for good.
 const SMALL_MAX: usize = 8;
 
-/// Longest key held inline: what fits beside the length in the 32 bytes a `Bytes` takes.
+/// Longest key held inline: with its length byte, 24 bytes, which leaves the enum the size of
+/// a `Bytes` (the compiler keeps the tag in a niche of the `Bytes`' other 8).
 pub(crate) const INLINE_MAX: usize = 23;
 
 /// A stored key: its bytes inline when short, else a `Bytes` of its own (never a slice of a
-/// larger buffer, which it would keep alive). Ordered, compared and hashed as its bytes.
+/// larger buffer, which it would keep alive). Ordered and compared as its bytes.
 #[derive(Clone)]
 pub(crate) struct Key(Repr);
 
@@ -39,6 +40,9 @@ enum Repr {
     Inline { len: u8, bytes: [u8; INLINE_MAX] },
     Heap(Bytes),
 }
+
+// A node holds 64 keys: a larger key would cost every node, inline or not.
+const _: () = assert!(std::mem::size_of::<Key>() == std::mem::size_of::<Bytes>());
 
 impl Key {
     /// A key holding a copy of `key`.
@@ -302,7 +306,8 @@ mod tests {
     }
 
     /// Keys on both sides of the inline limit, sharing prefixes, with zero bytes (which the
-    /// inline form pads with): the map orders, finds and ranges them exactly as byte strings.
+    /// inline form pads with): in both forms of the map, through inserts, replacements and
+    /// removals, it orders, finds and ranges them exactly as byte strings.
     #[test]
     fn inline_and_heap_keys_order_as_their_bytes() {
         let mut keys: Vec<Vec<u8>> = Vec::new();
@@ -314,28 +319,46 @@ mod tests {
                 keys.push(longer);
             }
         }
+        keys.sort();
+        keys.dedup();
         let mut map = KvMap::default();
-        let mut model = BTreeMap::new();
-        for (n, key) in keys.iter().enumerate() {
-            let value = Bytes::from(n.to_string());
+        let mut model: BTreeMap<Vec<u8>, Bytes> = BTreeMap::new();
+        let check = |map: &KvMap, model: &BTreeMap<Vec<u8>, Bytes>| {
+            assert_eq!(map.len(), model.len());
+            let pairs = model.iter().map(|(k, v)| (&k[..], v));
+            assert!(map.iter().map(|(k, v)| (&**k, v)).eq(pairs));
+            for (at, key) in keys.iter().enumerate() {
+                assert_eq!(map.get(key), model.get(key));
+                let stored = Key::copy_from(key);
+                assert_eq!(&*stored, &key[..]);
+                assert_eq!(stored.to_bytes(), key[..]);
+                let end = &keys[(at * 7 + 3) % keys.len()];
+                if key > end {
+                    continue;
+                }
+                for end in [Bound::Unbounded, Bound::Excluded(&end[..]), Bound::Included(&end[..])]
+                {
+                    let expected = model.range::<[u8], _>((Bound::Included(&key[..]), end));
+                    let expected = expected.map(|(k, v)| (&k[..], v));
+                    assert!(map.range(key, end).map(|(k, v)| (&**k, v)).eq(expected));
+                }
+            }
+        };
+        for step in 0..keys.len() * 2 {
+            let key = &keys[(step * 11) % keys.len()];
+            let value = Bytes::from(step.to_string());
             match map.get_mut(key) {
                 Some(slot) => *slot = value.clone(),
                 None => map.insert_new(key, value.clone()),
             }
             model.insert(key.clone(), value);
+            if step % 4 == 3 {
+                let gone = &keys[(step * 5) % keys.len()];
+                assert_eq!(map.remove(gone), model.remove(gone));
+            }
+            check(&map, &model);
         }
-        assert!(map.len() > SMALL_MAX, "the B-tree form is exercised");
-        assert!(map.iter().map(|(k, v)| (&**k, v)).eq(model.iter().map(|(k, v)| (&k[..], v))));
-        for key in &keys {
-            assert_eq!(map.get(key), model.get(key));
-            let expected = model.range::<[u8], _>((Bound::Included(&key[..]), Bound::Unbounded));
-            let expected = expected.map(|(k, v)| (&k[..], v));
-            assert!(map.range(key, Bound::Unbounded).map(|(k, v)| (&**k, v)).eq(expected));
-            let stored = Key::copy_from(key);
-            assert_eq!(&*stored, &key[..]);
-            assert_eq!(stored.to_bytes(), key[..]);
-        }
-        assert_eq!(std::mem::size_of::<Key>(), std::mem::size_of::<Bytes>());
+        assert!(matches!(map, KvMap::Large(_)), "the B-tree form is exercised");
     }
 
     #[test]

@@ -424,6 +424,30 @@ mod tests {
         assert_eq!(encode(CONFIG, LogIndex(9_000), 3, &decoded.data, &decoded.sessions), image);
     }
 
+    /// Keys on both sides of the map's inline limit survive an image byte for byte, and none
+    /// of the decoded keys or values points into the image (which they would keep alive).
+    #[test]
+    fn inline_and_heap_keys_round_trip_without_pinning_the_image() {
+        let pairs: Vec<_> = [0, 1, 2, 5, 10, 22, 23, 24, 30, 40]
+            .into_iter()
+            .map(|len| (Bytes::from(vec![b'k'; len]), Bytes::from(vec![len as u8; 3])))
+            .collect();
+        // The vector form (at most 8 pairs) and the B-tree.
+        for count in [3, pairs.len()] {
+            let pairs = &pairs[..count];
+            let data = KvMap::from_sorted(pairs.to_vec());
+            let image = encode(CONFIG, LogIndex(4), 1, &data, &Sessions::default());
+            let decoded = decode(&image, CONFIG).expect("valid image");
+            assert!(decoded.data.iter().map(|(k, v)| (k.to_bytes(), v.clone())).eq(pairs.to_vec()));
+            assert_eq!(encode(CONFIG, LogIndex(4), 1, &decoded.data, &decoded.sessions), image);
+            let inside = image.as_ptr() as usize..image.as_ptr() as usize + image.len();
+            for (key, value) in decoded.data.iter() {
+                assert!(!inside.contains(&(key.as_ptr() as usize)));
+                assert!(!inside.contains(&(value.as_ptr() as usize)));
+            }
+        }
+    }
+
     #[test]
     fn a_failing_writer_stops_the_image_with_its_error() {
         struct Full(usize);
