@@ -294,7 +294,7 @@ fn enqueue_then_wait(mut future: AppendFuture, guard: MutexGuard<'_, u64>) -> Re
         if let Poll::Ready(result) = Pin::new(&mut future).poll(&mut cx) {
             return result;
         }
-        // Not joined: the open round was full and the batch has not been accepted yet.
+        // Joined a round: the group's order is settled. Until then the open round was full.
         if future.joined() {
             break;
         }

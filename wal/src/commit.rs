@@ -265,8 +265,8 @@ impl Queue {
     /// Checks `batch` against the accepted bounds and, if it fits, adds it to the open round.
     /// All or nothing: a batch that does not fit changes nothing.
     pub(crate) fn accept(&mut self, batch: &WriteBatch, sync: bool) -> Result<(), WalError> {
-        // Always empty here: drained below, or dropped with a batch that failed (which leaves
-        // an unallocated one behind).
+        // Always empty here: the last batch drained it, or dropped it (a failed batch, or one
+        // that grew it past `TOUCHED_KEPT_MAX`) and left an unallocated one behind.
         let mut touched = std::mem::take(&mut self.touched);
         for op in batch.ops() {
             let group = op.group();
@@ -563,9 +563,11 @@ fn thread_waker() -> Waker {
             self.0.unpark();
         }
     }
-    let fresh = || Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    fn fresh() -> Waker {
+        Waker::from(Arc::new(ThreadWaker(std::thread::current())))
+    }
     thread_local! {
-        static WAKER: Waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+        static WAKER: Waker = fresh();
     }
     // A fresh one while the thread's locals are being destroyed (an append from a destructor).
     WAKER.try_with(Waker::clone).unwrap_or_else(|_| fresh())
