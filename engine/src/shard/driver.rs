@@ -956,7 +956,7 @@ where
 
     /// Appends what this loop iteration persists (cut into WAL records) behind the appends in
     /// flight; what waits for it (persisted acknowledgements, messages) waits for the last.
-    fn append_iteration(&mut self) -> Result<(), Error> {
+    fn append_iteration(&mut self, nothing_else: bool) -> Result<(), Error> {
         // Nothing but new commit indexes: written, not synced (see `Ready::must_sync`).
         let sync =
             self.context.config.sync && self.out.persist.iter().any(|(_, item)| item.must_sync);
@@ -973,13 +973,13 @@ where
             // orders what waits for this iteration behind earlier ones.
             batches.push(WriteBatch::new());
         }
-        // The iteration's only output waits for this write, and the WAL is idle: this thread
-        // writes it itself (see `EngineConfig::inline_idle_writes`).
+        // The iteration's only output waits for this write (`nothing_else`: it had nothing to
+        // send now and nobody to answer), and the WAL is idle: this thread writes it itself
+        // (see `EngineConfig::inline_idle_writes`).
         let own_round = self.context.config.inline_idle_writes
+            && nothing_else
             && batches.len() == 1
-            && self.inflight.is_empty()
-            && self.out.send_now.values().all(Vec::is_empty)
-            && self.out.completions.is_empty();
+            && self.inflight.is_empty();
         for batch in batches {
             let entries: usize = batch
                 .ops()
@@ -1088,6 +1088,23 @@ where
             fetches.clear();
             self.out.fetches = fetches;
 
+            // Decided before anything below leaves: a shard writes its own round only when
+            // nothing but that write is left to do (see `append_iteration`).
+            let own_round = self.out.send_now.values().all(Vec::is_empty)
+                && self.out.completions.is_empty()
+                && self.out.memberships.is_empty();
+            // Answers first: what is applied is committed (durable on a quorum) and does not wait
+            // for this iteration's write or sends, and a caller woken after them waits for
+            // every send and for the WAL's writer thread taking the CPU (T7's path).
+            let completions = std::mem::take(&mut self.out.completions);
+            for completion in completions {
+                self.complete(completion);
+            }
+            for (token, membership) in self.out.memberships.drain(..) {
+                if let Some(Pending::Membership { reply, .. }) = self.pending.remove(&token) {
+                    let _ = reply.send(Ok(membership));
+                }
+            }
             if self.out.persist.is_empty() {
                 // Nothing new to write, but these may still wait for writes in flight.
                 if let Some(last) = self.inflight.back_mut() {
@@ -1103,21 +1120,18 @@ where
                     self.send_messages(&mut after);
                     self.out.send_after_persist = after;
                 }
-            } else if let Err(error) = self.append_iteration() {
-                self.fail(error);
-                return;
             }
+            // Sends before the write: handing a round to an idle WAL wakes its writer thread,
+            // which the scheduler may run on this very CPU at once, and the peers' path (round
+            // trip + their fdatasync) is longer than this node's own fdatasync.
             let mut now = std::mem::take(&mut self.out.send_now);
             self.send_messages(&mut now);
             self.out.send_now = now;
-            let completions = std::mem::take(&mut self.out.completions);
-            for completion in completions {
-                self.complete(completion);
-            }
-            for (token, membership) in self.out.memberships.drain(..) {
-                if let Some(Pending::Membership { reply, .. }) = self.pending.remove(&token) {
-                    let _ = reply.send(Ok(membership));
-                }
+            if !self.out.persist.is_empty()
+                && let Err(error) = self.append_iteration(own_round)
+            {
+                self.fail(error);
+                return;
             }
             if !self.out.retired.is_empty() {
                 let retired = std::mem::take(&mut self.out.retired);
