@@ -238,6 +238,8 @@ impl Cluster {
     /// `proposers` concurrent proposers (proposer `i` writes to group `i % groups`) each commit
     /// `each` Put requests with `payload`-sized values; returns when the last one is answered.
     /// Latencies are kept in plain vectors while the clock runs and go into the histogram after.
+    /// The proposers run on the calling thread (the cluster's current-thread runtime), so that
+    /// thread's CPU is the load's and the rest of the process's is the nodes'.
     pub fn run(&self, payload: &Bytes, proposers: usize, each: u64) -> Run {
         let clients: Vec<Client> =
             (0..proposers).map(|proposer| self.client(proposer, payload)).collect();
