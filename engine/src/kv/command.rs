@@ -197,6 +197,19 @@ impl Command {
         }
     }
 
+    /// The length of [`Command::encode`]'s output, so a buffer is allocated once at its size.
+    pub fn encoded_len(&self) -> usize {
+        let bytes = |b: &[u8]| 4 + b.len();
+        let option = |b: Option<&Bytes>| 1 + b.map_or(0, |b| bytes(b));
+        1 + match self {
+            Self::Put { key, value } => bytes(key) + bytes(value),
+            Self::Delete { key } => bytes(key),
+            Self::CompareAndSet { key, expected, new } => {
+                bytes(key) + option(expected.as_ref()) + option(new.as_ref())
+            }
+        }
+    }
+
     fn decode_from(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
         Ok(match reader.u8()? {
             tag::PUT => Self::Put { key: reader.bytes()?, value: reader.bytes()? },
@@ -249,10 +262,25 @@ impl Proposal {
         }
     }
 
-    /// The encoding as an entry payload.
+    /// The length of [`Proposal::encode`]'s output.
+    pub fn encoded_len(&self) -> usize {
+        // Version, leader time, request tag.
+        1 + 8
+            + 1
+            + match &self.request {
+                Request::RegisterSession => 0,
+                Request::KeepAlive { .. } | Request::CloseSession { .. } => 8,
+                Request::Session(SessionCommand { command, .. }) => 16 + command.encoded_len(),
+                Request::Unsessioned(command) => command.encoded_len(),
+            }
+    }
+
+    /// The encoding as an entry payload, in one allocation of its exact size (growing an empty
+    /// vector took five reallocations for a 128-byte value, on every proposal).
     pub fn to_bytes(&self) -> Bytes {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(self.encoded_len());
         self.encode(&mut out);
+        debug_assert_eq!(out.len(), self.encoded_len(), "encoded_len matches encode");
         Bytes::from(out)
     }
 
@@ -426,6 +454,7 @@ mod tests {
 
     fn round_trip(proposal: &Proposal) {
         let bytes = proposal.to_bytes();
+        assert_eq!(bytes.len(), proposal.encoded_len(), "{proposal:?}");
         assert_eq!(Proposal::decode(&bytes).as_ref(), Ok(proposal));
     }
 
@@ -442,6 +471,12 @@ mod tests {
                 expected: Some(Bytes::from_static(b"old")),
                 new: Some(Bytes::from_static(b"new")),
             },
+            Command::CompareAndSet {
+                key: key.clone(),
+                expected: None,
+                new: Some(Bytes::from(vec![7; 300])),
+            },
+            Command::Put { key: Bytes::from(vec![1; 40]), value: Bytes::from(vec![2; 1024]) },
         ];
         for request in [
             Request::RegisterSession,
