@@ -100,6 +100,8 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The shard's storage failed; the shard refuses all further work (no write is retried).
+    /// A proposal answered with this error may still have been committed by the other replicas
+    /// (its entry may have left before the failure): like a timeout, its outcome is unknown.
     #[error("storage failure: {0}")]
     Storage(Arc<str>),
     /// The group refused the request for another reason.

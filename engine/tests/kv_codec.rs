@@ -169,6 +169,7 @@ proptest! {
     fn proposals_round_trip(leader_time_ms in any::<u64>(), request in request()) {
         let proposal = Proposal { leader_time_ms, request };
         let bytes = proposal.to_bytes();
+        prop_assert_eq!(bytes.len(), proposal.encoded_len());
         prop_assert_eq!(Proposal::decode(&bytes), Ok(proposal));
         // Every strict prefix is truncated, never misread.
         for len in 0..bytes.len() {

@@ -476,6 +476,11 @@ mod tests {
                 expected: None,
                 new: Some(Bytes::from(vec![7; 300])),
             },
+            Command::CompareAndSet {
+                key: key.clone(),
+                expected: Some(Bytes::from(vec![8; 30])),
+                new: None,
+            },
             Command::Put { key: Bytes::from(vec![1; 40]), value: Bytes::from(vec![2; 1024]) },
         ];
         for request in [

@@ -5,11 +5,18 @@
 //!
 //! ```text
 //! wait for: a request or frame in the inbox | a tick | the oldest WAL append completing
-//! drain the inbox (bounded) → ShardCore::collect → answer fetches from the WAL →
+//! drain the inbox (bounded) → ShardCore::collect (applies what is committed) → answer fetches
+//! from the WAL → complete requests → one frame per peer of the messages that may go now →
 //! ONE WAL append for every group's entries and hard state (polled at once, so appends queue in
-//! order) → one frame per peer of the messages that may go now → complete requests →
-//! when an append is durable: send the messages that waited for it, ShardCore::on_persisted
+//! order) → when an append is durable: send the messages that waited for it,
+//! ShardCore::on_persisted
 //! ```
+//!
+//! Requests are answered before anything is sent or written: what they report is committed or
+//! read already, and a caller woken later waits for every send and, when the WAL was idle, for
+//! its writer thread, which the scheduler may run on this very CPU. Sends go before the append
+//! for the same reason: the peers' path (round trip + their fdatasync) is longer than this
+//! node's own fdatasync.
 //!
 //! Appends are pipelined: the loop keeps stepping groups while earlier rounds are in the WAL's
 //! writer; they complete in order, so "after the append" means "after every append before it".
@@ -507,7 +514,7 @@ where
                 let token = self.token();
                 match self.core.propose(group, payload, token) {
                     Ok(()) => {
-                        // The clock read above: one read per proposal, not two.
+                        // Read before `core.propose`, so the latency metric includes it.
                         let started = now;
                         self.pending
                             .insert(token, Pending::Propose { group, deadline, started, reply });
@@ -1090,20 +1097,21 @@ where
             fetches.clear();
             self.out.fetches = fetches;
 
-            // Decided before anything below leaves: a shard writes its own round only when
-            // nothing but that write is left to do (see `append_iteration`).
-            let own_round = self.out.send_now.values().all(Vec::is_empty)
+            // Decided before anything below leaves: a shard may write its own round only when
+            // the iteration had nothing to send and nobody to answer (see `append_iteration`).
+            let nothing_else = self.out.send_now.values().all(Vec::is_empty)
                 && self.out.completions.is_empty()
                 && self.out.memberships.is_empty();
             // Answers first: what is applied is committed (durable on a quorum) and does not wait
             // for this iteration's write or sends, and a caller woken after them waits for
-            // every send and for the WAL's writer thread taking the CPU (T7's path).
+            // every send and for the WAL's writer thread taking the CPU (T7's path). Under load
+            // this puts thousands of answers before the appends leave; throughput did not
+            // change (bench/RESULTS.md, session 10).
             let completions = std::mem::take(&mut self.out.completions);
             if !completions.is_empty() {
-                // One clock read for the latency metric of every answer in the iteration.
-                let now = Instant::now();
+                let answered = Instant::now();
                 for completion in completions {
-                    self.complete(completion, now);
+                    self.complete(completion, answered);
                 }
             }
             for (token, membership) in self.out.memberships.drain(..) {
@@ -1130,11 +1138,11 @@ where
             // Sends before the write: handing a round to an idle WAL wakes its writer thread,
             // which the scheduler may run on this very CPU at once, and the peers' path (round
             // trip + their fdatasync) is longer than this node's own fdatasync.
-            let mut now = std::mem::take(&mut self.out.send_now);
-            self.send_messages(&mut now);
-            self.out.send_now = now;
+            let mut send_now = std::mem::take(&mut self.out.send_now);
+            self.send_messages(&mut send_now);
+            self.out.send_now = send_now;
             if !self.out.persist.is_empty()
-                && let Err(error) = self.append_iteration(own_round)
+                && let Err(error) = self.append_iteration(nothing_else)
             {
                 self.fail(error);
                 return;
@@ -1152,12 +1160,14 @@ where
         tokio::task::yield_now().await;
     }
 
-    fn complete(&mut self, completion: Completion<S>, now: Instant) {
+    /// Answers one request; `answered` is when the iteration began answering (one clock read
+    /// for all of them, for the latency metric).
+    fn complete(&mut self, completion: Completion<S>, answered: Instant) {
         match completion {
             Completion::Applied { token, index, response } => {
                 if let Some(Pending::Propose { reply, started, .. }) = self.pending.remove(&token) {
                     self.metrics.applied.increment(1);
-                    let took = now.saturating_duration_since(started);
+                    let took = answered.saturating_duration_since(started);
                     self.metrics.propose_seconds.record(took.as_secs_f64());
                     let _ = reply.send(Ok(Applied { index, response }));
                 }

@@ -867,6 +867,9 @@ impl Node {
                     }
                 }
             }
+            // As the driver: answers first, then the sends that may go now, then the round.
+            outbox.completions.append(&mut running.out.completions);
+            outbox.memberships.append(&mut running.out.memberships);
             if running.out.persist.is_empty() {
                 let persisted = std::mem::take(&mut running.out.persisted);
                 let after = std::mem::take(&mut running.out.send_after_persist);
@@ -885,7 +888,14 @@ impl Node {
                         }
                     }
                 }
-            } else {
+            }
+            for (peer, frame) in std::mem::take(&mut running.out.send_now) {
+                if !frame.is_empty() {
+                    trace = mix(trace, peer.0 ^ ((frame.len() as u64) << 8));
+                    outbox.frames.push((id, peer, frame));
+                }
+            }
+            if !running.out.persist.is_empty() {
                 if debug() {
                     for (group, item) in &running.out.persist {
                         eprintln!(
@@ -915,14 +925,6 @@ impl Node {
                 last.after = after;
             }
             let running = self.running.as_mut().expect("running");
-            for (peer, frame) in std::mem::take(&mut running.out.send_now) {
-                if !frame.is_empty() {
-                    trace = mix(trace, peer.0 ^ ((frame.len() as u64) << 8));
-                    outbox.frames.push((id, peer, frame));
-                }
-            }
-            outbox.completions.append(&mut running.out.completions);
-            outbox.memberships.append(&mut running.out.memberships);
             running.out.clear();
             if !again {
                 return Ok(trace);
