@@ -4,7 +4,9 @@
 //!
 //! * `engine/writes/{16,128,1024}B/g{1,64,1024}`: committed writes/s with many concurrent
 //!   proposers (criterion's throughput; one measured iteration is "N proposals completed by P
-//!   proposers" on a cluster started once per group count, outside the timed loop). Printed
+//!   proposers" on a cluster started once per group count, outside the timed loop), measured in
+//!   the steady state: the same load first runs until the WALs recycle segments (the ramp, whose
+//!   duration and rate are printed too; see `ramp`). Printed
 //!   alongside, from the same iterations: p50/p99/p99.9 latency, fdatasyncs/s per shard, entries per
 //!   fdatasync, frames/s and messages per frame, CPU per write (T8), of the whole process and of
 //!   the nodes alone (the process less the thread running the proposers).
@@ -96,6 +98,8 @@ struct Measured {
     /// CPU of the thread running the load (the proposers), included in `cpu`.
     load_cpu: Duration,
     shards: usize,
+    /// The load that ran before the measured iterations (none in criterion's test mode).
+    ramp: Option<Ramp>,
 }
 
 impl Measured {
@@ -109,6 +113,7 @@ impl Measured {
             cpu: Duration::ZERO,
             load_cpu: Duration::ZERO,
             shards,
+            ramp: None,
         }
     }
 
@@ -148,7 +153,7 @@ impl Measured {
             "{}writes/s ({} writes; {}) | latency p50 {p50:.0} µs, p99 {p99:.0} µs, \
              p99.9 {p999:.0} µs, max {max:.0} µs | {:.0} fdatasyncs/s per shard ({} shards), \
              {:.1} entries/fdatasync | {}frames/s, {:.1} messages/frame | {cpu_all:.1} µs CPU/write ({cpu_nodes:.1} µs in the nodes' threads) | WAL \
-             segments {} created, {} recycled",
+             segments {} created, {} recycled, {} deleted{}",
             count(self.writes_per_second()),
             self.committed,
             self.refused,
@@ -159,6 +164,8 @@ impl Measured {
             self.messages_per_frame(),
             self.totals.segments_created,
             self.totals.segments_recycled,
+            self.totals.segments_deleted,
+            self.ramp.as_ref().map_or(String::new(), |ramp| format!(" | {}", ramp.describe())),
         )
     }
 }
@@ -249,7 +256,52 @@ fn main() {
     }
 }
 
-/// Committed writes/s with `payload`-byte values on `cluster`, many proposers.
+/// The longest a ramp runs: 1,024 groups of 1 KiB writes recycle within a few seconds (the WAL's
+/// segment target forces their snapshots), one small group within ~5 s.
+const RAMP_MAX: Duration = Duration::from_secs(20);
+
+/// What the load did before measurement began.
+struct Ramp {
+    elapsed: Duration,
+    committed: u64,
+    /// Whether every shard (on average) recycled a segment before [`RAMP_MAX`].
+    steady: bool,
+}
+
+impl Ramp {
+    fn describe(&self) -> String {
+        format!(
+            "ramp {:.1} s at {}writes/s{}",
+            self.elapsed.as_secs_f64(),
+            count(flotilla_bench::rate(self.committed as f64, self.elapsed)),
+            if self.steady { "" } else { ", stopped before a recycle" }
+        )
+    }
+}
+
+/// Runs the measured load on `cluster` until its logs are in their steady state — the WALs have
+/// recycled as many segments as there are shards, so the logs stopped growing into new
+/// pre-written files (64 MiB of zeros each, ~10 % of the CPU of a run that includes them) and the
+/// nodes' memory reached its working size — or for [`RAMP_MAX`]. T8 is a sustained rate: a
+/// cluster's first seconds, while every log grows from nothing, are a one-time cost the ramp's
+/// own rate (printed with the result) shows.
+fn ramp(cluster: &Cluster, value: &Bytes, proposers: usize, each: u64) -> Ramp {
+    let before = cluster.totals();
+    let mut ramp = Ramp { elapsed: Duration::ZERO, committed: 0, steady: false };
+    while ramp.elapsed < RAMP_MAX {
+        let run = cluster.run(value, proposers, each);
+        ramp.elapsed += run.elapsed;
+        ramp.committed += run.committed;
+        if cluster.totals().since(&before).segments_recycled >= cluster.shards() as u64 {
+            ramp.steady = true;
+            break;
+        }
+    }
+    ramp
+}
+
+/// Committed writes/s with `payload`-byte values on `cluster`, many proposers, measured after a
+/// [`ramp`] to the steady state.
 fn throughput(
     criterion: &mut Criterion,
     settings: &Settings,
@@ -261,6 +313,9 @@ fn throughput(
     let each = settings.each;
     let value = Bytes::from(disk::noise(payload, 0xB0B));
     let mut measured = Measured::new(cluster.shards());
+    if !settings.quick {
+        measured.ramp = Some(ramp(cluster, &value, proposers, each));
+    }
     let mut group = criterion.benchmark_group("engine/writes");
     group
         .sampling_mode(SamplingMode::Flat)

@@ -39,6 +39,9 @@ pub struct Totals {
     pub segments_created: u64,
     /// WAL segments recycled in place (no pre-writing).
     pub segments_recycled: u64,
+    /// WAL segments deleted when retired (a reader still mapped them, so they could not be
+    /// recycled): each is a segment the preparer has to create again.
+    pub segments_deleted: u64,
 }
 
 impl Totals {
@@ -53,6 +56,7 @@ impl Totals {
             messages: self.messages - before.messages,
             segments_created: self.segments_created - before.segments_created,
             segments_recycled: self.segments_recycled - before.segments_recycled,
+            segments_deleted: self.segments_deleted - before.segments_deleted,
         }
     }
 
@@ -65,6 +69,7 @@ impl Totals {
         self.messages += other.messages;
         self.segments_created += other.segments_created;
         self.segments_recycled += other.segments_recycled;
+        self.segments_deleted += other.segments_deleted;
     }
 }
 
@@ -496,6 +501,7 @@ async fn totals(engines: &[Engine]) -> Result<Totals, Error> {
             totals.messages += shard.messages_sent;
             totals.segments_created += shard.wal.segments_created;
             totals.segments_recycled += shard.wal.segments_recycled;
+            totals.segments_deleted += shard.wal.segments_deleted;
         }
     }
     Ok(totals)
