@@ -21,9 +21,8 @@
 //! Appends are pipelined: the loop keeps stepping groups while earlier rounds are in the WAL's
 //! writer; they complete in order, so "after the append" means "after every append before it".
 
-use std::cmp::Reverse;
 use std::collections::btree_map::Entry as MapEntry;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -43,6 +42,7 @@ use super::core::{
     Token,
 };
 use super::peer::PeerLink;
+use super::pending::PendingTable;
 use super::store::{ShardStore, StoreError, map_snapshot, write_snapshot_image};
 use super::transfer::{self, Job, Receiver, Transfers};
 use crate::engine::{
@@ -162,31 +162,20 @@ pub(crate) fn shard_dir(config: &EngineConfig, index: usize) -> std::path::PathB
 enum Pending<S: StateMachine> {
     Propose {
         group: GroupId,
-        deadline: Instant,
         started: Instant,
         reply: oneshot::Sender<Result<Applied<S::Response>, Error>>,
     },
     Read {
         group: GroupId,
-        deadline: Instant,
         reply: oneshot::Sender<Result<S::QueryResult, Error>>,
     },
     Membership {
         group: GroupId,
-        deadline: Instant,
         reply: oneshot::Sender<Result<Membership, Error>>,
     },
 }
 
 impl<S: StateMachine> Pending<S> {
-    fn deadline(&self) -> Instant {
-        match self {
-            Pending::Propose { deadline, .. }
-            | Pending::Read { deadline, .. }
-            | Pending::Membership { deadline, .. } => *deadline,
-        }
-    }
-
     fn group(&self) -> GroupId {
         match self {
             Pending::Propose { group, .. }
@@ -316,11 +305,8 @@ struct Shard<S: StateMachine> {
     store: ShardStore,
     out: ShardOutput<S>,
     inbox: mpsc::Receiver<Request<S>>,
-    pending: HashMap<Token, Pending<S>>,
-    /// Deadlines of pending requests, earliest first (entries of answered requests linger until
-    /// they reach the top).
-    deadlines: BinaryHeap<Reverse<(Instant, Token)>>,
-    next_token: Token,
+    /// Requests accepted and not answered, with their deadlines; issues their tokens.
+    pending: PendingTable<Pending<S>>,
     inflight: VecDeque<InFlight>,
     peers: BTreeMap<NodeId, PeerLink>,
     /// Per peer, the task streaming snapshots to it (see [`super::transfer`]).
@@ -383,15 +369,14 @@ where
         }
         let metrics = Metrics::new(context.index);
         metrics.groups.set(core.groups().count() as f64);
+        let request_timeout = context.config.request_timeout;
         Ok(Self {
             context,
             core,
             store,
             out: ShardOutput::default(),
             inbox,
-            pending: HashMap::new(),
-            deadlines: BinaryHeap::new(),
-            next_token: 1,
+            pending: PendingTable::new(request_timeout, 1),
             inflight: VecDeque::new(),
             peers: BTreeMap::new(),
             snapshot_senders: BTreeMap::new(),
@@ -447,7 +432,7 @@ where
 
     /// Fails what is pending, waits for the appends in flight and closes the WAL.
     async fn close(mut self) -> Result<(), Error> {
-        let tokens: HashSet<Token> = self.pending.keys().copied().collect();
+        let tokens: HashSet<Token> = self.pending.tokens().collect();
         self.core.fail_requests(|token| tokens.contains(&token), &mut self.out);
         self.out.completions.clear();
         for (_, pending) in self.pending.drain() {
@@ -478,12 +463,6 @@ where
         self.store.close().map_err(storage_error)
     }
 
-    fn token(&mut self) -> Token {
-        let token = self.next_token;
-        self.next_token += 1;
-        token
-    }
-
     /// Drops the replicas' leases (`ShardCore::clock_stalled`) if their clocks — the ticks
     /// delivered, one per period since `clock_origin` — are more than two periods behind real
     /// time, and counts from now. Ticks fall behind when this thread stands still, or runs busy
@@ -511,14 +490,14 @@ where
         match request {
             Request::Propose { group, payload, deadline, reply } => {
                 self.metrics.proposals.increment(1);
-                let token = self.token();
+                let token = self.pending.next_token();
                 match self.core.propose(group, payload, token) {
                     Ok(()) => {
                         // Read before `core.propose`, so the latency metric includes it.
                         let started = now;
-                        self.pending
-                            .insert(token, Pending::Propose { group, deadline, started, reply });
-                        self.deadlines.push(Reverse((deadline, token)));
+                        let pending = Pending::Propose { group, started, reply };
+                        let issued = self.pending.insert(pending, deadline, now);
+                        debug_assert_eq!(issued, token);
                     }
                     Err(error) => {
                         self.metrics.proposals_failed.increment(1);
@@ -527,7 +506,7 @@ where
                 }
             }
             Request::Read { group, query, consistency, deadline, reply } => {
-                self.read(group, query, consistency, deadline, reply);
+                self.read(group, query, consistency, (deadline, now), reply);
             }
             Request::CreateGroup { group, voters, reply } => match self.create_group(group, voters)
             {
@@ -540,7 +519,7 @@ where
                 Err(error) => drop(reply.send(Err(error))),
             },
             Request::ChangeMembership { group, edit, deadline, reply } => {
-                self.change_membership(group, &edit, deadline, reply);
+                self.change_membership(group, &edit, (deadline, now), reply);
             }
             Request::Membership { group, reply } => {
                 let membership = self.core.replica(group).map(|r| r.membership().clone());
@@ -613,7 +592,7 @@ where
         group: GroupId,
         query: S::Query,
         consistency: Consistency,
-        deadline: Instant,
+        (deadline, now): (Instant, Instant),
         reply: oneshot::Sender<Result<S::QueryResult, Error>>,
     ) {
         self.metrics.reads.increment(1);
@@ -631,11 +610,12 @@ where
                 } else {
                     ReadMode::Quorum
                 };
-                let token = self.token();
+                let token = self.pending.next_token();
                 match self.core.read_with(group, query, mode, token) {
                     Ok(()) => {
-                        self.pending.insert(token, Pending::Read { group, deadline, reply });
-                        self.deadlines.push(Reverse((deadline, token)));
+                        let issued =
+                            self.pending.insert(Pending::Read { group, reply }, deadline, now);
+                        debug_assert_eq!(issued, token);
                     }
                     Err(error) => drop(reply.send(Err(request_error(error)))),
                 }
@@ -695,7 +675,7 @@ where
         &mut self,
         group: GroupId,
         edit: &MembershipEdit,
-        deadline: Instant,
+        (deadline, now): (Instant, Instant),
         reply: oneshot::Sender<Result<Membership, Error>>,
     ) {
         let config = &self.context.config;
@@ -709,11 +689,12 @@ where
             let _ = reply.send(Err(error));
             return;
         }
-        let token = self.token();
+        let token = self.pending.next_token();
         match self.core.change_membership(group, edit, token) {
             Ok(()) => {
-                self.pending.insert(token, Pending::Membership { group, deadline, reply });
-                self.deadlines.push(Reverse((deadline, token)));
+                let issued =
+                    self.pending.insert(Pending::Membership { group, reply }, deadline, now);
+                debug_assert_eq!(issued, token);
             }
             Err(error) => drop(reply.send(Err(request_error(error)))),
         }
@@ -770,28 +751,13 @@ where
                 }
             }
         }
-        if self.deadlines.len() > 2 * self.pending.len() + 1024 {
-            // Mostly answered requests: rebuild from what is still pending.
-            self.deadlines =
-                self.pending.iter().map(|(token, p)| Reverse((p.deadline(), *token))).collect();
-        }
-        let mut expired = HashSet::new();
-        while let Some(Reverse((deadline, token))) = self.deadlines.peek().copied() {
-            if deadline > now {
-                break;
-            }
-            self.deadlines.pop();
-            // Answered requests leave their deadline behind: skip those.
-            if self.pending.contains_key(&token) {
-                expired.insert(token);
-            }
-        }
+        let expired: HashSet<Token> = self.pending.expired(now).into_iter().collect();
         if !expired.is_empty() {
             self.core.fail_requests(|token| expired.contains(&token), &mut self.out);
             // The core's own reasons are not what a caller at its deadline needs to hear.
             self.out.completions.clear();
             for token in expired {
-                let pending = self.pending.remove(&token).expect("listed");
+                let pending = self.pending.remove(token).expect("listed");
                 let leader = self
                     .core
                     .replica(pending.group())
@@ -1115,7 +1081,7 @@ where
                 }
             }
             for (token, membership) in self.out.memberships.drain(..) {
-                if let Some(Pending::Membership { reply, .. }) = self.pending.remove(&token) {
+                if let Some(Pending::Membership { reply, .. }) = self.pending.remove(token) {
                     let _ = reply.send(Ok(membership));
                 }
             }
@@ -1165,7 +1131,7 @@ where
     fn complete(&mut self, completion: Completion<S>, answered: Instant) {
         match completion {
             Completion::Applied { token, index, response } => {
-                if let Some(Pending::Propose { reply, started, .. }) = self.pending.remove(&token) {
+                if let Some(Pending::Propose { reply, started, .. }) = self.pending.remove(token) {
                     self.metrics.applied.increment(1);
                     let took = answered.saturating_duration_since(started);
                     self.metrics.propose_seconds.record(took.as_secs_f64());
@@ -1173,12 +1139,12 @@ where
                 }
             }
             Completion::Read { token, result, .. } => {
-                if let Some(Pending::Read { reply, .. }) = self.pending.remove(&token) {
+                if let Some(Pending::Read { reply, .. }) = self.pending.remove(token) {
                     let _ = reply.send(Ok(result));
                 }
             }
             Completion::Failed { token, error } => {
-                if let Some(pending) = self.pending.remove(&token) {
+                if let Some(pending) = self.pending.remove(token) {
                     if matches!(pending, Pending::Propose { .. }) {
                         self.metrics.proposals_failed.increment(1);
                     }

@@ -3,6 +3,7 @@
 mod core;
 pub(crate) mod driver;
 mod peer;
+mod pending;
 pub mod store;
 pub(crate) mod transfer;
 
