@@ -256,15 +256,17 @@ fn main() {
     }
 }
 
-/// The longest a ramp runs: 1,024 groups of 1 KiB writes recycle within a few seconds (the WAL's
-/// segment target forces their snapshots), one small group within ~5 s.
+/// The longest a ramp runs: 64 groups recycle within a few seconds; 1,024 groups of 16 B writes
+/// fill the WAL's segment target (which forces their snapshots) only after ~20 s.
 const RAMP_MAX: Duration = Duration::from_secs(20);
+/// How long the logs must go without a new segment (having recycled) to count as steady.
+const RAMP_QUIET: Duration = Duration::from_secs(1);
 
 /// What the load did before measurement began.
 struct Ramp {
     elapsed: Duration,
     committed: u64,
-    /// Whether every shard (on average) recycled a segment before [`RAMP_MAX`].
+    /// Whether the logs reached their steady state before [`RAMP_MAX`] (see [`ramp`]).
     steady: bool,
 }
 
@@ -274,25 +276,35 @@ impl Ramp {
             "ramp {:.1} s at {}writes/s{}",
             self.elapsed.as_secs_f64(),
             count(flotilla_bench::rate(self.committed as f64, self.elapsed)),
-            if self.steady { "" } else { ", stopped before a recycle" }
+            if self.steady { "" } else { ", stopped before the logs were steady" }
         )
     }
 }
 
 /// Runs the measured load on `cluster` until its logs are in their steady state — the WALs have
-/// recycled as many segments as there are shards, so the logs stopped growing into new
-/// pre-written files (64 MiB of zeros each, ~10 % of the CPU of a run that includes them) and the
-/// nodes' memory reached its working size — or for [`RAMP_MAX`]. T8 is a sustained rate: a
-/// cluster's first seconds, while every log grows from nothing, are a one-time cost the ramp's
-/// own rate (printed with the result) shows.
+/// recycled as many segments as there are shards and then created none for [`RAMP_QUIET`], so
+/// the logs stopped growing into new pre-written files (64 MiB of zeros each, ~10 % of the CPU
+/// of a run that includes them) and the nodes' memory reached its working size — or for
+/// [`RAMP_MAX`]. T8 is a sustained rate: a cluster's first seconds, while every log grows from
+/// nothing (or to the size a larger payload needs), are a one-time cost the ramp's own rate
+/// (printed with the result) shows.
 fn ramp(cluster: &Cluster, value: &Bytes, proposers: usize, each: u64) -> Ramp {
     let before = cluster.totals();
     let mut ramp = Ramp { elapsed: Duration::ZERO, committed: 0, steady: false };
+    let mut quiet = Duration::ZERO;
     while ramp.elapsed < RAMP_MAX {
+        let ahead = cluster.totals();
         let run = cluster.run(value, proposers, each);
         ramp.elapsed += run.elapsed;
         ramp.committed += run.committed;
-        if cluster.totals().since(&before).segments_recycled >= cluster.shards() as u64 {
+        let after = cluster.totals();
+        quiet = if after.since(&ahead).segments_created == 0 {
+            quiet + run.elapsed
+        } else {
+            Duration::ZERO
+        };
+        if after.since(&before).segments_recycled >= cluster.shards() as u64 && quiet >= RAMP_QUIET
+        {
             ramp.steady = true;
             break;
         }
