@@ -76,7 +76,9 @@ impl<T> PendingTable<T> {
         self.in_ring + self.overflow.len()
     }
 
-    /// The token the next [`PendingTable::insert`] returns.
+    /// The token the next [`PendingTable::insert`] returns. A request is handed it before it is
+    /// inserted: the core registers a token only when it accepts the request, so one it refuses
+    /// leaves the token to the next.
     pub(super) fn next_token(&self) -> Token {
         self.base + self.ring.len() as Token
     }
