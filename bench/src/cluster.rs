@@ -39,8 +39,9 @@ pub struct Totals {
     pub segments_created: u64,
     /// WAL segments recycled in place (no pre-writing).
     pub segments_recycled: u64,
-    /// WAL segments deleted when retired (a reader still mapped them, so they could not be
-    /// recycled): each is a segment the preparer has to create again.
+    /// WAL segments deleted when retired instead of recycled (a reader still mapped them, or
+    /// their size is not the configured one): each is a segment the preparer has to create
+    /// again.
     pub segments_deleted: u64,
 }
 
@@ -238,6 +239,18 @@ impl Cluster {
     /// What every shard of every node has done so far, summed.
     pub fn totals(&self) -> Totals {
         self.block_on(totals(&self.engines)).expect("shard stats")
+    }
+
+    /// Segments each shard's WAL has recycled so far, node by node and shard by shard.
+    pub fn segments_recycled(&self) -> Vec<u64> {
+        self.block_on(async {
+            let mut recycled = Vec::new();
+            for engine in &self.engines {
+                let shards = engine.shard_stats().await.expect("shard stats");
+                recycled.extend(shards.iter().map(|shard| shard.wal.segments_recycled));
+            }
+            recycled
+        })
     }
 
     /// `proposers` concurrent proposers (proposer `i` writes to group `i % groups`) each commit

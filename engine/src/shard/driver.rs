@@ -369,14 +369,14 @@ where
         }
         let metrics = Metrics::new(context.index);
         metrics.groups.set(core.groups().count() as f64);
-        let request_timeout = context.config.request_timeout;
+        let (request_timeout, tick) = (context.config.request_timeout, context.config.tick);
         Ok(Self {
             context,
             core,
             store,
             out: ShardOutput::default(),
             inbox,
-            pending: PendingTable::new(request_timeout, 1),
+            pending: PendingTable::new(request_timeout, tick, 1),
             inflight: VecDeque::new(),
             peers: BTreeMap::new(),
             snapshot_senders: BTreeMap::new(),
@@ -497,7 +497,7 @@ where
                         let started = now;
                         let pending = Pending::Propose { group, started, reply };
                         let issued = self.pending.insert(pending, deadline, now);
-                        debug_assert_eq!(issued, token);
+                        assert_eq!(issued, token, "the token the core was given");
                     }
                     Err(error) => {
                         self.metrics.proposals_failed.increment(1);
@@ -615,7 +615,7 @@ where
                     Ok(()) => {
                         let issued =
                             self.pending.insert(Pending::Read { group, reply }, deadline, now);
-                        debug_assert_eq!(issued, token);
+                        assert_eq!(issued, token, "the token the core was given");
                     }
                     Err(error) => drop(reply.send(Err(request_error(error)))),
                 }
@@ -694,7 +694,7 @@ where
             Ok(()) => {
                 let issued =
                     self.pending.insert(Pending::Membership { group, reply }, deadline, now);
-                debug_assert_eq!(issued, token);
+                assert_eq!(issued, token, "the token the core was given");
             }
             Err(error) => drop(reply.send(Err(request_error(error)))),
         }
