@@ -325,6 +325,10 @@ impl EngineConfig {
         if self.request_timeout < self.tick {
             return bad("request_timeout must be at least one tick");
         }
+        // Every call's deadline is `now + request_timeout`, and a shard adds a tick to some.
+        if Instant::now().checked_add(self.request_timeout.saturating_mul(2)).is_none() {
+            return bad("request_timeout is too long to be a deadline");
+        }
         if self.proposal_limit() == 0 {
             return bad("proposal_bytes_max must be positive");
         }
@@ -682,7 +686,10 @@ where
         if command.len() > max {
             return Err(Error::TooLarge { bytes: command.len(), max });
         }
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to be an instant is refused, not a panic.
+        let deadline = Instant::now().checked_add(timeout).ok_or_else(|| {
+            Error::InvalidArgument(format!("timeout {timeout:?} is too long to be a deadline"))
+        })?;
         self.call(group, |reply| Request::Propose { group, payload: command, deadline, reply })
             .await
     }

@@ -113,6 +113,9 @@ async fn bad_snapshot_streams_and_oversized_proposals_are_refused_and_change_not
 
     let oversized = engine.propose(GROUP, Bytes::from(vec![0u8; 1001])).await;
     assert!(matches!(oversized, Err(flotilla::Error::TooLarge { bytes: 1001, max: 1000 })));
+    // A timeout no clock can reach is a typed refusal, not a panic.
+    let endless = engine.propose_with_timeout(GROUP, Bytes::from_static(b"x"), Duration::MAX).await;
+    assert!(matches!(endless, Err(flotilla::Error::InvalidArgument(_))), "{endless:?}");
 
     let member = || ConnectionConfig::new(Identity { cluster: ClusterId(1), node: NodeId(2) });
     let id = StreamId { group: GROUP, index: LogIndex(1000), term: Term(9) };
@@ -200,4 +203,15 @@ async fn bad_snapshot_streams_and_oversized_proposals_are_refused_and_change_not
     assert_eq!(after.snapshot_index, before.snapshot_index);
     put(&engine, "after").await;
     engine.shutdown().unwrap();
+}
+
+/// A request timeout no deadline can hold is refused when the engine opens, not a panic on the
+/// first call.
+#[test]
+fn an_endless_request_timeout_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig::new(NodeId(1), free_addr(), dir.path());
+    config.request_timeout = Duration::MAX;
+    let opened = Engine::open_kv(config);
+    assert!(matches!(opened, Err(flotilla::Error::Config(_))), "{:?}", opened.err());
 }
