@@ -292,26 +292,23 @@ impl Ramp {
 /// nothing (or to the size a larger payload needs), are a one-time cost the ramp's own rate
 /// (printed with the result) shows.
 fn ramp(cluster: &Cluster, value: &Bytes, proposers: usize, each: u64) -> Ramp {
-    let recycled_before = cluster.segments_recycled();
+    let before = cluster.segments_per_wal();
+    let mut last = before.clone();
     let mut ramp = Ramp { elapsed: Duration::ZERO, committed: 0, steady: false };
     let mut quiet = Duration::ZERO;
     while ramp.elapsed < RAMP_MAX {
-        let ahead = cluster.totals();
         let run = cluster.run(value, proposers, each);
         ramp.elapsed += run.elapsed;
         ramp.committed += run.committed;
-        let after = cluster.totals();
-        quiet = if after.since(&ahead).segments_created == 0 {
-            quiet + run.elapsed
-        } else {
-            Duration::ZERO
-        };
-        let every_wal_recycled =
-            cluster.segments_recycled().iter().zip(&recycled_before).all(|(now, then)| now > then);
+        let now = cluster.segments_per_wal();
+        let created = now.iter().zip(&last).any(|(now, then)| now.0 > then.0);
+        quiet = if created { Duration::ZERO } else { quiet + run.elapsed };
+        let every_wal_recycled = now.iter().zip(&before).all(|(now, then)| now.1 > then.1);
         if every_wal_recycled && quiet >= RAMP_QUIET {
             ramp.steady = true;
             break;
         }
+        last = now;
     }
     ramp
 }

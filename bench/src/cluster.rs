@@ -241,15 +241,20 @@ impl Cluster {
         self.block_on(totals(&self.engines)).expect("shard stats")
     }
 
-    /// Segments each shard's WAL has recycled so far, node by node and shard by shard.
-    pub fn segments_recycled(&self) -> Vec<u64> {
+    /// Segments each shard's WAL has created and recycled so far, node by node and shard by
+    /// shard.
+    pub fn segments_per_wal(&self) -> Vec<(u64, u64)> {
         self.block_on(async {
-            let mut recycled = Vec::new();
+            let mut segments = Vec::new();
             for engine in &self.engines {
                 let shards = engine.shard_stats().await.expect("shard stats");
-                recycled.extend(shards.iter().map(|shard| shard.wal.segments_recycled));
+                segments.extend(
+                    shards
+                        .iter()
+                        .map(|shard| (shard.wal.segments_created, shard.wal.segments_recycled)),
+                );
             }
-            recycled
+            segments
         })
     }
 

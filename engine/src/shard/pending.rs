@@ -121,10 +121,7 @@ impl<T> PendingTable<T> {
         }
         let slot = self.ring.get_mut(usize::try_from(token - self.base).ok()?)?.take()?;
         self.in_ring -= 1;
-        while matches!(self.ring.front(), Some(None)) {
-            self.ring.pop_front();
-            self.base += 1;
-        }
+        self.trim_front();
         Some(slot.value)
     }
 
@@ -224,6 +221,11 @@ impl<T> PendingTable<T> {
                 self.overflow.insert(token, slot);
             }
         }
+        self.trim_front();
+    }
+
+    /// Drops the answered slots at the ring's front.
+    fn trim_front(&mut self) {
         while matches!(self.ring.front(), Some(None)) {
             self.ring.pop_front();
             self.base += 1;
