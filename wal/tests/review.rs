@@ -1408,3 +1408,51 @@ fn an_inline_close_waits_for_the_caller_writing_a_round() {
     assert_eq!(recovery.report.torn_tail, None, "the seal claims the caller's round");
     assert_eq!(wal.group_state(GroupId(1)).unwrap().last_index, 1);
 }
+
+/// Inline mode: an append made while another caller is inside its round's fdatasync joins the
+/// queue behind that round (the caller is writing, so the append's own poll leaves the writing
+/// to it); `close` then returns only once that round too is durable (on disk before the seal)
+/// and complete — the future, not polled again until then, resolves with success. (A poll
+/// drives the queue in inline mode, so the disk is checked before the future is polled.)
+#[test]
+fn an_inline_close_completes_the_rounds_queued_behind_a_writing_caller() {
+    let disk = SimStorage::new();
+    let gate = Arc::new(GateState::default());
+    let storage: Arc<dyn flotilla_wal::io::Storage> =
+        Arc::new(GatedDisk(disk.clone(), Arc::clone(&gate)));
+    let config = inline_config(64 << 10);
+    let (wal, _) = Wal::open_with(Arc::clone(&storage), config.clone()).unwrap();
+    let (entered, in_sync) = mpsc::channel();
+    *gate.entered.lock().unwrap() = Some(entered);
+    let (release, released) = mpsc::channel();
+    *gate.release.lock().unwrap() = Some(release);
+    *gate.released.lock().unwrap() = Some(released);
+    gate.armed.store(true, Ordering::SeqCst);
+    let append = wal.append(entry_batch(GroupId(1), 1, 10));
+    let writer = std::thread::spawn(move || block_on(append));
+    in_sync.recv_timeout(Duration::from_secs(10)).expect("the append reached its fdatasync");
+    let mut queued = wal.append(entry_batch(GroupId(1), 2, 10));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(
+        std::pin::Pin::new(&mut queued).poll(&mut cx).is_pending(),
+        "the append joins the queue and leaves the writing to the caller already writing"
+    );
+    let closer = std::thread::spawn(move || wal.close());
+    closer.join().unwrap().expect("close");
+    writer.join().unwrap().expect("the caller's append");
+    assert!(!gate.overlapped.load(Ordering::SeqCst), "the close overlapped the caller's sync");
+    // The disk first: polling the queued append again would write its round if nothing had.
+    drop(storage);
+    let (reopened, recovery) = open_sim(&disk, &config).unwrap();
+    assert_eq!(recovery.report.torn_tail, None, "the seal follows both rounds");
+    assert_eq!(
+        reopened.group_state(GroupId(1)).unwrap().last_index,
+        2,
+        "close returned before the round queued behind the caller's was durable"
+    );
+    drop(reopened);
+    match std::pin::Pin::new(&mut queued).poll(&mut cx) {
+        Poll::Ready(result) => result.expect("the queued append is durable"),
+        Poll::Pending => panic!("close returned before the round queued behind the caller's"),
+    }
+}
