@@ -210,19 +210,6 @@ impl Command {
         }
     }
 
-    fn decode_from(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        Ok(match reader.u8()? {
-            tag::PUT => Self::Put { key: reader.bytes()?, value: reader.bytes()? },
-            tag::DELETE => Self::Delete { key: reader.bytes()? },
-            tag::COMPARE_AND_SET => Self::CompareAndSet {
-                key: reader.bytes()?,
-                expected: reader.option()?,
-                new: reader.option()?,
-            },
-            other => return Err(DecodeError::Tag(other)),
-        })
-    }
-
     /// The key this command changes.
     pub fn key(&self) -> &Bytes {
         match self {
@@ -286,22 +273,103 @@ impl Proposal {
 
     /// Parses one proposal occupying all of `input`. Keys and values borrow from `input`.
     pub fn decode(input: &Bytes) -> Result<Self, DecodeError> {
+        Ok(ProposalRef::decode(input)?.to_owned(input))
+    }
+}
+
+/// A [`Proposal`] whose keys and values are slices of the bytes it was decoded from: what the
+/// apply path reads (it copies what it keeps), so decoding an entry touches no reference count
+/// and allocates nothing. The one parser of proposals; [`Proposal::decode`] converts its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ProposalRef<'a> {
+    pub(crate) leader_time_ms: u64,
+    pub(crate) request: RequestRef<'a>,
+}
+
+/// A [`Request`] borrowing from its encoding (see [`ProposalRef`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RequestRef<'a> {
+    RegisterSession,
+    KeepAlive { client_id: u64 },
+    CloseSession { client_id: u64 },
+    Session { client_id: u64, sequence: u64, command: CommandRef<'a> },
+    Unsessioned(CommandRef<'a>),
+}
+
+/// A [`Command`] borrowing from its encoding (see [`ProposalRef`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CommandRef<'a> {
+    Put { key: &'a [u8], value: &'a [u8] },
+    Delete { key: &'a [u8] },
+    CompareAndSet { key: &'a [u8], expected: Option<&'a [u8]>, new: Option<&'a [u8]> },
+}
+
+impl<'a> ProposalRef<'a> {
+    /// Parses one proposal occupying all of `input`.
+    pub(crate) fn decode(input: &'a [u8]) -> Result<Self, DecodeError> {
         let mut reader = Reader::versioned(input)?;
         let leader_time_ms = reader.u64()?;
         let request = match reader.u8()? {
-            tag::REGISTER_SESSION => Request::RegisterSession,
-            tag::KEEP_ALIVE => Request::KeepAlive { client_id: reader.u64()? },
-            tag::CLOSE_SESSION => Request::CloseSession { client_id: reader.u64()? },
-            tag::SESSION => Request::Session(SessionCommand {
+            tag::REGISTER_SESSION => RequestRef::RegisterSession,
+            tag::KEEP_ALIVE => RequestRef::KeepAlive { client_id: reader.u64()? },
+            tag::CLOSE_SESSION => RequestRef::CloseSession { client_id: reader.u64()? },
+            tag::SESSION => RequestRef::Session {
                 client_id: reader.u64()?,
                 sequence: reader.u64()?,
-                command: Command::decode_from(&mut reader)?,
-            }),
-            tag::UNSESSIONED => Request::Unsessioned(Command::decode_from(&mut reader)?),
+                command: CommandRef::decode_from(&mut reader)?,
+            },
+            tag::UNSESSIONED => RequestRef::Unsessioned(CommandRef::decode_from(&mut reader)?),
             other => return Err(DecodeError::Tag(other)),
         };
         reader.finish()?;
         Ok(Self { leader_time_ms, request })
+    }
+
+    /// The owned proposal, its keys and values slices of `input` — the bytes this was decoded
+    /// from (a slice outside them panics).
+    fn to_owned(self, input: &Bytes) -> Proposal {
+        let request = match self.request {
+            RequestRef::RegisterSession => Request::RegisterSession,
+            RequestRef::KeepAlive { client_id } => Request::KeepAlive { client_id },
+            RequestRef::CloseSession { client_id } => Request::CloseSession { client_id },
+            RequestRef::Session { client_id, sequence, command } => {
+                Request::Session(SessionCommand {
+                    client_id,
+                    sequence,
+                    command: command.to_owned(input),
+                })
+            }
+            RequestRef::Unsessioned(command) => Request::Unsessioned(command.to_owned(input)),
+        };
+        Proposal { leader_time_ms: self.leader_time_ms, request }
+    }
+}
+
+impl<'a> CommandRef<'a> {
+    fn decode_from(reader: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        Ok(match reader.u8()? {
+            tag::PUT => Self::Put { key: reader.bytes()?, value: reader.bytes()? },
+            tag::DELETE => Self::Delete { key: reader.bytes()? },
+            tag::COMPARE_AND_SET => Self::CompareAndSet {
+                key: reader.bytes()?,
+                expected: reader.option()?,
+                new: reader.option()?,
+            },
+            other => return Err(DecodeError::Tag(other)),
+        })
+    }
+
+    fn to_owned(self, input: &Bytes) -> Command {
+        let share = |slice: &[u8]| input.slice_ref(slice);
+        match self {
+            Self::Put { key, value } => Command::Put { key: share(key), value: share(value) },
+            Self::Delete { key } => Command::Delete { key: share(key) },
+            Self::CompareAndSet { key, expected, new } => Command::CompareAndSet {
+                key: share(key),
+                expected: expected.map(share),
+                new: new.map(share),
+            },
+        }
     }
 }
 
@@ -337,10 +405,12 @@ impl Query {
     pub fn decode(input: &Bytes) -> Result<Self, DecodeError> {
         let mut reader = Reader::versioned(input)?;
         let query = match reader.u8()? {
-            tag::GET => Self::Get { key: reader.bytes()? },
-            tag::RANGE => {
-                Self::Range { start: reader.bytes()?, end: reader.option()?, limit: reader.u32()? }
-            }
+            tag::GET => Self::Get { key: input.slice_ref(reader.bytes()?) },
+            tag::RANGE => Self::Range {
+                start: input.slice_ref(reader.bytes()?),
+                end: reader.option()?.map(|end| input.slice_ref(end)),
+                limit: reader.u32()?,
+            },
             other => return Err(DecodeError::Tag(other)),
         };
         reader.finish()?;
@@ -371,17 +441,17 @@ pub(crate) fn put_option(out: &mut Vec<u8>, bytes: Option<&Bytes>) {
 /// A cursor over untrusted input. Every read checks the bytes left first, so nothing is ever
 /// indexed out of bounds and no length is trusted before it is checked.
 pub(crate) struct Reader<'a> {
-    input: &'a Bytes,
+    input: &'a [u8],
     position: usize,
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(input: &'a Bytes) -> Self {
+    pub(crate) fn new(input: &'a [u8]) -> Self {
         Self { input, position: 0 }
     }
 
     /// A reader past the leading version byte, which must be [`VERSION`].
-    fn versioned(input: &'a Bytes) -> Result<Self, DecodeError> {
+    fn versioned(input: &'a [u8]) -> Result<Self, DecodeError> {
         let mut reader = Self::new(input);
         match reader.u8()? {
             VERSION => Ok(reader),
@@ -397,8 +467,7 @@ impl<'a> Reader<'a> {
         if len > self.remaining() {
             return Err(DecodeError::Truncated);
         }
-        let input: &'a [u8] = self.input;
-        let taken = &input[self.position..self.position + len];
+        let taken = &self.input[self.position..self.position + len];
         self.position += len;
         Ok(taken)
     }
@@ -422,17 +491,12 @@ impl<'a> Reader<'a> {
     }
 
     /// A length-prefixed byte string, as a slice of the input (no copy, no allocation).
-    pub(crate) fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = self.u32()? as usize;
-        if len > self.remaining() {
-            return Err(DecodeError::Truncated);
-        }
-        let start = self.position;
-        self.position += len;
-        Ok(self.input.slice(start..self.position))
+        self.take(len)
     }
 
-    pub(crate) fn option(&mut self) -> Result<Option<Bytes>, DecodeError> {
+    pub(crate) fn option(&mut self) -> Result<Option<&'a [u8]>, DecodeError> {
         match self.u8()? {
             0 => Ok(None),
             1 => Ok(Some(self.bytes()?)),

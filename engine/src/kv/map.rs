@@ -9,6 +9,8 @@
 //! A lookup compares the key against about six keys per B-tree node. A key behind a pointer
 //! costs a cache miss per comparison once the store outgrows the cache; a [`Key`] of at most
 //! [`INLINE_MAX`] bytes lives in the node itself and costs none, nor an allocation of its own.
+//! Two inline keys compare as three big-endian words (no `memcmp` call, no length arithmetic),
+//! and a lookup of a short key probes with an inline key so that every comparison is that one.
 //!
 //! Cloning is what a snapshot does (the image is written from the clone on another thread while
 //! the group goes on applying), so it must cost next to nothing on the shard thread whatever the
@@ -37,8 +39,24 @@ pub(crate) struct Key(Repr);
 
 #[derive(Clone)]
 enum Repr {
-    Inline { len: u8, bytes: [u8; INLINE_MAX] },
+    /// The key's bytes, zero-padded to [`INLINE_MAX`], then its length. Compared as three
+    /// big-endian words this orders exactly as the key's bytes: up to the shorter key's length
+    /// the words compare its bytes; past it, a byte of the longer key (any value, zero included)
+    /// meets padding (zero) — greater, or equal until the length byte, which is greater too. So
+    /// a key sorts after its prefixes, as bytes do.
+    Inline([u8; INLINE_MAX + 1]),
     Heap(Bytes),
+}
+
+/// `bytes` as three big-endian words, compared in order (see [`Repr::Inline`]).
+fn inline_cmp(a: &[u8; INLINE_MAX + 1], b: &[u8; INLINE_MAX + 1]) -> Ordering {
+    let word = |bytes: &[u8; INLINE_MAX + 1], at: usize| {
+        u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+    };
+    word(a, 0)
+        .cmp(&word(b, 0))
+        .then_with(|| word(a, 8).cmp(&word(b, 8)))
+        .then_with(|| word(a, 16).cmp(&word(b, 16)))
 }
 
 // A node holds 64 keys: a larger key would cost every node, inline or not.
@@ -47,19 +65,23 @@ const _: () = assert!(std::mem::size_of::<Key>() == std::mem::size_of::<Bytes>()
 impl Key {
     /// A key holding a copy of `key`.
     pub(crate) fn copy_from(key: &[u8]) -> Self {
-        if key.len() <= INLINE_MAX {
-            let mut bytes = [0; INLINE_MAX];
+        Self::inline(key).unwrap_or_else(|| Self(Repr::Heap(Bytes::copy_from_slice(key))))
+    }
+
+    /// `key` inline, if it is short enough (no allocation either way).
+    fn inline(key: &[u8]) -> Option<Self> {
+        (key.len() <= INLINE_MAX).then(|| {
+            let mut bytes = [0; INLINE_MAX + 1];
             bytes[..key.len()].copy_from_slice(key);
-            Self(Repr::Inline { len: key.len() as u8, bytes })
-        } else {
-            Self(Repr::Heap(Bytes::copy_from_slice(key)))
-        }
+            bytes[INLINE_MAX] = key.len() as u8;
+            Self(Repr::Inline(bytes))
+        })
     }
 
     /// The key as `Bytes` (a copy when it is inline).
     pub(crate) fn to_bytes(&self) -> Bytes {
         match &self.0 {
-            Repr::Inline { .. } => Bytes::copy_from_slice(self),
+            Repr::Inline(_) => Bytes::copy_from_slice(self),
             Repr::Heap(bytes) => bytes.clone(),
         }
     }
@@ -70,7 +92,7 @@ impl Deref for Key {
 
     fn deref(&self) -> &[u8] {
         match &self.0 {
-            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Inline(bytes) => &bytes[..usize::from(bytes[INLINE_MAX])],
             Repr::Heap(bytes) => bytes,
         }
     }
@@ -85,7 +107,7 @@ impl Borrow<[u8]> for Key {
 
 impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
-        **self == **other
+        self.cmp(other) == Ordering::Equal
     }
 }
 
@@ -99,7 +121,10 @@ impl PartialOrd for Key {
 
 impl Ord for Key {
     fn cmp(&self, other: &Self) -> Ordering {
-        (**self).cmp(&**other)
+        match (&self.0, &other.0) {
+            (Repr::Inline(a), Repr::Inline(b)) => inline_cmp(a, b),
+            _ => (**self).cmp(&**other),
+        }
     }
 }
 
@@ -155,7 +180,10 @@ impl KvMap {
             Self::Small(pairs) => {
                 pairs.binary_search_by(|(k, _)| (**k).cmp(key)).ok().map(|at| &pairs[at].1)
             }
-            Self::Large(map) => map.get(key),
+            Self::Large(map) => match Key::inline(key) {
+                Some(probe) => map.get(&probe),
+                None => map.get(key),
+            },
         }
     }
 
@@ -165,7 +193,10 @@ impl KvMap {
                 Ok(at) => Some(&mut pairs[at].1),
                 Err(_) => None,
             },
-            Self::Large(map) => map.get_mut(key),
+            Self::Large(map) => match Key::inline(key) {
+                Some(probe) => map.get_mut(&probe),
+                None => map.get_mut(key),
+            },
         }
     }
 
@@ -202,7 +233,10 @@ impl KvMap {
                 }
                 Some(value)
             }
-            Self::Large(map) => map.remove(key),
+            Self::Large(map) => match Key::inline(key) {
+                Some(probe) => map.remove(&probe),
+                None => map.remove(key),
+            },
         }
     }
 
@@ -359,6 +393,23 @@ mod tests {
             check(&map, &model);
         }
         assert!(matches!(map, KvMap::Large(_)), "the B-tree form is exercised");
+    }
+
+    /// Short byte strings over a small alphabet (zero included), so that prefixes, equal keys
+    /// and padding-like bytes are common; lengths straddle the inline limit.
+    fn short_key() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        proptest::collection::vec(prop_oneof![Just(0u8), Just(1), Just(0x7f), Just(0xff)], 0..26)
+    }
+
+    proptest::proptest! {
+        /// Keys compare as their bytes, whichever forms meet (inline word order included).
+        #[test]
+        fn keys_compare_as_their_bytes(a in short_key(), b in short_key()) {
+            let (x, y) = (Key::copy_from(&a), Key::copy_from(&b));
+            proptest::prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+            proptest::prop_assert_eq!(x == y, a == b);
+        }
     }
 
     #[test]

@@ -306,19 +306,18 @@ pub(crate) fn decode(image: &Bytes, local: KvConfig) -> Result<Image, SnapshotEr
     let entry_count = header_u64(image, ENTRY_COUNT_OFFSET);
     let session_count = header_u64(image, SESSION_COUNT_OFFSET);
 
-    let body = image.slice(HEADER_LEN..);
-    let mut reader = Reader::new(&body);
+    let mut reader = Reader::new(&image[HEADER_LEN..]);
     let mut data = Vec::new();
-    let mut previous_key: Option<Bytes> = None;
+    let mut previous_key: Option<&[u8]> = None;
     // Each iteration consumes at least 8 bytes or fails, so a huge count costs nothing.
     for _ in 0..entry_count {
         let key = reader.bytes()?;
         let value = reader.bytes()?;
-        if previous_key.as_ref().is_some_and(|previous| *previous >= key) {
+        if previous_key.is_some_and(|previous| previous >= key) {
             return Err(SnapshotError::Invalid { reason: "keys out of order" });
         }
         // `from_sorted` copies the key: neither pins the image.
-        data.push((key.clone(), Bytes::copy_from_slice(&value)));
+        data.push((key, Bytes::copy_from_slice(value)));
         previous_key = Some(key);
     }
     let data = KvMap::from_sorted(data);
@@ -360,9 +359,9 @@ fn decode_outcome(reader: &mut Reader<'_>) -> Result<Outcome, SnapshotError> {
             other => return Err(DecodeError::Flag(other).into()),
         },
         outcome_tag::SWAPPED => Outcome::Swapped,
-        outcome_tag::MISMATCH => Outcome::Mismatch {
-            actual: reader.option()?.map(|value| Bytes::copy_from_slice(&value)),
-        },
+        outcome_tag::MISMATCH => {
+            Outcome::Mismatch { actual: reader.option()?.map(Bytes::copy_from_slice) }
+        }
         other => return Err(DecodeError::Tag(other).into()),
     })
 }

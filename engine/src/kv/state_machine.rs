@@ -8,7 +8,7 @@ use bytes::Bytes;
 use flotilla_raftgroup::{Entry, EntryKind, LogIndex};
 use thiserror::Error;
 
-use super::command::{Command, DecodeError, Proposal, Query, Request, SessionCommand};
+use super::command::{CommandRef, DecodeError, ProposalRef, Query, RequestRef};
 use super::map::{Iter, KvMap};
 use super::session::{Session, Sessions};
 use super::snapshot::{self, KvSnapshot, SnapshotError};
@@ -342,7 +342,7 @@ impl KvStateMachine {
             EntryKind::Normal => {}
             EntryKind::Empty | EntryKind::Membership => return Ok(Reply::Skipped),
         }
-        let proposal = Proposal::decode(&entry.payload).inspect_err(|error| {
+        let proposal = ProposalRef::decode(&entry.payload).inspect_err(|error| {
             metrics::counter!("flotilla_kv_undecodable_entries_total").increment(1);
             tracing::warn!(index = entry.index.get(), %error, "kv entry does not decode");
         })?;
@@ -352,7 +352,7 @@ impl KvStateMachine {
             metrics::counter!("flotilla_kv_sessions_expired_total").increment(expired as u64);
         }
         match proposal.request {
-            Request::RegisterSession => {
+            RequestRef::RegisterSession => {
                 let evicted = self.sessions.make_room(self.config.sessions_max);
                 if evicted > 0 {
                     metrics::counter!("flotilla_kv_sessions_evicted_total")
@@ -363,15 +363,17 @@ impl KvStateMachine {
                     .insert(client_id, Session { last_active_ms: self.now_ms, last: None });
                 Ok(Reply::Registered { client_id })
             }
-            Request::KeepAlive { client_id } => match self.sessions.touch(client_id, self.now_ms) {
-                Some(_) => Ok(Reply::KeptAlive),
-                None => Err(ApplyError::UnknownSession { client_id }),
-            },
-            Request::CloseSession { client_id } => match self.sessions.remove(client_id) {
+            RequestRef::KeepAlive { client_id } => {
+                match self.sessions.touch(client_id, self.now_ms) {
+                    Some(_) => Ok(Reply::KeptAlive),
+                    None => Err(ApplyError::UnknownSession { client_id }),
+                }
+            }
+            RequestRef::CloseSession { client_id } => match self.sessions.remove(client_id) {
                 Some(_) => Ok(Reply::Closed),
                 None => Err(ApplyError::UnknownSession { client_id }),
             },
-            Request::Session(SessionCommand { client_id, sequence, command }) => {
+            RequestRef::Session { client_id, sequence, command } => {
                 let Some(session) = self.sessions.touch(client_id, self.now_ms) else {
                     return Err(ApplyError::UnknownSession { client_id });
                 };
@@ -391,7 +393,7 @@ impl KvStateMachine {
                 session.last = Some((sequence, outcome.clone()));
                 Ok(Reply::Done(outcome))
             }
-            Request::Unsessioned(command) => Ok(Reply::Done(execute(&mut self.data, command))),
+            RequestRef::Unsessioned(command) => Ok(Reply::Done(execute(&mut self.data, command))),
         }
     }
 }
@@ -403,22 +405,22 @@ impl Default for KvStateMachine {
 }
 
 /// Runs one command against the map. Keys and values are copied (see [`KvStateMachine`]).
-fn execute(data: &mut KvMap, command: Command) -> Outcome {
+fn execute(data: &mut KvMap, command: CommandRef<'_>) -> Outcome {
     match command {
-        Command::Put { key, value } => {
-            store(data, &key, &value);
+        CommandRef::Put { key, value } => {
+            store(data, key, value);
             Outcome::Written
         }
-        Command::Delete { key } => Outcome::Deleted { existed: data.remove(&key[..]).is_some() },
-        Command::CompareAndSet { key, expected, new } => {
-            let actual = data.get(&key[..]);
-            if actual.map(|value| &value[..]) != expected.as_deref() {
+        CommandRef::Delete { key } => Outcome::Deleted { existed: data.remove(key).is_some() },
+        CommandRef::CompareAndSet { key, expected, new } => {
+            let actual = data.get(key);
+            if actual.map(|value| &value[..]) != expected {
                 return Outcome::Mismatch { actual: actual.cloned() };
             }
             match new {
-                Some(value) => store(data, &key, &value),
+                Some(value) => store(data, key, value),
                 None => {
-                    data.remove(&key[..]);
+                    data.remove(key);
                 }
             }
             Outcome::Swapped
