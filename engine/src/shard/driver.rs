@@ -417,17 +417,27 @@ where
                 },
                 _ = ticker.tick() => self.on_tick(),
             }
-            for _ in 0..DRAIN_MAX {
-                match self.inbox.try_recv() {
-                    Ok(request) => self.handle(request),
-                    Err(_) => break,
-                }
-            }
+            self.drain_inbox();
+            // Before the iteration's output is built, let this thread's connection readers whose
+            // frames have arrived run (a yield lets the runtime poll for IO first), so that one
+            // iteration answers all of them.
+            tokio::task::yield_now().await;
+            self.drain_inbox();
             self.retire_done().await;
             self.pump().await;
             self.retire_done().await;
         }
         self.close().await
+    }
+
+    /// Handles what is waiting in the inbox, at most [`DRAIN_MAX`] requests.
+    fn drain_inbox(&mut self) {
+        for _ in 0..DRAIN_MAX {
+            match self.inbox.try_recv() {
+                Ok(request) => self.handle(request),
+                Err(_) => break,
+            }
+        }
     }
 
     /// Fails what is pending, waits for the appends in flight and closes the WAL.
