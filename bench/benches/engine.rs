@@ -180,6 +180,15 @@ const IDLE_ID: &str = "engine/idle_write/128B";
 const HALF_ID: &str = "engine/half_load/128B/g64";
 
 fn main() {
+    if std::env::args().any(|arg| arg == "--list") {
+        // Criterion would list the benchmarks only as they run: each cluster would start, and
+        // every RESULT line would print zeros.
+        let writes = GROUPS.into_iter().flat_map(|g| PAYLOADS.map(|p| writes_id(p, g)));
+        for id in std::iter::once(IDLE_ID.to_owned()).chain(writes).filter(|id| selected(id)) {
+            println!("{id}: benchmark");
+        }
+        return;
+    }
     let settings = Settings::from_env();
     let mut criterion = Criterion::default()
         .sample_size(10)
