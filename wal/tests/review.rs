@@ -1367,14 +1367,19 @@ impl flotilla_wal::io::Storage for GatedDisk {
     }
 }
 
-/// Inline mode: `close` while another caller is inside its round's fdatasync waits for it —
-/// no second fdatasync or seal write overlaps it (the check that catches a close that does not
-/// wait), `close` returns only after that fdatasync returned, the append succeeds, and the seal
-/// claims it. Whether the caller's round completes before `close` returns is not checked here:
-/// only the caller's thread sees its completion, and its clock after `block_on` races `close`.
-/// (The close once sealed at once beside the writing caller.)
-#[test]
-fn an_inline_close_waits_for_the_caller_writing_a_round() {
+/// An inline log on a gated disk with one append (group 1, index 1) being written by its own
+/// thread, which is inside the round's fdatasync (held there until something overlaps it or
+/// half a second passes) when this returns.
+struct InsideASync {
+    disk: SimStorage,
+    gate: Arc<GateState>,
+    storage: Arc<dyn flotilla_wal::io::Storage>,
+    config: Config,
+    wal: Wal,
+    writer: std::thread::JoinHandle<Result<(), WalError>>,
+}
+
+fn inline_append_inside_its_sync() -> InsideASync {
     let disk = SimStorage::new();
     let gate = Arc::new(GateState::default());
     let storage: Arc<dyn flotilla_wal::io::Storage> =
@@ -1390,6 +1395,18 @@ fn an_inline_close_waits_for_the_caller_writing_a_round() {
     let append = wal.append(entry_batch(GroupId(1), 1, 10));
     let writer = std::thread::spawn(move || block_on(append));
     in_sync.recv_timeout(Duration::from_secs(10)).expect("the append reached its fdatasync");
+    InsideASync { disk, gate, storage, config, wal, writer }
+}
+
+/// Inline mode: `close` while another caller is inside its round's fdatasync waits for it —
+/// no second fdatasync or seal write overlaps it (the check that catches a close that does not
+/// wait), `close` returns only after that fdatasync returned, the append succeeds, and the seal
+/// claims it. Whether the caller's round completes before `close` returns is not checked here:
+/// only the caller's thread sees its completion, and its clock after `block_on` races `close`.
+/// (The close once sealed at once beside the writing caller.)
+#[test]
+fn an_inline_close_waits_for_the_caller_writing_a_round() {
+    let InsideASync { disk, gate, storage, config, wal, writer } = inline_append_inside_its_sync();
     let closer = std::thread::spawn(move || {
         let closed = wal.close();
         (closed, Instant::now())
@@ -1416,21 +1433,7 @@ fn an_inline_close_waits_for_the_caller_writing_a_round() {
 /// drives the queue in inline mode, so the disk is checked before the future is polled.)
 #[test]
 fn an_inline_close_completes_the_rounds_queued_behind_a_writing_caller() {
-    let disk = SimStorage::new();
-    let gate = Arc::new(GateState::default());
-    let storage: Arc<dyn flotilla_wal::io::Storage> =
-        Arc::new(GatedDisk(disk.clone(), Arc::clone(&gate)));
-    let config = inline_config(64 << 10);
-    let (wal, _) = Wal::open_with(Arc::clone(&storage), config.clone()).unwrap();
-    let (entered, in_sync) = mpsc::channel();
-    *gate.entered.lock().unwrap() = Some(entered);
-    let (release, released) = mpsc::channel();
-    *gate.release.lock().unwrap() = Some(release);
-    *gate.released.lock().unwrap() = Some(released);
-    gate.armed.store(true, Ordering::SeqCst);
-    let append = wal.append(entry_batch(GroupId(1), 1, 10));
-    let writer = std::thread::spawn(move || block_on(append));
-    in_sync.recv_timeout(Duration::from_secs(10)).expect("the append reached its fdatasync");
+    let InsideASync { disk, gate, storage, config, wal, writer } = inline_append_inside_its_sync();
     let mut queued = wal.append(entry_batch(GroupId(1), 2, 10));
     let mut cx = Context::from_waker(Waker::noop());
     assert!(
