@@ -48,7 +48,8 @@ enum Repr {
     Heap(Bytes),
 }
 
-/// `bytes` as three big-endian words, compared in order (see [`Repr::Inline`]).
+/// Two inline keys in their order: each array read as three big-endian words, compared in turn
+/// (see [`Repr::Inline`]).
 fn inline_cmp(a: &[u8; INLINE_MAX + 1], b: &[u8; INLINE_MAX + 1]) -> Ordering {
     let word = |bytes: &[u8; INLINE_MAX + 1], at: usize| {
         u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
