@@ -2,8 +2,11 @@
 //! cluster, an unknown node, a member sending a batch that does not decode — are closed or
 //! refused, and the groups it hosts neither change state nor stop serving.
 
+mod common;
+
 use std::time::Duration;
 
+use common::free_addr;
 use flotilla::kv::{Command, Request};
 use flotilla::raftgroup::NodeId;
 use flotilla::transport::ClusterId;
@@ -14,10 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const GROUP: GroupId = GroupId(3);
-
-fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
 async fn put(engine: &Engine, value: &str) {
     for _ in 0..3000 {

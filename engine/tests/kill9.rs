@@ -3,11 +3,14 @@
 //! node reopened from its data directory must hold every acknowledged key — twice over, so the
 //! second kill lands on a log that was itself recovered.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::free_addr;
 use flotilla::kv::{Query, QueryResult};
 use flotilla::{Consistency, Engine, EngineConfig, GroupId, NodeId};
 
@@ -32,16 +35,18 @@ fn example(name: &str) -> PathBuf {
     path
 }
 
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
 /// Runs the writer until it acknowledged at least `at_least` new keys, then SIGKILLs it.
 /// Returns the highest acknowledged key.
 fn write_then_kill(dir: &Path, at_least: u64) -> Option<u64> {
     let mut child = Command::new(example("single_node"))
-        .args(["--data-dir", dir.to_str().unwrap(), "--listen", &free_addr(), "--writes", "0"])
+        .args([
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &free_addr().to_string(),
+            "--writes",
+            "0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -66,7 +71,7 @@ fn write_then_kill(dir: &Path, at_least: u64) -> Option<u64> {
 }
 
 fn check(dir: &Path, acked: u64) {
-    let mut config = EngineConfig::new(NodeId(1), free_addr().parse().unwrap(), dir);
+    let mut config = EngineConfig::new(NodeId(1), free_addr(), dir);
     config.shards = 2;
     let engine = Engine::open_kv(config).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -16,8 +16,33 @@ use flotilla::{Engine, GroupId};
 /// machine passes.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// A loopback address nothing listens on right now.
+/// A loopback address nothing listens on right now, on a port below the kernel's ephemeral
+/// range. A port from `bind(0)` is itself ephemeral: once the probing listener closed, another
+/// test's outgoing connection could take it before the engine bound it, or between a node's
+/// shutdown and its restart on the same address (CI once failed so, "Address already in use").
+/// Outgoing connections never take a port below the range; each call (and each process, as
+/// nextest runs every test in its own) starts elsewhere in it.
 pub fn free_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(LOWEST);
+    if span >= 1_000 {
+        let start = std::process::id().wrapping_mul(7_919);
+        for _ in 0..span {
+            // 4_099 is prime, so successive calls walk the whole span.
+            let step = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(4_099);
+            let port = LOWEST + start.wrapping_add(step) % span;
+            let port = u16::try_from(port).expect("below the ephemeral range");
+            if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return listener.local_addr().unwrap();
+            }
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
 }
