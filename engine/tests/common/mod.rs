@@ -34,9 +34,8 @@ pub fn free_addr() -> SocketAddr {
     if span >= 1_000 {
         let start = std::process::id().wrapping_mul(7_919);
         for _ in 0..span {
-            // 4_099 is prime, so successive calls walk the whole span.
-            let step = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(4_099);
-            let port = LOWEST + start.wrapping_add(step) % span;
+            let next = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = LOWEST + start.wrapping_add(next) % span;
             let port = u16::try_from(port).expect("below the ephemeral range");
             if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
                 return listener.local_addr().unwrap();
